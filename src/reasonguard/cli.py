@@ -1,0 +1,66 @@
+"""The `reasonguard` command line: one verb per capability, each a thin module in `commands/`.
+
+Each command module exposes `register(subparsers)` (argument definitions only, no heavy imports)
+and `run(args) -> int`. Library functions do the work; this file only dispatches.
+
+Example:
+    reasonguard evaluate preds/ --protocol official --benchmark-dir shared/data/benchmarks
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from reasonguard import __version__
+from reasonguard.errors import UserError
+
+# Verb -> command module. Listed here so `reasonguard --help` shows every verb.
+COMMANDS = {
+    "evaluate": "reasonguard.commands.evaluate",
+    "compare": "reasonguard.commands.compare",
+    "benchmarks": "reasonguard.commands.benchmarks",
+    "data": "reasonguard.commands.data",
+    "train": "reasonguard.commands.train",
+    "runs": "reasonguard.commands.runs",
+    "generate": "reasonguard.commands.generate",
+    "classify": "reasonguard.commands.classify",
+    "demo": "reasonguard.commands.demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reasonguard",
+        description="Train, evaluate and serve reasoning-based LLM guardrails.",
+    )
+    parser.add_argument("--version", action="version", version=f"reasonguard {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # a verb whose module is not written yet
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
