@@ -182,7 +182,9 @@ def build_training_pair(
             "the chat template renders the prompt differently with and without the answer; "
             "cannot separate the completion from the prompt"
         )
-    return prompt, full[len(prompt) :]
+    # Drop whitespace a template adds after the end-of-turn token (ChatML writes "<|im_end|>\n"):
+    # the model stops at the token, so training on the newline after it teaches nothing.
+    return prompt, full[len(prompt) :].rstrip("\n")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Guard training data: sources (hub / local files), validation, statistics and tokenization."""
