@@ -242,6 +242,17 @@ def _normalise_value(raw: str, task: str) -> tuple[str | None, bool]:
     return None, False
 
 
+def answer_values(text: str, task: str) -> list[tuple[str, bool]]:
+    """Every raw answer value written for `task` in `text`, in order, with whether it is valid.
+
+    For error messages that quote the offending value; `parse_output` is what decides labels.
+    """
+    return [
+        (match.group("value").strip(), _normalise_value(match.group("value"), task)[1])
+        for match in _ANSWER_LINE_RE[task].finditer(text)
+    ]
+
+
 def detect_repetition(text: str, window: int = 40, min_repeats: int = 4) -> bool:
     """True when the end of `text` is a loop: its last `window` characters recur back to back."""
     if len(text) < window * min_repeats:

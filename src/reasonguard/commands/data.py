@@ -1,0 +1,206 @@
+"""`reasonguard data validate|stats SOURCE`: check and describe guard training data.
+
+SOURCE is a hub dataset id (default `yueliu1999/GuardReasonerTrain`), a folder of split files,
+one json/jsonl/parquet file, or `samples` (the project's own sample set).
+
+Example:
+    reasonguard data validate samples
+    reasonguard data stats ./GuardReasonerTrain --splits AegisTrainR --prompt-format chat --json s.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+# Light modules only (no datasets / transformers / numpy): `reasonguard --help` imports this file.
+from reasonguard.data.sources import DEFAULT_DATASET
+from reasonguard.errors import UserError
+from reasonguard.format import PROMPT_FORMATS, TASK_KEY, TASKS
+
+DEFAULT_TOKENIZER = "llama3-tokenizer"
+MAX_LISTED = 20  # invalid rows printed in full by `validate --skip-invalid`
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("data", help="validate guard training data and describe it")
+    actions = parser.add_subparsers(dest="data_action", metavar="ACTION", required=True)
+
+    validate = actions.add_parser(
+        "validate", help="check fields, input layout and answer labels of every row"
+    )
+    _add_source_arguments(validate)
+    validate.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="list and count invalid rows instead of stopping at the first one",
+    )
+    validate.set_defaults(func=run)
+
+    stats = actions.add_parser(
+        "stats", help="rows, label distribution and token lengths (with the real tokenizer)"
+    )
+    _add_source_arguments(stats)
+    stats.add_argument(
+        "--tokenizer",
+        default=DEFAULT_TOKENIZER,
+        help=f"tokenizer alias, hub id or folder (default {DEFAULT_TOKENIZER}); 'none' skips "
+        "token statistics",
+    )
+    stats.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="raw")
+    stats.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=None,
+        help="count rows this length would truncate (default: the auto max length)",
+    )
+    stats.add_argument("--json", metavar="OUT", default=None, help="also write the stats here")
+    stats.set_defaults(func=run)
+
+
+def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source",
+        nargs="?",
+        default=DEFAULT_DATASET,
+        metavar="SOURCE",
+        help=f"hub id, folder of split files, one json/jsonl/parquet file, or 'samples' "
+        f"(default {DEFAULT_DATASET})",
+    )
+    parser.add_argument("--splits", nargs="+", metavar="S", help="only these splits")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from reasonguard.data.sources import load_source
+    from reasonguard.data.validate import validate_records
+
+    records = load_source(args.source, args.splits)
+    skip = args.data_action == "stats" or args.skip_invalid
+    valid, report = validate_records(records, skip_invalid=skip, source=args.source)
+    if args.data_action == "validate":
+        _print_validation(report)
+        return 0
+    return _run_stats(args, valid, report)
+
+
+def _print_validation(report: Any) -> None:
+    invalid = report.invalid_by_split()
+    rows = [[split, n, n - invalid[split], invalid[split]] for split, n in report.rows.items()]
+    rows.append(["total", report.num_rows, report.num_valid, report.num_invalid])
+    print(f"source: {report.source}")
+    _print_table(["split", "rows", "valid", "invalid"], rows)
+    if not report.num_invalid:
+        print(f"all {report.num_rows} rows valid")
+        return
+    print(f"\n{report.num_invalid} invalid rows skipped (rows are 0-based within their split):")
+    for bad in report.invalid[:MAX_LISTED]:
+        print(f"  {bad.describe()}")
+    if report.num_invalid > MAX_LISTED:
+        print(f"  ... and {report.num_invalid - MAX_LISTED} more")
+
+
+def _run_stats(args: argparse.Namespace, valid: dict, report: Any) -> int:
+    from reasonguard.data.stats import dataset_stats
+
+    if report.num_invalid:
+        print(
+            f"warning: {report.num_invalid} invalid rows left out of the statistics "
+            f"(run `reasonguard data validate {args.source} --skip-invalid` to list them)",
+            file=sys.stderr,
+        )
+    tokenizer = None if args.tokenizer.lower() == "none" else _load_tokenizer(args.tokenizer)
+    stats = dataset_stats(
+        valid, tokenizer, args.prompt_format, args.max_length, progress=sys.stderr.isatty()
+    )
+    if stats["tokens"] is not None:
+        stats["tokens"]["tokenizer"] = args.tokenizer  # the name given, not a cache path
+    stats = {"source": args.source, **stats, "validation": report.to_dict()}
+    _print_stats(stats)
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(stats, indent=2) + "\n")
+        print(f"\nwrote {out}")
+    return 0
+
+
+def _load_tokenizer(name: str) -> Any:
+    from reasonguard.models import ALIASES, load_tokenizer
+
+    if (
+        name not in ALIASES
+        and name.startswith(("/", ".", "~"))
+        and not Path(name).expanduser().is_dir()
+    ):
+        raise UserError(f"cannot load tokenizer {name!r}: no such folder")
+    try:
+        return load_tokenizer(name)
+    except (OSError, ValueError) as exc:  # missing package/folder, no hub access, bad name
+        raise UserError(f"cannot load tokenizer {name!r}: {exc}") from exc
+
+
+def _print_stats(stats: dict[str, Any]) -> None:
+    print(f"source: {stats['source']}")
+    rows = [
+        [split, n, stats["prompt_only_rows"][split], n - stats["prompt_only_rows"][split]]
+        for split, n in stats["rows"].items()
+    ]
+    prompt_only = sum(stats["prompt_only_rows"].values())
+    rows.append(["total", stats["total_rows"], prompt_only, stats["total_rows"] - prompt_only])
+    _print_table(["split", "rows", "prompt only", "with response"], rows)
+
+    for task in TASKS:
+        labels = list(stats["labels"]["total"][task])
+        print(f"\nlabels, task {task} ({TASK_KEY[task]}:)")
+        table = [
+            [split, *(counts[task].get(label, 0) for label in labels)]
+            for split, counts in stats["labels"]["by_split"].items()
+        ]
+        table.append(["total", *stats["labels"]["total"][task].values()])
+        _print_table(["split", *labels], table)
+
+    tokens = stats["tokens"]
+    if tokens is None:
+        return
+    print(f"\ntoken lengths ({tokens['tokenizer']}, prompt format {tokens['prompt_format']})")
+    columns = ["mean", "p50", "p95", "p99", "max", "total"]
+    table = [[part, *(_number(tokens[part][c]) for c in columns)] for part in _PARTS]
+    _print_table(["", *columns], table)
+    print(
+        f"\nauto max length (p95 clamped to [1024, 2048]): {tokens['auto_max_length']}\n"
+        f"max length {tokens['max_length']} ({tokens['max_length_source']}): "
+        f"{tokens['truncated_rows']} of {stats['total_rows']} rows truncated "
+        f"({100 * tokens['truncated_fraction']:.2f}%), {tokens['truncated_tokens']} tokens cut"
+    )
+
+
+_PARTS = ("sequence", "prompt", "completion")
+
+
+def _number(value: float | int | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def _print_table(header: list[str], rows: list[list[Any]]) -> None:
+    """Print left-aligned first column, right-aligned numbers."""
+    cells = [[str(c) for c in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        first = row[0].ljust(widths[0])
+        rest = (cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True))
+        print("  " + "  ".join([first, *rest]))
