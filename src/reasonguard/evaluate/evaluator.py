@@ -1,0 +1,345 @@
+"""Score a folder of benchmark predictions: per benchmark-task pair, per task, overall.
+
+Predictions use the official layout `PRED_DIR/<Benchmark>/generated_predictions.jsonl`, one row
+`{"prompt", "label", "predict"}` per benchmark row, in benchmark order (an optional boolean
+`truncated` marks outputs that hit the token limit). True labels come from the benchmark file when
+a benchmark folder is given and holds it, else from each row's `label` field.
+
+Example:
+    >>> from reasonguard.evaluate.evaluator import evaluate_predictions
+    >>> m = evaluate_predictions("preds/", benchmark_dir="benchmarks/", protocol="official")
+    >>> round(m["tasks"]["prompt"]["weighted_f1"], 2), m["overall_f1"] is not None
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reasonguard.errors import UserError, where
+from reasonguard.evaluate.files import BadRows, read_json_rows, read_jsonl
+from reasonguard.evaluate.labels import read_label
+from reasonguard.evaluate.metrics import Confusion, weighted_average
+from reasonguard.evaluate.protocols import PROTOCOLS, Protocol
+from reasonguard.evaluate.registry import (
+    BENCHMARKS,
+    PREDICTIONS_FILE,
+    TASK_ORDER,
+    Benchmark,
+    all_pairs,
+)
+from reasonguard.format import POSITIVE_LABEL, TASKS
+
+SCHEMA_VERSION = 1
+_MAX_EXAMPLES = 5  # bad-row messages kept per benchmark for the report
+
+
+def find_predictions(pred_dir: Path) -> tuple[dict[str, Path], list[dict[str, str]]]:
+    """Map each benchmark with a prediction folder to its predictions file.
+
+    Returns:
+        (benchmark name -> predictions path, missing benchmarks as {"benchmark", "reason"}).
+
+    Raises:
+        UserError: no such folder, a sub-folder that names no known benchmark, or no
+            benchmark folder at all.
+    """
+    if not pred_dir.is_dir():
+        raise UserError(f"{pred_dir}: predictions folder not found")
+    found: dict[str, Path] = {}
+    missing: list[dict[str, str]] = []
+    unknown: list[str] = []
+    for entry in sorted(pred_dir.iterdir()):
+        if not entry.is_dir() or entry.name.startswith((".", "_")):
+            continue  # metrics.json, report.md, hidden folders
+        if entry.name not in BENCHMARKS:
+            unknown.append(entry.name)
+        elif (entry / PREDICTIONS_FILE).is_file():
+            found[entry.name] = entry / PREDICTIONS_FILE
+        else:
+            missing.append({"benchmark": entry.name, "reason": f"no {PREDICTIONS_FILE} in folder"})
+    if unknown:
+        hints = [
+            f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
+            for name in unknown
+            for close in [difflib.get_close_matches(name, list(BENCHMARKS), n=1)]
+        ]
+        raise UserError(
+            f"{pred_dir}: unknown benchmark folder {', '.join(hints)}; "
+            f"known names: {', '.join(BENCHMARKS)}"
+        )
+    if not found and not missing:
+        raise UserError(
+            f"{pred_dir}: no benchmark folders (expected <Benchmark>/{PREDICTIONS_FILE})"
+        )
+    reported = {m["benchmark"] for m in missing}
+    missing += [
+        {"benchmark": name, "reason": "no predictions"}
+        for name in BENCHMARKS
+        if name not in found and name not in reported
+    ]
+    return found, missing
+
+
+@dataclass
+class _Tally:
+    """Running counts for one benchmark-task pair."""
+
+    confusion: Confusion = Confusion()
+    n: int = 0
+    parse_failures: int = 0
+    dropped: int = 0
+    double_counted: int = 0
+    unlabelled: int = 0
+
+
+def _true_labels(
+    bench: Benchmark, row: Any, place: str, field: str | None, bad: BadRows
+) -> dict[str, str | None] | None:
+    """The true label per task of one row, or None when the row is bad (and skipped).
+
+    Args:
+        place: where the row is, for messages (`file:line` or `file row N`).
+        field: the field holding every task's label (`label` of a prediction row), or None to
+            read the benchmark's own label source.
+    """
+    if not isinstance(row, dict):
+        bad.add(f"{place}: expected a JSON object, got {type(row).__name__}")
+        return None
+    labels: dict[str, str | None] = {}
+    for task in bench.tasks:
+        key = field or bench.label_columns.get(task, "output")
+        if key not in row:
+            bad.add(f"{place}: missing key {key!r}")
+            return None
+        try:
+            # A bare word labels a task only where that is unambiguous: a single-task file, or
+            # a column that holds this task's label alone.
+            bare = len(bench.tasks) == 1 or key == bench.label_columns.get(task)
+            labels[task] = read_label(row[key], task, bare=bare)
+        except ValueError as exc:
+            hint = ""
+            if field and bench.label_columns:
+                hint = f" ({bench.name} labels live in the benchmark file; pass --benchmark-dir)"
+            bad.add(f"{place}: field {key!r}: {exc}{hint}")
+            return None
+    return labels
+
+
+def _score_benchmark(
+    bench: Benchmark,
+    pred_path: Path,
+    benchmark_dir: Path | None,
+    protocol: Protocol,
+    skip_bad_rows: bool,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Score one prediction file on every task of its benchmark: (pair results, notes)."""
+    bad = BadRows(skip_bad_rows)
+    preds = read_jsonl(pred_path, bad)
+    bench_file = benchmark_dir / bench.filename if benchmark_dir else None
+    notes: list[str] = []
+    if bench_file is not None and bench_file.is_file():
+        reference = read_json_rows(bench_file)
+        if len(reference) != len(preds):
+            raise UserError(
+                f"{pred_path}: {len(preds)} prediction rows but {len(reference)} rows in "
+                f"{bench_file}; predictions must hold one row per benchmark row, in order"
+            )
+        truth = [
+            _true_labels(bench, row, f"{bench_file} row {i}", None, bad)
+            for i, row in enumerate(reference, start=1)
+        ]
+        labels_from = str(bench_file)
+    else:
+        truth = [
+            None if row is None else _true_labels(bench, row, where(pred_path, n), "label", bad)
+            for n, row in preds
+        ]
+        labels_from = "label field of the predictions"
+        if bench_file is not None:
+            notes.append(
+                f"{bench.name}: {bench.filename} not in {benchmark_dir}; true labels read from "
+                "the `label` field of the predictions"
+            )
+
+    tallies = {task: _Tally() for task in bench.tasks}
+    skipped = truncated = 0
+    for (number, row), labels in zip(preds, truth, strict=True):
+        if row is None or labels is None:
+            skipped += 1
+            continue
+        predict = row.get("predict")
+        if not isinstance(predict, str):
+            problem = "missing key 'predict'" if "predict" not in row else "expected a string"
+            bad.add(f"{where(pred_path, number)}: field 'predict': {problem}")
+            skipped += 1
+            continue
+        predicted, was_truncated = protocol.read(predict, bench.tasks, row.get("truncated") is True)
+        truncated += was_truncated
+        for task in bench.tasks:
+            _tally(tallies[task], labels[task], predicted[task], task, protocol)
+
+    results = [
+        _pair_result(bench, task, tally, skipped, truncated, labels_from)
+        for task, tally in tallies.items()
+    ]
+    if bad.messages:
+        notes.append(f"{bench.name}: skipped {skipped} bad rows, e.g. {bad.messages[0]}")
+        for result in results:
+            result["bad_rows"] = bad.messages[:_MAX_EXAMPLES]
+    return results, notes
+
+
+def _tally(
+    tally: _Tally, true: str | None, predicted: str | None, task: str, protocol: Protocol
+) -> None:
+    if true is None:
+        tally.unlabelled += 1
+        return
+    positive = POSITIVE_LABEL[task]
+    tally.n += 1
+    if predicted is not None:
+        tally.confusion = tally.confusion.add(true == positive, predicted == positive)
+        return
+    tally.parse_failures += 1
+    copies = protocol.failure_copies(true)
+    tally.dropped += copies == 0
+    tally.double_counted += copies > 1
+    if copies:
+        # A failure counts as the wrong answer: the opposite of the true label.
+        tally.confusion = tally.confusion.add(true == positive, true != positive, copies)
+
+
+def _pair_result(
+    bench: Benchmark, task: str, t: _Tally, skipped: int, truncated: int, labels_from: str
+) -> dict[str, Any]:
+    c = t.confusion
+    return {
+        "benchmark": bench.name,
+        "task": task,
+        "f1": c.f1,
+        "precision": c.precision,
+        "recall": c.recall,
+        "accuracy": c.accuracy,
+        "n": t.n,
+        "parse_failures": t.parse_failures,
+        "parse_failure_rate": 100.0 * t.parse_failures / t.n if t.n else 0.0,
+        "confusion": c.to_dict(),
+        "scored": c.total,
+        "dropped": t.dropped,
+        "double_counted": t.double_counted,
+        "unlabelled": t.unlabelled,
+        "skipped_rows": skipped,
+        "truncated": truncated,
+        "weight": bench.weights[task],
+        "labels_from": labels_from,
+    }
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-task weighted F1 and pooled accuracy, and the overall scores, from pair results.
+
+    Returns:
+        {"tasks": {task: {"weighted_f1", "accuracy", "benchmarks", "missing", "weights"}},
+        "overall_f1", "overall_tasks", "overall_accuracy"}. Averages cover the benchmarks
+        present; `overall_f1` is the mean of the task averages present; `overall_accuracy` pools
+        every scored row of every pair (sample-weighted accuracy).
+    """
+    tasks: dict[str, Any] = {}
+    for task in TASKS:
+        present = {r["benchmark"]: r for r in results if r["task"] == task}
+        names = [name for name in TASK_ORDER[task] if name in present]
+        scored = sum(present[n]["scored"] for n in names)
+        correct = sum(present[n]["confusion"]["tp"] + present[n]["confusion"]["tn"] for n in names)
+        tasks[task] = {
+            "weighted_f1": weighted_average(
+                (present[n]["f1"], present[n]["weight"]) for n in names
+            ),
+            "accuracy": 100.0 * correct / scored if scored else None,
+            "benchmarks": names,
+            "missing": [name for name in TASK_ORDER[task] if name not in present],
+            "weights": {n: present[n]["weight"] for n in names},
+        }
+    done = [task for task in TASKS if tasks[task]["weighted_f1"] is not None]
+    scored = sum(r["scored"] for r in results)
+    correct = sum(r["confusion"]["tp"] + r["confusion"]["tn"] for r in results)
+    return {
+        "tasks": tasks,
+        "overall_f1": sum(tasks[t]["weighted_f1"] for t in done) / len(done) if done else None,
+        "overall_tasks": done,
+        "overall_accuracy": 100.0 * correct / scored if scored else None,
+    }
+
+
+def evaluate_predictions(
+    pred_dir: str | os.PathLike[str],
+    benchmark_dir: str | os.PathLike[str] | None = None,
+    protocol: str = "strict",
+    skip_bad_rows: bool = False,
+) -> dict[str, Any]:
+    """Score every benchmark folder in `pred_dir`; return the `metrics.json` content.
+
+    Args:
+        pred_dir: folder of `<Benchmark>/generated_predictions.jsonl`.
+        benchmark_dir: folder of the official benchmark files (true labels); None to read the
+            true labels from the predictions' `label` field.
+        protocol: `strict` or `official` (see `protocols.py`).
+        skip_bad_rows: skip and count bad rows instead of stopping at the first.
+
+    Returns:
+        A JSON-ready dict: protocol, per-pair `benchmarks`, per-task `tasks`, `overall_f1`,
+        `overall_accuracy`, `missing` benchmarks and `notes` for the report. Rates in percent.
+
+    Raises:
+        UserError: bad input (see `files.py`), an unknown protocol or benchmark folder, or a
+            prediction file whose row count differs from its benchmark file.
+    """
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    pred_dir = Path(pred_dir)
+    bench_dir = Path(benchmark_dir) if benchmark_dir is not None else None
+    found, missing = find_predictions(pred_dir)
+    by_pair: dict[tuple[str, str], dict[str, Any]] = {}
+    notes: list[str] = []
+    for name, path in found.items():
+        results, bench_notes = _score_benchmark(
+            BENCHMARKS[name], path, bench_dir, PROTOCOLS[protocol], skip_bad_rows
+        )
+        by_pair.update({(r["benchmark"], r["task"]): r for r in results})
+        notes += bench_notes
+    results = [by_pair[b.name, task] for b, task in all_pairs() if (b.name, task) in by_pair]
+    if bench_dir is None:
+        notes.insert(
+            0,
+            "no benchmark folder given: true labels read from the `label` field of the predictions",
+        )
+    summary = summarise(results)
+    for task, info in summary["tasks"].items():
+        if info["missing"] and info["benchmarks"]:
+            notes.append(
+                f"{task}: weighted F1 over {len(info['benchmarks'])} of "
+                f"{len(TASK_ORDER[task])} benchmarks (missing: {', '.join(info['missing'])})"
+            )
+    if summary["overall_f1"] is not None and len(summary["overall_tasks"]) < len(TASKS):
+        notes.append(f"overall F1 = mean over tasks {', '.join(summary['overall_tasks'])} only")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "protocol": protocol,
+        "protocol_rule": PROTOCOLS[protocol].rule,
+        "predictions": str(pred_dir),
+        "benchmark_dir": None if bench_dir is None else str(bench_dir),
+        "units": "percent",
+        "benchmarks": results,
+        **summary,
+        "skipped_rows": sum(r["skipped_rows"] for r in results if r["task"] == _first_task(r)),
+        "missing": missing,
+        "notes": notes,
+    }
+
+
+def _first_task(result: dict[str, Any]) -> str:
+    # Skipped rows are per file; count them once per benchmark, not once per task.
+    return BENCHMARKS[result["benchmark"]].tasks[0]
