@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -169,10 +168,7 @@ def test_samples_alias_reads_the_packaged_file(
 
 
 def test_shipped_samples_are_valid() -> None:
-    if not samples_path().is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"missing {samples_path()}")
-        pytest.skip("the shipped sample set is not written yet")
+    assert samples_path().is_file(), f"missing {samples_path()}"
     data = load_source("samples")
     valid, report = validate_records(data, source="samples")
     assert report.num_invalid == 0
