@@ -28,6 +28,7 @@ COMMANDS = {
     "generate": "reasonguard.commands.generate",
     "classify": "reasonguard.commands.classify",
     "demo": "reasonguard.commands.demo",
+    "serve": "reasonguard.commands.serve",
 }
 
 

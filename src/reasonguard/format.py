@@ -253,6 +253,22 @@ def answer_values(text: str, task: str) -> list[tuple[str, bool]]:
     ]
 
 
+def answer_offsets(text: str) -> dict[str, int]:
+    """Character offset of the answer word `parse_output` reads for each task.
+
+    Only tasks with a valid answer line are present; a `None` answer has an offset too (the model
+    chose a word there). Used to score the model's probability at the answer position.
+    """
+    offsets: dict[str, int] = {}
+    for task, pattern in _ANSWER_LINE_RE.items():
+        for match in reversed(list(pattern.finditer(text))):
+            word = re.search(r"[A-Za-z]", match.group("value"))
+            if _normalise_value(match.group("value"), task)[1] and word is not None:
+                offsets[task] = match.start("value") + word.start()
+                break
+    return offsets
+
+
 def detect_repetition(text: str, window: int = 40, min_repeats: int = 4) -> bool:
     """True when the end of `text` is a loop: its last `window` characters recur back to back."""
     if len(text) < window * min_repeats:

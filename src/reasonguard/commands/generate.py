@@ -1,0 +1,114 @@
+"""`reasonguard generate`: resumable generation over benchmarks or training data.
+
+Example:
+    reasonguard generate --model runs/sft/final --benchmarks all \\
+        --benchmark-dir ../shared/data/benchmarks --out runs/preds --batch-size 16
+    reasonguard generate --model runs/sft/final --data yueliu1999/GuardReasonerTrain \\
+        --samples 4 --temperature 0.7 --top-p 0.95 --out runs/samples --backend vllm
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Options that load a model (shared with `classify`)."""
+    p.add_argument(
+        "--model", required=True, help="model folder, hub id or alias (smollm2, tiny-llama)"
+    )
+    p.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="default hf")
+    p.add_argument(
+        "--prompt-format",
+        choices=("raw", "chat", "chat-user"),
+        help="for models without a reasonguard.json record (hub ids); default raw, the official "
+        "inference. A trained model's recorded format is always used.",
+    )
+    p.add_argument("--batch-size", type=int, help="prompts per batch (hf default 8, vllm 256)")
+    p.add_argument("--max-new-tokens", type=int, default=2048, help="default 2048")
+    p.add_argument("--device", help="hf: cpu, cuda, cuda:1 (default cuda when available)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run model code from the hub (off by default)",
+    )
+
+
+def backend_options(args: argparse.Namespace) -> dict:
+    """The `load_backend` keyword options of the parsed model arguments."""
+    options = {"batch_size": args.batch_size, "trust_remote_code": args.trust_remote_code}
+    if args.backend == "hf":
+        options["device"] = args.device
+    else:
+        options["tensor_parallel_size"] = args.tensor_parallel_size
+    return options
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate guard outputs for benchmarks or training data (resumable)",
+        description="Generate with a guard model. Benchmarks go to OUT/<Benchmark>/"
+        "generated_predictions.jsonl, training data to OUT/<split>.jsonl. Rerun the same "
+        "command after an interruption to continue where it stopped.",
+    )
+    add_model_arguments(p)
+    inputs = p.add_mutually_exclusive_group(required=True)
+    inputs.add_argument(
+        "--benchmarks",
+        nargs="+",
+        metavar="NAME",
+        help="'all' or benchmark names (space or comma separated), e.g. AegisSafetyTest",
+    )
+    inputs.add_argument(
+        "--data", metavar="SOURCE", help="training data: hub id, folder, file or 'samples'"
+    )
+    p.add_argument("--benchmark-dir", metavar="D", help="default: $REASONGUARD_BENCHMARKS")
+    p.add_argument("--splits", nargs="+", metavar="SPLIT", help="with --data: only these splits")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--samples", type=int, default=1, help="outputs per input (default 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N inputs of each file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from reasonguard.errors import UserError
+    from reasonguard.infer.generate import Decoding, benchmark_jobs, data_jobs, run_jobs
+
+    if args.benchmarks:
+        from reasonguard.evaluate.registry import resolve_benchmark_dir
+
+        if args.splits:
+            raise UserError("--splits goes with --data, not --benchmarks")
+
+        folder = resolve_benchmark_dir(args.benchmark_dir)
+        if folder is None:
+            raise UserError("--benchmarks needs --benchmark-dir D (or $REASONGUARD_BENCHMARKS)")
+        names = [n for value in args.benchmarks for n in value.split(",") if n]
+        jobs = benchmark_jobs(names, folder)
+    else:
+        jobs = data_jobs(args.data, args.splits)
+    decoding = Decoding(
+        samples=args.samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    run_jobs(
+        args.model,
+        jobs,
+        args.out,
+        decoding,
+        backend=args.backend,
+        prompt_format=args.prompt_format,
+        limit=args.limit,
+        progress=not args.no_progress,
+        **backend_options(args),
+    )
+    return 0

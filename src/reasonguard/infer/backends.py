@@ -1,0 +1,218 @@
+"""The backend interface every generator implements, and `load_backend` to pick one.
+
+A backend owns a model and its tokenizer and knows the prompt format the model was trained
+with, so callers hand it rendered inputs (`build_prompt`) and get text back (`generate`).
+Two implementations: `hf.HFBackend` (transformers, CPU or GPU) and `vllm.VLLMBackend` (GPU).
+
+Example:
+    >>> from reasonguard.infer.backends import load_backend
+    >>> backend = load_backend("smollm2", "hf", prompt_format="raw")
+    >>> prompt = backend.build_prompt(render_input("How do I bake bread?"))
+    >>> [[g]] = backend.generate([prompt], max_new_tokens=64)
+    >>> g.text, g.num_tokens, g.hit_token_limit
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reasonguard.errors import UserError
+from reasonguard.format import INSTRUCTION, build_prompt, check_prompt_format
+from reasonguard.models import read_guard_config, resolve_model
+
+BACKENDS = ("hf", "vllm")
+DEFAULT_PROMPT_FORMAT = "raw"  # what the official GuardReasoner inference code uses
+
+# Called after each internal batch with the positions (in the `prompts` list) it finished and
+# their generations, so callers can write results and advance progress bars as they come.
+BatchCallback = Callable[[list[int], list[list["Generation"]]], None]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated continuation.
+
+    Attributes:
+        text: the decoded text, without the end-of-turn token or padding.
+        num_tokens: generated tokens, not counting the end-of-turn token.
+        hit_token_limit: generation stopped at `max_new_tokens`, not at an end-of-turn token.
+    """
+
+    text: str
+    num_tokens: int
+    hit_token_limit: bool
+
+
+class Backend:
+    """Base class: prompt building and encoding shared by all backends.
+
+    Attributes:
+        name: the model as given (alias, hub id or folder).
+        path: the resolved model folder or hub id.
+        prompt_format: the format prompts are built in (see `reasonguard.format.PROMPT_FORMATS`).
+        tokenizer: the model's Hugging Face tokenizer.
+        batch_size: prompts per forward batch (a backend may treat it as a hint).
+    """
+
+    name: str
+    path: str
+    prompt_format: str
+    tokenizer: Any
+    batch_size: int
+
+    def window_size(self) -> int:
+        """Prompts per `generate` call in resumable generation: several batches, so sorting by
+        length has something to sort, few enough that a restart redoes little."""
+        return self.batch_size * 4
+
+    def build_prompt(self, input_text: str, instruction: str | None = None) -> str:
+        """The text the model sees for a rendered input, in this model's prompt format."""
+        try:
+            return build_prompt(
+                input_text, self.prompt_format, self.tokenizer, instruction or INSTRUCTION
+            )
+        except ValueError as exc:
+            raise UserError(f"{self.name}: {exc}") from None
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompt, tokenized exactly as training did (`data/tokenize.py`):
+        with the tokenizer's special tokens for `raw`, without for the chat formats, whose
+        template already writes them."""
+        if not prompts:
+            return []
+        add_special = self.prompt_format == "raw"
+        return [
+            list(ids)
+            for ids in self.tokenizer(list(prompts), add_special_tokens=add_special)["input_ids"]
+        ]
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 2048,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        num_samples: int = 1,
+        seed: int = 0,
+        on_batch: BatchCallback | None = None,
+    ) -> list[list[Generation]]:
+        """Generate `num_samples` continuations per prompt.
+
+        Args:
+            prompts: full prompt texts (see `build_prompt`).
+            max_new_tokens: the most tokens generated per continuation.
+            temperature: 0 (or less) for greedy decoding, else the sampling temperature.
+            top_p: nucleus sampling mass (sampling only).
+            num_samples: continuations per prompt; more than 1 needs temperature > 0.
+            seed: the sampling seed; the same prompts, settings and seed give the same outputs.
+            on_batch: called as each internal batch finishes (see `BatchCallback`).
+
+        Returns:
+            One list of `num_samples` generations per prompt, in prompt order.
+        """
+        raise NotImplementedError
+
+    def answer_scores(
+        self, prompts: Sequence[str], texts: Sequence[str], tasks: Sequence[Sequence[str]]
+    ) -> list[dict[str, dict[str, float] | None]] | None:
+        """Label probabilities at the answer positions of generated texts (see `scores.py`).
+
+        Returns None when the backend cannot compute them.
+        """
+        return None
+
+
+def check_sampling(temperature: float, top_p: float, num_samples: int, max_new_tokens: int) -> None:
+    """Reject generation settings that cannot work, with a message naming the option."""
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if num_samples < 1:
+        raise UserError(f"--samples must be at least 1, got {num_samples}")
+    if num_samples > 1 and temperature <= 0:
+        raise UserError(
+            "--samples > 1 needs --temperature > 0 (greedy decoding repeats one output)"
+        )
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+
+
+def resolve_prompt_format(model_path: str | os.PathLike[str], given: str | None) -> str:
+    """The prompt format to serve a model with.
+
+    A model folder written by our training records its format (`reasonguard.json`); that wins,
+    and a different `given` format is refused (a model prompted unlike its training answers
+    badly). Hub ids and foreign folders use `given`, else `raw` (the official inference).
+
+    Raises:
+        UserError: `given` is unknown or contradicts the model's record.
+    """
+    if given is not None:
+        try:
+            check_prompt_format(given)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    record = read_guard_config(model_path) if Path(model_path).is_dir() else None
+    recorded = (record or {}).get("prompt_format")
+    if recorded is None:
+        return given or DEFAULT_PROMPT_FORMAT
+    if given is not None and given != recorded:
+        raise UserError(
+            f"{model_path} was trained with prompt format {recorded!r}; "
+            f"--prompt-format {given!r} would prompt it differently (leave the option out)"
+        )
+    return recorded
+
+
+def load_backend(
+    model: str,
+    backend: str = "hf",
+    prompt_format: str | None = None,
+    *,
+    device: str | None = None,
+    batch_size: int | None = None,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> Backend:
+    """Load a model for generation.
+
+    Args:
+        model: an offline alias (`smollm2`, `tiny-llama`), a hub id, a saved full model folder
+            or a LoRA output folder (adapter + tokenizer + `reasonguard.json`).
+        backend: `hf` or `vllm`.
+        prompt_format: for models without a guard record (hub ids); see `resolve_prompt_format`.
+        device: HF only: `cpu`, `cuda`, `cuda:1`; default CUDA when available.
+        batch_size: prompts per batch (HF default 8; vLLM schedules itself, default 256).
+        trust_remote_code: allow model code from the hub (off: it runs arbitrary code).
+        **kwargs: backend options (HF: `load_in_4bit`; vLLM: `tensor_parallel_size`,
+            `gpu_memory_utilization`, `max_model_len`).
+
+    Raises:
+        UserError: unknown backend, vLLM not installed, model not found, bad prompt format.
+    """
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    path = resolve_model(model)
+    fmt = resolve_prompt_format(path, prompt_format)
+    if backend == "vllm":
+        from reasonguard.infer.vllm import VLLMBackend
+
+        return VLLMBackend(
+            model, path, fmt, batch_size=batch_size, trust_remote_code=trust_remote_code, **kwargs
+        )
+    from reasonguard.infer.hf import HFBackend
+
+    return HFBackend(
+        model,
+        path,
+        fmt,
+        device=device,
+        batch_size=batch_size,
+        trust_remote_code=trust_remote_code,
+        **kwargs,
+    )

@@ -1,0 +1,347 @@
+"""Resumable generation over the benchmarks or a training set (`reasonguard generate`).
+
+Outputs:
+
+- benchmarks: `OUT/<Benchmark>/generated_predictions.jsonl`, the official layout, one row per
+  benchmark row in benchmark order: `prompt` (instruction + "\\n" + input, as the official files
+  write it whatever the model's prompt format), `label` (the benchmark's `output`), `predict`,
+  plus `truncated` and `num_tokens`; with several samples also `samples` and `samples_truncated`
+  (`predict` is the first sample);
+- training data: `OUT/<split>.jsonl` rows `instruction, input, output, source, samples,
+  samples_truncated`, the input of hard-sample mining.
+
+Work goes in windows of a few batches (`Backend.window_size`) at fixed positions. Rows are
+written in input order as soon as they are ready, durably (`resume.JsonlAppender`). A restart
+with the same command regenerates the window it stopped in and writes only the rows missing, so
+the file ends with exactly one row per input, and (same batch size) the very rows an
+uninterrupted run writes: each window is the same batch computation with the same seed.
+
+Example:
+    >>> from reasonguard.infer.generate import Decoding, benchmark_jobs, run_jobs
+    >>> jobs = benchmark_jobs(["AegisSafetyTest"], "../shared/data/benchmarks")
+    >>> run_jobs("smollm2", jobs, "runs/preds", Decoding(max_new_tokens=256), batch_size=8)
+    {'AegisSafetyTest/generated_predictions.jsonl': 359}
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from reasonguard.errors import UserError
+from reasonguard.evaluate.registry import BENCHMARKS, PREDICTIONS_FILE
+from reasonguard.format import INSTRUCTION
+from reasonguard.infer.backends import (
+    Backend,
+    Generation,
+    check_sampling,
+    load_backend,
+    resolve_prompt_format,
+)
+from reasonguard.infer.resume import JsonlAppender, RunState, fingerprint
+from reasonguard.models import resolve_model
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How to decode; these settings are part of a run and fixed across restarts.
+
+    Attributes:
+        samples: continuations per input (k of hard-sample mining; 1 for benchmarks).
+        temperature: 0 for greedy, else sampling (the paper samples at 0.7).
+        top_p: nucleus mass for sampling (the paper: 0.95).
+        max_new_tokens: the token budget per continuation (the official 2048).
+        seed: base sampling seed.
+    """
+
+    samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 2048
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output file and the records it is generated from.
+
+    Attributes:
+        name: the benchmark or split name (progress bars, logs).
+        relpath: the output path under the output folder.
+        records: `{instruction, input, output, ...}` rows in output order.
+        kind: `benchmark` (official prediction rows) or `data` (mining rows).
+    """
+
+    name: str
+    relpath: str
+    records: tuple[Mapping[str, Any], ...]
+    kind: str
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs
+
+
+def benchmark_jobs(names: Sequence[str], benchmark_dir: str | os.PathLike[str]) -> list[Job]:
+    """Jobs for benchmarks by result name (`all`: every benchmark whose file is present).
+
+    Raises:
+        UserError: an unknown name, or a named benchmark whose file is missing.
+    """
+    from reasonguard.evaluate.files import read_json_rows
+
+    folder = Path(benchmark_dir)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: benchmark folder not found")
+    wanted = list(dict.fromkeys(names))
+    if not wanted:
+        raise UserError("no benchmark named; use --benchmarks all or benchmark names")
+    if "all" in wanted:
+        wanted = [name for name, b in BENCHMARKS.items() if (folder / b.filename).is_file()]
+        if not wanted:
+            raise UserError(f"{folder}: none of the benchmark files is there")
+    jobs = []
+    for name in wanted:
+        if name not in BENCHMARKS:
+            close = difflib.get_close_matches(name, list(BENCHMARKS), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(
+                f"unknown benchmark {name!r}{hint}; known: {', '.join(BENCHMARKS)}, all"
+            )
+        path = folder / BENCHMARKS[name].filename
+        if not path.is_file():
+            raise UserError(
+                f"{path}: benchmark file not found (see `reasonguard benchmarks download`)"
+            )
+        rows = read_json_rows(path)
+        for i, row in enumerate(rows):
+            _check_record(row, f"{path} row {i}")
+        jobs.append(Job(name, f"{name}/{PREDICTIONS_FILE}", tuple(rows), "benchmark"))
+    return jobs
+
+
+def data_jobs(source: str, splits: Sequence[str] | None = None) -> list[Job]:
+    """Jobs for the splits of a training-data source (see `reasonguard.data.sources.load_source`).
+
+    Raises:
+        UserError: the source cannot be loaded, or a record has no string `input`.
+    """
+    from reasonguard.data.sources import load_source
+
+    jobs = []
+    for split, records in load_source(source, splits).items():
+        for i, record in enumerate(records):
+            _check_record(record, f"{source}: split {split!r} row {i}")
+        jobs.append(Job(split, f"{split}.jsonl", tuple(records), "data"))
+    return jobs
+
+
+def _check_record(record: Any, place: str) -> None:
+    if not isinstance(record, Mapping):
+        raise UserError(f"{place}: expected a JSON object with instruction/input/output")
+    if not isinstance(record.get("input"), str):
+        raise UserError(f"{place}: field 'input': missing or not a string")
+    instruction = record.get("instruction")
+    if instruction is not None and not isinstance(instruction, str):
+        raise UserError(f"{place}: field 'instruction': not a string")
+
+
+def _instruction(record: Mapping[str, Any]) -> str:
+    return record.get("instruction") or INSTRUCTION
+
+
+def _key(job: Job, record: Mapping[str, Any]) -> tuple[str, str]:
+    """The row field that identifies an input, and its value (checked when resuming)."""
+    if job.kind == "benchmark":
+        return "prompt", f"{_instruction(record)}\n{record['input']}"
+    return "input", record["input"]
+
+
+def _row(job: Job, record: Mapping[str, Any], generations: list[Generation]) -> dict[str, Any]:
+    texts = [g.text for g in generations]
+    flags = [g.hit_token_limit for g in generations]
+    if job.kind == "benchmark":
+        first = generations[0]
+        row = {
+            "prompt": _key(job, record)[1],
+            "label": record.get("output"),
+            "predict": first.text,
+            "truncated": first.hit_token_limit,
+            "num_tokens": first.num_tokens,
+        }
+        if len(generations) > 1:
+            row.update(samples=texts, samples_truncated=flags)
+        return row
+    return {
+        "instruction": _instruction(record),
+        "input": record["input"],
+        "output": record.get("output"),
+        "source": record.get("source") or job.name,
+        "samples": texts,
+        "samples_truncated": flags,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+def run_jobs(
+    model: str,
+    jobs: Sequence[Job],
+    out_dir: str | os.PathLike[str],
+    decoding: Decoding | None = None,
+    *,
+    backend: str = "hf",
+    prompt_format: str | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], Any] | None = None,
+    **backend_options: Any,
+) -> dict[str, int]:
+    """Generate every job's outputs under `out_dir`, resuming whatever is already there.
+
+    The model is loaded only when some output is incomplete, after the settings were checked
+    against the folder's manifest.
+
+    Args:
+        model: alias, hub id or model folder (see `backends.load_backend`).
+        jobs: from `benchmark_jobs` or `data_jobs`.
+        out_dir: the output folder.
+        decoding: decoding settings (fixed for the life of `out_dir`); default greedy.
+        backend: `hf` or `vllm`.
+        prompt_format: for models without a guard record.
+        limit: only the first `limit` inputs of each job (a later, larger limit extends).
+        progress: show a progress bar per job (rows/s, ETA, tokens/s).
+        log: where one-line summaries go (default: stderr).
+        **backend_options: `batch_size`, `device`, `tensor_parallel_size`, ...
+
+    Returns:
+        Rows in each output file, by relative path.
+
+    Raises:
+        UserError: bad settings, settings or inputs unlike the folder's earlier run, another
+            run on the folder, model loading failures.
+    """
+    say = log or (lambda text: print(text, file=sys.stderr))
+    decoding = decoding or Decoding()
+    check_sampling(decoding.temperature, decoding.top_p, decoding.samples, decoding.max_new_tokens)
+    if limit is not None and limit < 0:
+        raise UserError(f"--limit must be at least 0, got {limit}")
+    params = {
+        "model": str(model),
+        "prompt_format": resolve_prompt_format(resolve_model(model), prompt_format),
+        "backend": backend,
+        **asdict(decoding),
+    }
+    state = RunState(out_dir, params)
+    counts: dict[str, int] = {}
+    loaded: Backend | None = None
+    try:
+        for job in jobs:
+            state.claim(job.relpath, fingerprint(_key(job, r)[1] for r in job.records))
+            total = len(job.records) if limit is None else min(limit, len(job.records))
+            with JsonlAppender(Path(out_dir) / job.relpath) as out:
+                done = _check_resume(job, out, out.open())
+                if done < total:
+                    if loaded is None:
+                        loaded = load_backend(
+                            model, backend, params["prompt_format"], **backend_options
+                        )
+                    _generate_job(loaded, job, out, done, total, decoding, progress)
+                    say(f"{job.name}: {total} rows ({done} were already there) -> {out.path}")
+                counts[job.relpath] = max(done, total)
+    finally:
+        state.close()
+    return counts
+
+
+def _check_resume(job: Job, out: JsonlAppender, done: int) -> int:
+    """Confirm the rows on disk belong to these inputs; return how many are done."""
+    if done > len(job.records):
+        raise UserError(f"{out.path} has {done} rows for {len(job.records)} inputs")
+    last = out.last_row()
+    if last is not None:
+        field, expected = _key(job, job.records[done - 1])
+        if last.get(field) != expected:
+            raise UserError(
+                f"{out.path}: row {done} does not match input {done}; the file belongs to other "
+                "inputs: remove it or choose another --out"
+            )
+    return done
+
+
+class _OrderedWriter:
+    """Collects a window's finished rows (batches finish out of order: they are sorted by
+    length) and appends the contiguous prefix, skipping rows already on disk."""
+
+    def __init__(self, job: Job, out: JsonlAppender, start: int, done: int, bar: Any) -> None:
+        self.job, self.out, self.start, self.done, self.bar = job, out, start, done, bar
+        self.cursor = start
+        self.ready: dict[int, list[Generation]] = {}
+        self.tokens = 0
+
+    def __call__(self, positions: list[int], outputs: list[list[Generation]]) -> None:
+        for position, generations in zip(positions, outputs, strict=True):
+            self.ready[self.start + position] = generations
+            self.tokens += sum(g.num_tokens for g in generations)
+        rows = []
+        while self.cursor in self.ready:
+            generations = self.ready.pop(self.cursor)
+            if self.cursor >= self.done:
+                rows.append(_row(self.job, self.job.records[self.cursor], generations))
+            self.cursor += 1
+        self.out.append(rows)
+        self.bar.update(len(rows))
+
+
+def _generate_job(
+    backend: Backend,
+    job: Job,
+    out: JsonlAppender,
+    done: int,
+    total: int,
+    decoding: Decoding,
+    progress: bool,
+) -> None:
+    from tqdm.auto import tqdm
+
+    window = backend.window_size()
+    bar = tqdm(
+        total=total,
+        initial=done,
+        desc=job.name,
+        unit="row",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    started, tokens = time.perf_counter(), 0
+    try:
+        # Windows sit at fixed positions (multiples of `window`): a restart redoes the window it
+        # stopped in, as the same batch computation, so resumed rows equal uninterrupted ones.
+        for start in range((done // window) * window, total, window):
+            stop = min(start + window, total)
+            records = job.records[start:stop]
+            writer = _OrderedWriter(job, out, start, done, bar)
+            backend.generate(
+                [backend.build_prompt(r["input"], _instruction(r)) for r in records],
+                max_new_tokens=decoding.max_new_tokens,
+                temperature=decoding.temperature,
+                top_p=decoding.top_p,
+                num_samples=decoding.samples,
+                seed=decoding.seed + start,
+                on_batch=writer,
+            )
+            if writer.cursor != stop:  # a backend that skipped its callback: a bug
+                raise RuntimeError(f"{job.name}: rows {writer.cursor}..{stop} were not written")
+            tokens += writer.tokens
+            rate = tokens / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix_str(f"{rate:.0f} tok/s")
+    finally:
+        bar.close()

@@ -1,0 +1,292 @@
+"""The Hugging Face transformers backend: batched generation on CPU or GPU.
+
+Prompts are sorted by length and cut into batches (less padding), left-padded so every row's
+next token sits at the same position, and decoded with the KV cache until each row emits an
+end-of-turn token (`models.end_of_turn_ids`) or reaches `max_new_tokens`. Batched greedy output
+equals one-at-a-time output token for token (tests/test_infer_hf.py).
+
+A LoRA output folder (adapter + `reasonguard.json`) is loaded on its base model and the adapter
+merged into the weights, so inference costs what the base model costs; with `load_in_4bit`
+(CUDA + bitsandbytes) the adapter stays separate, as merging into 4-bit weights loses precision.
+
+Example:
+    >>> from reasonguard.infer.hf import HFBackend
+    >>> backend = HFBackend("tiny-llama", resolve_model("tiny-llama"), "raw", batch_size=4)
+    >>> out = backend.generate([backend.build_prompt(render_input("hi"))], max_new_tokens=8)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from reasonguard.errors import UserError
+from reasonguard.format import TASK_FIELD
+from reasonguard.infer.backends import Backend, BatchCallback, Generation, check_sampling
+from reasonguard.infer.scores import ScoreQuery, empty_scores, normalised, score_queries
+from reasonguard.models import end_of_turn_ids, load_tokenizer, read_guard_config, resolve_model
+
+DEFAULT_BATCH_SIZE = 8
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _pick_device(device: str | None) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is available")
+    return device
+
+
+def base_model_of(adapter_dir: Path) -> str:
+    """The base model of a LoRA folder: the guard record's, else peft's own note."""
+    record = read_guard_config(adapter_dir) or {}
+    base = record.get("base_model")
+    if not base:
+        base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter_dir}: a LoRA adapter without a recorded base model")
+    return resolve_model(base)
+
+
+def tokenizer_source(path: str) -> str:
+    """Where a model's tokenizer lives: the folder itself, or for a LoRA folder saved without one,
+    its base model."""
+    folder = Path(path)
+    if (folder / ADAPTER_CONFIG).is_file() and not (folder / "tokenizer_config.json").is_file():
+        return base_model_of(folder)
+    return path
+
+
+def load_model(
+    path: str, device: str, trust_remote_code: bool = False, load_in_4bit: bool = False
+) -> Any:
+    """Load a full model, or a base model plus the LoRA adapter in `path`, ready for inference.
+
+    float32 on CPU (bf16 matmuls are slow there and change results), bfloat16 on CUDA.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    options: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if load_in_4bit:
+        if not device.startswith("cuda"):
+            raise UserError("load_in_4bit needs a CUDA GPU (bitsandbytes)")
+        from transformers import BitsAndBytesConfig
+
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        options["device_map"] = {"": device}
+    folder = Path(path)
+    is_adapter = (folder / ADAPTER_CONFIG).is_file()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            base_model_of(folder) if is_adapter else path, **options
+        )
+        if is_adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, path)
+            if not load_in_4bit:
+                model = model.merge_and_unload()
+    except OSError as exc:
+        raise UserError(f"cannot load model {path}: {exc}") from None
+    if not load_in_4bit:
+        model = model.to(device)
+    model.eval()
+    return model
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: str = "cpu") -> tuple[Any, Any]:
+    """(input_ids, attention_mask) tensors with every row padded on the left to the longest, so
+    the next token of every row is predicted at the last position."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], device=device)
+    attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return input_ids, attention
+
+
+class HFBackend(Backend):
+    """Generation with `transformers` `generate` (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        path: str,
+        prompt_format: str,
+        *,
+        device: str | None = None,
+        batch_size: int | None = None,
+        trust_remote_code: bool = False,
+        load_in_4bit: bool = False,
+    ) -> None:
+        self.name, self.path, self.prompt_format = name, path, prompt_format
+        self.batch_size = batch_size or DEFAULT_BATCH_SIZE
+        self.device = _pick_device(device)
+        try:
+            self.tokenizer = load_tokenizer(
+                tokenizer_source(path), trust_remote_code=trust_remote_code
+            )
+        except OSError as exc:
+            raise UserError(f"cannot load the tokenizer of {name}: {exc}") from None
+        self.model = load_model(path, self.device, trust_remote_code, load_in_4bit)
+        self.stop_ids = end_of_turn_ids(self.tokenizer)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 2048,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        num_samples: int = 1,
+        seed: int = 0,
+        on_batch: BatchCallback | None = None,
+    ) -> list[list[Generation]]:
+        import torch
+
+        check_sampling(temperature, top_p, num_samples, max_new_tokens)
+        encoded = self.encode(prompts)
+        # Longest first: the biggest batch runs first, so running out of memory shows at once.
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        results: list[list[Generation] | None] = [None] * len(encoded)
+        if temperature > 0:
+            torch.manual_seed(seed)  # one seed per call: the same call gives the same samples
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            outputs = self._generate_batch(
+                [encoded[i] for i in batch], max_new_tokens, temperature, top_p, num_samples
+            )
+            for i, generations in zip(batch, outputs, strict=True):
+                results[i] = generations
+            if on_batch is not None:
+                on_batch(batch, outputs)
+        return [r for r in results if r is not None]
+
+    def _generate_batch(
+        self,
+        rows: list[list[int]],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        num_samples: int,
+    ) -> list[list[Generation]]:
+        import torch
+        from transformers import GenerationConfig
+
+        input_ids, attention = left_pad(rows, self.tokenizer.pad_token_id, self.device)
+        width = input_ids.shape[1]
+        pad = self.tokenizer.pad_token_id
+        sampling = temperature > 0
+        # A fresh config: a model's own generation_config may carry sampling defaults (top_k=50,
+        # repetition penalty) that the official decoding does not use.
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling,
+            temperature=temperature if sampling else None,
+            top_p=top_p if sampling else None,
+            top_k=0 if sampling else None,
+            num_return_sequences=num_samples,
+            eos_token_id=self.stop_ids,
+            pad_token_id=pad,
+        )
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=attention, generation_config=config
+            )
+        new = out[:, width:].tolist()
+        generations = [self._decode(tokens, max_new_tokens) for tokens in new]
+        # generate() returns the samples of a prompt next to each other.
+        return [generations[i * num_samples : (i + 1) * num_samples] for i in range(len(rows))]
+
+    def _decode(self, tokens: list[int], max_new_tokens: int) -> Generation:
+        stop = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
+        kept = tokens if stop is None else tokens[:stop]
+        return Generation(
+            text=self.tokenizer.decode(
+                kept, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            ),
+            num_tokens=len(kept),
+            hit_token_limit=stop is None and len(tokens) >= max_new_tokens,
+        )
+
+    def answer_scores(
+        self, prompts: Sequence[str], texts: Sequence[str], tasks: Sequence[Sequence[str]]
+    ) -> list[dict[str, dict[str, float] | None]]:
+        """Label probabilities at each answer position (see `scores.py`), one dict per text keyed
+        by verdict field (`prompt_harmfulness`, ...); None where a task was not asked or has no
+        answer line. One forward pass per text, in batches."""
+        prompt_ids = self.encode(prompts)
+        jobs: list[tuple[int, list[int], list[tuple[int, ScoreQuery]]]] = []
+        for i, (ids, text, asked) in enumerate(zip(prompt_ids, texts, tasks, strict=True)):
+            queries = score_queries(self.tokenizer, text, asked)
+            jobs.extend(self._sequences(i, ids, queries))
+        results = [empty_scores() for _ in texts]
+        for start in range(0, len(jobs), self.batch_size):
+            self._score_batch(jobs[start : start + self.batch_size], results)
+        return results
+
+    @staticmethod
+    def _sequences(
+        item: int, prompt_ids: list[int], queries: list[ScoreQuery]
+    ) -> list[tuple[int, list[int], list[tuple[int, ScoreQuery]]]]:
+        """Group an item's queries into as few sequences as possible: the answers come in order,
+        so the shorter contexts are usually prefixes of the longest, and one pass reads them all."""
+        groups: list[tuple[int, list[int], list[tuple[int, ScoreQuery]]]] = []
+        for query in sorted(queries, key=lambda q: -len(q.context_ids)):
+            seq = prompt_ids + list(query.context_ids)
+            position = len(seq) - 1  # the logits here predict the label token
+            for _, longer, members in groups:
+                if longer[: len(seq)] == seq:
+                    members.append((position, query))
+                    break
+            else:
+                groups.append((item, seq, [(position, query)]))
+        return groups
+
+    def _score_batch(
+        self,
+        jobs: list[tuple[int, list[int], list[tuple[int, ScoreQuery]]]],
+        results: list[dict[str, dict[str, float] | None]],
+    ) -> None:
+        import torch
+
+        width = max(len(seq) for _, seq, _ in jobs)
+        pad = self.tokenizer.pad_token_id
+        # Right padding: in a causal model the pads after a row cannot change its logits.
+        input_ids = torch.tensor([seq + [pad] * (width - len(seq)) for _, seq, _ in jobs])
+        attention = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for _, seq, _ in jobs])
+        most = max(len(members) for _, _, members in jobs)
+        # Only the answer positions go through the LM head (a full-vocab row per token is GBs).
+        keep = torch.tensor(
+            [
+                [p for p, _ in members] + [members[0][0]] * (most - len(members))
+                for _, _, members in jobs
+            ]
+        )
+        with torch.inference_mode():
+            logits = (
+                self.model(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=attention.to(self.device),
+                    logits_to_keep=keep.to(self.device),
+                    use_cache=False,
+                )
+                .logits.float()
+                .cpu()
+            )
+        for row, (item, _, members) in enumerate(jobs):
+            for column, (_, query) in enumerate(members):
+                labels = list(query.candidates)
+                values = [logits[row, column, query.candidates[label]].item() for label in labels]
+                results[item][TASK_FIELD[query.task]] = normalised(values, labels)

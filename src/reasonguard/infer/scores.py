@@ -1,0 +1,94 @@
+"""Where a guard's answers sit in its own output, and what to ask the model there.
+
+A score is the model's probability of a label at the position where it wrote that label, given
+its prompt and its own reasoning: for `Request: harmful` it is P(first token of "harmful") against
+P(first token of "unharmful") at the token after `Request:`, normalised over the two. This module
+finds those positions and the candidate tokens (tokenizer only); a backend runs the one forward
+pass and reads the logits (`hf.HFBackend.answer_scores`).
+
+The answer line taken is the one `format.parse_output` takes (the last valid one), found with the
+format module's own patterns so the two never disagree.
+
+Example:
+    >>> from reasonguard.format import answer_offsets
+    >>> answer_offsets("...\\nAnswers: \\nRequest: harmful\\nCompletion: None\\nResponse: None")
+    {'prompt': 23, 'refusal': 43, 'response': 58}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# format.answer_offsets finds the same answer lines parse_output reads, so a score is always
+# taken where the verdict's label was written.
+from reasonguard.format import TASK_FIELD, TASK_LABELS, answer_offsets
+
+
+@dataclass(frozen=True)
+class ScoreQuery:
+    """One answer position to score.
+
+    Attributes:
+        task: `prompt`, `refusal` or `response`.
+        context_ids: token ids of the generated text before the label (the prompt comes first).
+        candidates: label -> the token id the label starts with at this position.
+    """
+
+    task: str
+    context_ids: tuple[int, ...]
+    candidates: dict[str, int]
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if len({s[i] for s in seqs}) > 1:
+            return i
+    return n
+
+
+def score_queries(tokenizer: Any, text: str, tasks: Sequence[str]) -> list[ScoreQuery]:
+    """The positions to score in one generated `text`, for the `tasks` asked (others skipped).
+
+    The candidate tokens are found by tokenizing the text up to the answer followed by each
+    label: the ids all labels share form the context, and the first id where they differ is each
+    label's token. This works for any tokenizer (a leading space may belong to the label token,
+    as in Llama 3's " harmful").
+    """
+    queries = []
+    offsets = answer_offsets(text)
+    for task in tasks:
+        if task not in offsets:
+            continue
+        context = text[: offsets[task]]
+        labels = TASK_LABELS[task]
+        ids = [
+            tokenizer(context + label, add_special_tokens=False)["input_ids"] for label in labels
+        ]
+        shared = _common_prefix(ids)
+        if any(len(seq) <= shared for seq in ids):
+            continue  # one label is a token prefix of the other: no single position tells them apart
+        queries.append(
+            ScoreQuery(
+                task=task,
+                context_ids=tuple(ids[0][:shared]),
+                candidates={label: seq[shared] for label, seq in zip(labels, ids, strict=True)},
+            )
+        )
+    return queries
+
+
+def normalised(logits: Sequence[float], labels: Sequence[str]) -> dict[str, float]:
+    """Softmax over the candidate logits only (= the full softmax renormalised over them)."""
+    top = max(logits)
+    exps = [math.exp(value - top) for value in logits]
+    total = sum(exps)
+    return {label: e / total for label, e in zip(labels, exps, strict=True)}
+
+
+def empty_scores() -> dict[str, dict[str, float] | None]:
+    """Scores keyed by verdict field, all None (no position found or not asked)."""
+    return {TASK_FIELD[task]: None for task in ("prompt", "refusal", "response")}

@@ -1,0 +1,13 @@
+"""The HTTP server: an OpenAI-compatible moderation endpoint and a native classify endpoint.
+
+`schemas.py` holds the request/response models, `batcher.py` the dynamic batcher that merges
+concurrent requests into one model batch, and `app.py` the FastAPI app factory (no model code:
+it is handed a loaded guard). `reasonguard serve` (commands/serve.py) loads the guard and runs
+uvicorn.
+
+Example:
+    >>> from reasonguard.infer.guard import load_guard
+    >>> from reasonguard.serve.app import ServeSettings, create_app
+    >>> app = create_app(load_guard("smollm2"), ServeSettings(model_name="smollm2"))
+    >>> # uvicorn.run(app, host="127.0.0.1", port=8000)
+"""

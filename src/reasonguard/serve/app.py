@@ -1,0 +1,305 @@
+"""The FastAPI app factory: routes, limits, API-key check and error shapes; no model code.
+
+`create_app(guard, settings)` takes anything with a WildGuard-style
+`classify(items, scores=...) -> [result with .to_dict()]` (a loaded `reasonguard` Guard, or a
+fake in tests) and serves:
+
+- `POST /v1/moderations`: the OpenAI moderation schema (mapping in `schemas.py`);
+- `POST /v1/classify`: `{"items": [{"prompt", "response"}]}` -> one verdict per item;
+- `GET /v1/models`: the served model, OpenAI list shape;
+- `GET /health`: liveness plus the batcher's counters (batch-size histogram, queue, timeouts).
+
+Errors use OpenAI's `{"error": {"message", "type", "code"}}` shape: 401 missing or wrong API key
+(`/v1/*` only, checked before the body is read), 413 too many items / characters / bytes,
+422 malformed body, 503 queue full, 504 not answered within `timeout_s`, 500 the model failed on
+an input (other requests are unaffected).
+
+Example:
+    >>> app = create_app(guard, ServeSettings(model_name="smollm2", api_key="s3cret"))
+    >>> uvicorn.run(app, host="127.0.0.1", port=8000)
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from reasonguard import __version__
+from reasonguard.infer.guard import InvalidItemError, validate_items
+from reasonguard.serve.batcher import BatchFailed, BatchTimeout, DynamicBatcher, QueueFull
+from reasonguard.serve.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    ErrorResponse,
+    ModerationRequest,
+    ModerationResponse,
+    moderation_result,
+    verdict,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Classifier(Protocol):
+    """What the app needs from a guard (see `reasonguard.infer.guard.Guard`)."""
+
+    def classify(self, items: Sequence[Mapping[str, Any]], *, scores: bool = ...) -> list[Any]: ...
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Server limits and options (the `reasonguard serve` flags).
+
+    Attributes:
+        model_name: the id reported in responses and `/v1/models`.
+        api_key: when set, `/v1/*` requires `Authorization: Bearer <api_key>`.
+        max_batch_size: the most items per model batch.
+        max_wait_ms: how long a batch's first item waits for more.
+        max_items: the most items (texts) per request; more is 413.
+        max_chars: the most characters (prompts + responses) per request; more is 413.
+        timeout_s: seconds a request may wait for its results (queue + generation); then 504.
+        max_queue: the most items waiting or running; more is 503.
+        scores: compute label probabilities (one extra forward pass per item).
+    """
+
+    model_name: str
+    api_key: str | None = None
+    max_batch_size: int = 8
+    max_wait_ms: float = 10.0
+    max_items: int = 64
+    max_chars: int = 100_000
+    timeout_s: float = 120.0
+    max_queue: int = 1024
+    scores: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_items", "max_chars", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.timeout_s <= 0:
+            raise ValueError("max_wait_ms must be >= 0 and timeout_s > 0")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must be None or a non-empty string")
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The request body limit: room for `max_chars` characters even when every one is
+        JSON-escaped as a surrogate pair (12 bytes), plus 1 MiB of JSON structure."""
+        return 12 * self.max_chars + (1 << 20)
+
+
+def _error_body(message: str, code: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def _error(status: int, message: str, code: str, kind: str = "invalid_request_error") -> Any:
+    return JSONResponse(_error_body(message, code, kind), status)
+
+
+_ERROR_CODES = {
+    400: "bad_request",
+    401: "invalid_api_key",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    500: "model_error",
+    503: "overloaded",
+    504: "timeout",
+}
+_ERRORS = {
+    status: {"model": ErrorResponse, "description": code.replace("_", " ")}
+    for status, code in _ERROR_CODES.items()
+    if status in (401, 413, 503, 504)
+}
+
+
+class _BearerAuth:
+    """ASGI middleware: `/v1/*` requests need `Authorization: Bearer <key>`.
+
+    A middleware rather than a route dependency so the key is checked before the body is read
+    or parsed: an unauthenticated client learns nothing about the request format.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    given = token.strip()
+                break
+        # compare_digest: the comparison time does not reveal how much of the key matched.
+        if given and hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        response = _error(
+            401,
+            "missing or invalid API key (send 'Authorization: Bearer <key>')",
+            "invalid_api_key",
+        )
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)
+
+
+def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
+    """Build the app around a loaded guard.
+
+    Args:
+        guard: an object with `classify(items, scores=...)` returning results with `to_dict()`;
+            it is only ever called from one worker thread at a time.
+        settings: limits and options.
+
+    Returns:
+        The FastAPI app; its lifespan starts and stops the batcher (`app.state.batcher`).
+    """
+
+    def run_batch(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [result.to_dict() for result in guard.classify(items, scores=settings.scores)]
+
+    batcher = DynamicBatcher(
+        run_batch, settings.max_batch_size, settings.max_wait_ms, settings.max_queue
+    )
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.close()
+
+    app = FastAPI(
+        title="reasonguard",
+        version=__version__,
+        description="Reasoning guardrail server: OpenAI-compatible moderation and native "
+        "prompt/response classification.",
+        lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
+    )
+    app.state.batcher = batcher
+    app.state.settings = settings
+    if settings.api_key is not None:
+        app.add_middleware(_BearerAuth, api_key=settings.api_key)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = _ERROR_CODES.get(exc.status_code, "error")
+        kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        response = _error(exc.status_code, str(exc.detail), code, kind)
+        response.headers.update(exc.headers or {})
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Only where and what, never the offending input: it may be huge, private, or not
+        # encodable (a lone surrogate would turn this 422 into a 500).
+        details = [
+            {"loc": _location(e.get("loc", ())), "msg": _message(e), "type": e.get("type")}
+            for e in exc.errors()
+        ]
+        first = details[0] if details else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(part) for part in first["loc"])
+        message = f"{where}: {first['msg']}" if where else first["msg"]
+        body = _error_body(message, "invalid_body")
+        return JSONResponse({**body, "detail": jsonable_encoder(details)}, 422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(500, "internal server error", "internal_error", "server_error")
+
+    async def judge(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Check limits and items, then run them through the batcher."""
+        if len(items) > settings.max_items:
+            raise HTTPException(413, f"{len(items)} items; the limit is {settings.max_items}")
+        chars = sum(len(item["prompt"]) + len(item.get("response") or "") for item in items)
+        if chars > settings.max_chars:
+            raise HTTPException(413, f"{chars} characters; the limit is {settings.max_chars}")
+        try:
+            validate_items(items)
+        except InvalidItemError as exc:
+            raise RequestValidationError(
+                [{"loc": ("body",), "msg": str(exc), "type": "value_error"}]
+            ) from None
+        try:
+            return await batcher.submit(items, settings.timeout_s)
+        except QueueFull as exc:
+            raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
+        except BatchTimeout as exc:
+            raise HTTPException(504, f"generation timed out: {exc}") from None
+        except BatchFailed as exc:
+            # Logged with its traceback by the batcher; the client gets no internals.
+            raise HTTPException(500, str(exc)) from None
+
+    @app.post("/v1/moderations", response_model=ModerationResponse, responses=_ERRORS)
+    async def moderations(body: ModerationRequest) -> dict[str, Any]:
+        """OpenAI-compatible moderation: each text is judged as a user prompt."""
+        results = await judge([{"prompt": text, "response": None} for text in body.texts()])
+        return {
+            "id": f"modr-{uuid.uuid4().hex}",
+            "model": settings.model_name,
+            "results": [moderation_result(r) for r in results],
+        }
+
+    @app.post("/v1/classify", response_model=ClassifyResponse, responses=_ERRORS)
+    async def classify(body: ClassifyRequest) -> dict[str, Any]:
+        """Judge prompts and (optional) responses: verdicts, reasoning and scores."""
+        items = [{"prompt": i.prompt, "response": i.response} for i in body.items]
+        results = await judge(items)
+        return {
+            "id": f"clf-{uuid.uuid4().hex}",
+            "model": settings.model_name,
+            "results": [verdict(r) for r in results],
+        }
+
+    @app.get("/v1/models", responses={401: _ERRORS[401]})
+    async def models() -> dict[str, Any]:
+        """The served model, in OpenAI's list shape."""
+        card = {"id": settings.model_name, "object": "model", "created": started}
+        return {"object": "list", "data": [{**card, "owned_by": "reasonguard"}]}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Liveness and batcher counters (no API key needed, for load balancers)."""
+        return {
+            "status": "ok",
+            "model": settings.model_name,
+            "prompt_format": getattr(guard, "prompt_format", None),
+            "uptime_s": int(time.time()) - started,
+            "batcher": batcher.stats(),
+        }
+
+    return app
+
+
+def _location(loc: Sequence[Any]) -> list[Any]:
+    # pydantic names the member of a union that failed ("list[TextPart]",
+    # "function-after[_utf8(), str]"); clients want the field path only.
+    return [part for part in loc if not (isinstance(part, str) and part.endswith("]"))]
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    if error.get("type") == "string_pattern_mismatch":
+        return "must contain a non-space character"  # our only pattern is the prompt's r"\S"
+    return str(error.get("msg", ""))
