@@ -1,0 +1,482 @@
+"""The SFT config: one dataclass, YAML keys 1:1 with its fields, `key=value` overrides.
+
+Field names follow Hugging Face `TrainingArguments` where one exists (`learning_rate`,
+`per_device_train_batch_size`, `save_total_limit`, ...). Every check that does not need a model
+runs here, when the config is loaded: an unknown or mistyped key, a wrong type or a value outside
+a field's allowed set raises `UserError` naming the key, so a typo never costs a model load.
+
+Example:
+    >>> from reasonguard.train.config import load_config
+    >>> config = load_config("configs/demo-cpu.yaml", ["learning_rate=1e-4", "lora_r=8"])
+    >>> config.learning_rate, config.lora_r  # doctest: +SKIP
+    (0.0001, 8)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from reasonguard.errors import UserError
+
+DEFAULT_DATASET = "yueliu1999/GuardReasonerTrain"  # same value as data.sources.DEFAULT_DATASET
+LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CHAT_TEMPLATES = ("llama3",)
+
+
+@dataclass
+class SFTConfig:
+    """Reasoning-SFT settings. Each YAML key sets the field of the same name.
+
+    Cross-field rules are checked in `__post_init__`; checks that need the machine (CUDA,
+    bitsandbytes) live in `reasonguard.train.modeling.environment_problems`.
+    """
+
+    # ---------------------------------------------------------------- model and prompt format
+    model_name_or_path: str = "smollm2"
+    """Base model: a hub id, a local folder, or an offline alias (`smollm2`, `tiny-llama`)."""
+    tokenizer_name_or_path: str | None = None
+    """Tokenizer to use; the model's own when null."""
+    chat_template: str | None = None
+    """Replace the tokenizer's chat template: `llama3` (the one-turn Llama 3 template of the
+    official LLaMA-Factory training), or null to keep the tokenizer's own."""
+    prompt_format: Literal["raw", "chat", "chat-user"] = "chat"
+    """How a record becomes a prompt (see `reasonguard.format`); recorded in the saved model."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to `from_pretrained`."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub (never needed for Llama / SmolLM2)."""
+
+    # ---------------------------------------------------------------- fine-tuning method
+    finetuning: Literal["full", "lora", "qlora"] = "lora"
+    """`full`: every weight; `lora`: adapters on a frozen base; `qlora`: adapters on a 4-bit NF4
+    base (double quantisation, bf16 compute; needs CUDA and bitsandbytes)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGET_MODULES))
+    """Module names that get adapters (all attention and MLP projections by default)."""
+
+    # ---------------------------------------------------------------- data
+    dataset: str = DEFAULT_DATASET
+    """Records source: hub id, folder of split files, one json/jsonl/parquet file, or `samples`."""
+    splits: list[str] | None = None
+    """Splits to train on, in order; all of them when null."""
+    max_samples: int | None = None
+    """Use at most this many rows per split (the first ones, after validation); all when null."""
+    skip_invalid: bool = False
+    """Drop invalid rows (counted in training_info.json) instead of stopping at the first one."""
+    max_length: int | Literal["auto"] = "auto"
+    """Cut sequences to this many tokens; `auto`: p95 of the token lengths clamped to
+    [1024, 2048] (the seed's rule)."""
+    eval_split_ratio: float = 0.01
+    """Fraction of rows held out for eval loss (at least 1 row when > 0); 0 disables eval."""
+    eval_split_seed: int = 42
+    """Seed of the held-out row choice (independent of `seed`, so the split never moves)."""
+
+    # ---------------------------------------------------------------- optimisation
+    num_train_epochs: int = 3
+    """Passes over the training rows (ignored when `max_steps` > 0)."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 runs `num_train_epochs` epochs."""
+    per_device_train_batch_size: int = 2
+    """Rows per forward/backward pass (the micro-batch)."""
+    per_device_eval_batch_size: int = 4
+    """Rows per forward pass during evaluation."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step (derived when `effective_batch_size` is set)."""
+    effective_batch_size: int | None = None
+    """Rows per optimizer step over all processes; when set, `gradient_accumulation_steps` is
+    derived from it, so a recipe keeps its batch on any number of GPUs."""
+    learning_rate: float = 5e-5
+    """Peak learning rate."""
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_steps: int | float = 0
+    """Linear warmup: an int is a step count, a float in [0, 1) a fraction of all steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norm weights)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    optim: Literal[
+        "adamw_torch",
+        "adamw_torch_fused",
+        "paged_adamw_32bit",
+        "paged_adamw_8bit",
+        "adamw_bnb_8bit",
+    ] = "adamw_torch"
+    """Optimizer; the paged and 8-bit ones are bitsandbytes (CUDA only)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    bf16: bool | Literal["auto"] = "auto"
+    """bf16 autocast (frozen LoRA base weights stored in bf16, full fine-tuning keeps fp32
+    master weights); `auto`: on when the CUDA GPU supports it, off on CPU."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    auto_micro_batch: bool = False
+    """On CUDA out-of-memory, halve the micro-batch (the effective batch stays) and retry."""
+    seed: int = 42
+    """Seed for adapter init, dropout and the per-epoch data order."""
+
+    # ---------------------------------------------------------------- evaluation, logging, checkpoints
+    output_dir: str = "runs/sft"
+    """The run directory (checkpoints, logs, status, final model)."""
+    logging_steps: int = 10
+    """Log train loss, learning rate, tokens/s and update status.json every N steps."""
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    """Write TensorBoard event files under RUN_DIR/logs."""
+    eval_strategy: Literal["steps", "epoch", "no"] = "steps"
+    """When to compute the held-out eval loss (also once at the end of training)."""
+    eval_steps: int = 500
+    """Eval every N optimizer steps (with `eval_strategy: steps`)."""
+    early_warning_patience: int = 3
+    """Warn when the eval loss has not improved for this many evaluations; 0 disables."""
+    save_strategy: Literal["steps", "epoch", "both", "no"] = "steps"
+    """When to write a checkpoint: every `save_steps`, at each epoch end, both, or never."""
+    save_steps: int = 500
+    """Checkpoint every N optimizer steps (with `save_strategy: steps|both`)."""
+    save_total_limit: int | None = 3
+    """Keep only the newest K checkpoints; null keeps all."""
+    resume: str = "auto"
+    """`auto`: continue from the newest checkpoint in output_dir if there is one; `never`:
+    start fresh (refuses a run dir that already holds checkpoints); or a checkpoint folder."""
+
+    # ---------------------------------------------------------------- testing hooks
+    debug_nan_at_step: int | None = None
+    """Testing hook: make the loss of this optimizer step NaN, to exercise the NaN guard."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check_values(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain JSON/YAML-ready copy of every field."""
+        return dataclasses.asdict(self)
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step on one process (derived or configured)."""
+        if self.effective_batch_size is not None:
+            return self.effective_batch_size // self.per_device_train_batch_size
+        return self.gradient_accumulation_steps
+
+    @property
+    def samples_per_step(self) -> int:
+        """Rows per optimizer step (the effective batch)."""
+        return self.per_device_train_batch_size * self.accumulation_steps
+
+
+def field_names(cls: type = SFTConfig) -> list[str]:
+    """The config keys of a config dataclass, in declaration order."""
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(
+    path: str | os.PathLike[str] | None,
+    overrides: Sequence[str] = (),
+    cls: type = SFTConfig,
+) -> Any:
+    """Read a YAML config, apply `key=value` overrides and validate everything.
+
+    Args:
+        path: the YAML file; None starts from the defaults.
+        overrides: `key=value` strings; values are parsed as YAML scalars (`lr=5e-5` is a float,
+            `splits=[a,b]` a list, `max_length=null` None); dotted keys address nested mappings.
+        cls: the config dataclass (SFT by default; DPO brings its own).
+
+    Returns:
+        A validated `cls` instance.
+
+    Raises:
+        UserError: unreadable file or YAML, unknown key (with a close match and the allowed keys),
+            wrong type, or a value outside the allowed set.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = read_yaml(path)
+    data = apply_overrides(data, overrides)
+    return config_from_dict(data, cls, source=str(path) if path is not None else "config")
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A YAML mapping from a file (`yaml.safe_load`); an empty file is an empty mapping."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a mapping of keys to values")
+    return data
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of `data` with `key=value` overrides applied (the input is not modified).
+
+    Raises:
+        UserError: an override without `=` or with an empty key, or a value that is not YAML.
+    """
+    result = _deep_copy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"override {item!r} must look like key=value (e.g. learning_rate=1e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise UserError(f"override {item!r}: the value is not valid YAML: {exc}") from exc
+        target = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nested = target.get(part)
+            if not isinstance(nested, dict):
+                nested = {}
+                target[part] = nested
+            target = nested
+        target[parts[-1]] = value
+    return result
+
+
+def config_from_dict(data: Mapping[str, Any], cls: type = SFTConfig, source: str = "config") -> Any:
+    """Build a validated config from a mapping (unknown keys rejected before anything else)."""
+    allowed = field_names(cls)
+    for key in data:
+        if key not in allowed:
+            raise UserError(_unknown_key_message(str(key), allowed, source))
+    try:
+        return cls(**data)
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+
+
+def save_config(config: Any, path: str | os.PathLike[str], header: str = "") -> Path:
+    """Write a config as YAML (every field, in declaration order), loadable by `load_config`."""
+    out = Path(path)
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
+    out.write_text((header.rstrip("\n") + "\n" if header else "") + text, encoding="utf-8")
+    return out
+
+
+def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+def _unknown_key_message(key: str, allowed: list[str], source: str) -> str:
+    close = difflib.get_close_matches(key.replace(".", "_"), allowed, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{source}: unknown config key {key!r}{hint}; allowed keys: {', '.join(allowed)}"
+
+
+# --------------------------------------------------------------------------------------------
+# Type and value checks
+
+
+def _check_types(config: Any) -> None:
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        ok, converted = _coerce(value, hints[f.name])
+        if not ok:
+            raise UserError(_type_message(f.name, value, hints[f.name]))
+        setattr(config, f.name, converted)
+
+
+def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """(is valid, value converted to the annotated type) for the annotation kinds we use."""
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        members = typing.get_args(annotation)
+        # Exact matches first, so `int | float` keeps an int an int.
+        for member in members:
+            if _is_exact(value, member):
+                return True, value
+        for member in members:
+            ok, converted = _coerce(value, member)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value is False and "no" in allowed:
+            return True, "no"  # YAML 1.1 reads a bare `no` (or `off`, `false`) as False
+        return value in allowed and type(value) is type(allowed[0]), value
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str) and item_type is str:
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            return False, value
+        items = [_coerce(item, item_type) for item in value]
+        if not all(ok for ok, _ in items):
+            return False, value
+        return True, [item for _, item in items]
+    if annotation is type(None):
+        return value is None, value
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, int | float):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `5e-5` (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if annotation is str:
+        return isinstance(value, str), value
+    raise TypeError(f"unsupported config annotation {annotation!r}")
+
+
+def _is_exact(value: Any, annotation: Any) -> bool:
+    if typing.get_origin(annotation) is not None:
+        return False
+    if annotation is type(None):
+        return value is None
+    return type(value) is annotation
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number"}.get(
+        annotation, "a string"
+    )
+
+
+def _type_message(name: str, value: Any, annotation: Any) -> str:
+    literals = _literal_values(annotation)
+    if literals and isinstance(value, str):
+        return (
+            f"config key {name!r}: {value!r} is not allowed; allowed values: "
+            f"{', '.join(str(v) for v in literals)}"
+        )
+    return f"config key {name!r}: expected {_type_name(annotation)}, got {value!r}"
+
+
+def _literal_values(annotation: Any) -> list[Any]:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return list(typing.get_args(annotation))
+    if origin in (types.UnionType, typing.Union):
+        return [v for a in typing.get_args(annotation) for v in _literal_values(a)]
+    return []
+
+
+def _check_values(c: SFTConfig) -> None:
+    """Cross-field and range rules (the types are already right)."""
+
+    def fail(key: str, message: str) -> None:
+        raise UserError(f"config key {key!r}: {message}")
+
+    for key in (
+        "num_train_epochs",
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "eval_steps",
+        "save_steps",
+        "lora_r",
+        "lora_alpha",
+    ):
+        if getattr(c, key) < 1:
+            fail(key, f"must be at least 1, got {getattr(c, key)}")
+    if c.max_steps == 0 or c.max_steps < -1:
+        fail(
+            "max_steps", f"must be -1 (use num_train_epochs) or a positive count, got {c.max_steps}"
+        )
+    if c.learning_rate <= 0:
+        fail("learning_rate", f"must be positive, got {c.learning_rate}")
+    if c.weight_decay < 0:
+        fail("weight_decay", f"must not be negative, got {c.weight_decay}")
+    if c.max_grad_norm < 0:
+        fail("max_grad_norm", f"must not be negative (0 disables clipping), got {c.max_grad_norm}")
+    if not 0 <= c.lora_dropout < 1:
+        fail("lora_dropout", f"must be in [0, 1), got {c.lora_dropout}")
+    if not c.lora_target_modules:
+        fail("lora_target_modules", "must name at least one module")
+    if isinstance(c.warmup_steps, float) and not 0 <= c.warmup_steps < 1:
+        fail("warmup_steps", f"a float is a fraction of all steps in [0, 1), got {c.warmup_steps}")
+    if isinstance(c.warmup_steps, int) and c.warmup_steps < 0:
+        fail("warmup_steps", f"must not be negative, got {c.warmup_steps}")
+    if isinstance(c.max_length, int) and c.max_length < 16:
+        fail("max_length", f"must be `auto` or at least 16 tokens, got {c.max_length}")
+    if c.max_samples is not None and c.max_samples < 1:
+        fail("max_samples", f"must be at least 1 (or null for all rows), got {c.max_samples}")
+    if not 0 <= c.eval_split_ratio < 0.5:
+        fail("eval_split_ratio", f"must be in [0, 0.5), got {c.eval_split_ratio}")
+    if c.eval_split_ratio == 0 and c.eval_strategy != "no":
+        fail("eval_strategy", "needs held-out rows: set eval_split_ratio > 0, or eval_strategy: no")
+    if c.early_warning_patience < 0:
+        fail(
+            "early_warning_patience", f"must be 0 (off) or positive, got {c.early_warning_patience}"
+        )
+    if c.save_total_limit is not None and c.save_total_limit < 1:
+        fail(
+            "save_total_limit",
+            f"must be at least 1 (or null to keep all), got {c.save_total_limit}",
+        )
+    if c.chat_template is not None and c.chat_template not in CHAT_TEMPLATES:
+        fail(
+            "chat_template",
+            f"{c.chat_template!r} is not allowed; allowed values: {', '.join(CHAT_TEMPLATES)}, null",
+        )
+    if not c.resume.strip():
+        fail("resume", "allowed values: auto, never, or a checkpoint folder")
+    if not c.output_dir.strip():
+        fail("output_dir", "must not be empty")
+    if c.debug_nan_at_step is not None and c.debug_nan_at_step < 1:
+        fail("debug_nan_at_step", f"must be a step number >= 1, got {c.debug_nan_at_step}")
+    if c.effective_batch_size is not None:
+        if c.effective_batch_size % c.per_device_train_batch_size:
+            fail(
+                "effective_batch_size",
+                f"{c.effective_batch_size} is not a multiple of per_device_train_batch_size "
+                f"({c.per_device_train_batch_size})",
+            )
+        derived = c.effective_batch_size // c.per_device_train_batch_size
+        if c.gradient_accumulation_steps not in (1, derived):
+            fail(
+                "gradient_accumulation_steps",
+                f"{c.gradient_accumulation_steps} contradicts effective_batch_size "
+                f"{c.effective_batch_size} / per_device_train_batch_size "
+                f"{c.per_device_train_batch_size} = {derived}; set only one of them",
+            )

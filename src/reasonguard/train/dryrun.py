@@ -1,0 +1,222 @@
+"""`train sft --dry-run`: the data plan of a config, without loading model weights or writing.
+
+It loads and validates the data and the tokenizer when it can reach them, and says plainly what it
+estimated when it cannot: a hub dataset with no hub access is counted from its published sizes
+(REFERENCE.md §2), a hub tokenizer that is not in the local cache leaves `max_length: auto`
+undecided. The hub is probed with one short TCP connect first, so an offline machine answers in
+a second instead of after the hub client's retries (~25 s per file).
+
+Example:
+    >>> from reasonguard.train.config import load_config
+    >>> from reasonguard.train.dryrun import format_plan, plan_sft
+    >>> print(format_plan(plan_sft(load_config("configs/demo-cpu.yaml"))))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from reasonguard.errors import UserError
+from reasonguard.train import checkpoint as ckpt
+from reasonguard.train.data import (
+    PUBLISHED_P95_TOKENS,
+    PUBLISHED_ROWS,
+    load_records,
+    prepare,
+    split_train_eval,
+    steps_per_epoch,
+    total_steps,
+)
+from reasonguard.train.modeling import environment_problems, load_training_tokenizer, warmup_steps
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connect (False in offline mode)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection(
+            (endpoint.hostname or "huggingface.co", port), timeout=timeout
+        ).close()
+    except OSError:
+        return False
+    return True
+
+
+def _is_local(name: str) -> bool:
+    from reasonguard.models import ALIASES
+
+    return name in ALIASES or name == "samples" or Path(name).expanduser().exists()
+
+
+def _tokenizer(config: Any, online: bool) -> tuple[Any | None, str]:
+    """The run's tokenizer if it can be had without a download the machine cannot make."""
+    name = config.tokenizer_name_or_path or config.model_name_or_path
+    if _is_local(name) or online:
+        return load_training_tokenizer(config), name
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "tokenizer_config.json")
+    if isinstance(cached, str):
+        local = dataclasses.replace(config, tokenizer_name_or_path=str(Path(cached).parent))
+        return load_training_tokenizer(local), f"{name} (local hub cache)"
+    return None, f"{name} (not reachable: no hub access and not in the local cache)"
+
+
+def plan_sft(config: Any) -> dict[str, Any]:
+    """The data plan of a config: rows, split, max length, batch and step counts, run-dir action.
+
+    Returns:
+        A JSON-ready dict; `estimated` is True when rows come from published sizes.
+
+    Raises:
+        UserError: unreadable local data, invalid rows (without `skip_invalid`), or a tokenizer
+            without the chat template the prompt format needs.
+    """
+    c = config
+    online = None  # probed lazily: a fully local config never touches the network
+    plan: dict[str, Any] = {"config": c.to_dict(), "problems": environment_problems(c), "notes": []}
+    if not _is_local(c.dataset):
+        online = hub_reachable()
+    if online is False and c.dataset in PUBLISHED_ROWS:
+        rows = {k: v for k, v in PUBLISHED_ROWS[c.dataset].items() if not c.splits or k in c.splits}
+        if c.splits and set(c.splits) - set(rows):
+            raise UserError(
+                f"config key 'splits': unknown split(s) {sorted(set(c.splits) - set(rows))} of "
+                f"{c.dataset}; available: {', '.join(PUBLISHED_ROWS[c.dataset])}"
+            )
+        if c.max_samples is not None:
+            rows = {k: min(v, c.max_samples) for k, v in rows.items()}
+        plan["notes"].append(f"no hub access: rows of {c.dataset} are its published sizes")
+        plan.update(rows=rows, estimated=True)
+        n = sum(rows.values())
+        n_eval = 0 if c.eval_split_ratio == 0 else min(n - 1, max(1, round(n * c.eval_split_ratio)))
+        train_rows, eval_rows = n - n_eval, n_eval
+        tokenizer, tokenizer_note = None, "not loaded (rows estimated)"
+    elif online is False:
+        raise UserError(
+            f"cannot plan: {c.dataset!r} is not a local file or folder and the hub is not reachable"
+        )
+    else:
+        if online is None and not _is_local(c.tokenizer_name_or_path or c.model_name_or_path):
+            online = hub_reachable()
+        tokenizer, tokenizer_note = _tokenizer(c, bool(online))
+        if tokenizer is not None:
+            data = prepare(c, tokenizer)
+            plan.update(
+                rows=data.stats["validation"]["used_rows"], estimated=False, data=data.stats
+            )
+            train_rows, eval_rows = data.stats["train_rows"], data.stats["eval_rows"]
+        else:
+            triples, validation = load_records(c)
+            train, held = split_train_eval(triples, c.eval_split_ratio, c.eval_split_seed)
+            plan.update(
+                rows=validation["used_rows"], estimated=False, data={"validation": validation}
+            )
+            train_rows, eval_rows = len(train), len(held)
+    plan["tokenizer"] = tokenizer_note
+    plan.update(train_rows=train_rows, eval_rows=eval_rows)
+    plan["max_length"], plan["max_length_source"] = _max_length(c, plan)
+    per_step = c.samples_per_step
+    plan.update(
+        micro_batch_size=c.per_device_train_batch_size,
+        gradient_accumulation_steps=c.accumulation_steps,
+        samples_per_step=per_step,
+        steps_per_epoch=steps_per_epoch(train_rows, per_step),
+        total_steps=total_steps(train_rows, per_step, c.num_train_epochs, c.max_steps),
+    )
+    plan["warmup_steps"] = warmup_steps(c, plan["total_steps"])
+    plan["run_dir"] = _run_dir_action(c)
+    return plan
+
+
+def _max_length(c: Any, plan: dict[str, Any]) -> tuple[int | None, str]:
+    data = plan.get("data") or {}
+    if "max_length" in data:
+        return data["max_length"], data["max_length_source"]
+    if c.max_length != "auto":
+        return c.max_length, "given"
+    if c.dataset in PUBLISHED_P95_TOKENS:
+        from reasonguard.data.stats import auto_max_length
+
+        p95 = PUBLISHED_P95_TOKENS[c.dataset]
+        return auto_max_length(
+            p95
+        ), f"auto, estimated: published p95 ~{p95} tokens (Llama 3 tokenizer)"
+    return None, "auto: decided when the tokenizer loads"
+
+
+def _run_dir_action(c: Any) -> str:
+    from reasonguard.train.sft import FINAL_DIR, INFO_FILE
+
+    run_dir = Path(c.output_dir)
+    latest = ckpt.latest_checkpoint(run_dir)
+    if c.resume == "never":
+        if latest or (run_dir / FINAL_DIR).exists():
+            return f"{run_dir}: refuses to start (it holds a run and resume is 'never')"
+        return f"{run_dir}: new run"
+    if c.resume != "auto":
+        return f"{run_dir}: continues from {c.resume}"
+    if (run_dir / FINAL_DIR).is_dir() and (run_dir / INFO_FILE).is_file():
+        return f"{run_dir}: holds a finished run (nothing to do if the config is the same)"
+    if latest:
+        return f"{run_dir}: resumes from {latest.name}"
+    return f"{run_dir}: new run"
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The plan as the lines `--dry-run` prints."""
+    c = plan["config"]
+    rows = ", ".join(f"{k} {v:,}" for k, v in plan["rows"].items())
+    invalid = (plan.get("data") or {}).get("validation", {}).get("num_invalid")
+    method = c["finetuning"]
+    if method != "full":
+        method += (
+            f" (r={c['lora_r']}, alpha={c['lora_alpha']}, dropout={c['lora_dropout']}, "
+            f"on {','.join(c['lora_target_modules'])})"
+        )
+    eval_when = {
+        "steps": f"eval loss every {c['eval_steps']} steps and at the end",
+        "epoch": "eval loss at each epoch end",
+        "no": "no eval",
+    }[c["eval_strategy"]]
+    save_when = {
+        "steps": f"every {c['save_steps']} steps",
+        "epoch": "at each epoch end",
+        "both": f"every {c['save_steps']} steps and at each epoch end",
+        "no": "never",
+    }[c["save_strategy"]]
+    keep = c["save_total_limit"]
+    n_epochs = c["num_train_epochs"]
+    epochs = f"{n_epochs} epoch" + "s" * (n_epochs != 1)
+    if c["max_steps"] > 0:
+        epochs = f"max_steps {c['max_steps']}"
+    lines = [
+        "dry run: nothing loaded beyond data and tokenizer, nothing written",
+        f"model          {c['model_name_or_path']}  [{method}]",
+        f"prompt format  {c['prompt_format']}   tokenizer: {plan['tokenizer']}",
+        f"data           {c['dataset']}: {rows}"
+        + (" (ESTIMATED)" if plan["estimated"] else "")
+        + (f"; {invalid} invalid rows skipped" if invalid else ""),
+        f"split          {plan['train_rows']:,} train / {plan['eval_rows']:,} eval rows "
+        f"(eval_split_ratio {c['eval_split_ratio']}, seed {c['eval_split_seed']})",
+        f"max length     {plan['max_length'] if plan['max_length'] else '?'} ({plan['max_length_source']})",
+        f"batch          {plan['micro_batch_size']} rows x {plan['gradient_accumulation_steps']} "
+        f"accumulation = {plan['samples_per_step']} rows per optimizer step",
+        f"steps          {plan['steps_per_epoch']:,} per epoch, {plan['total_steps']:,} in all "
+        f"({epochs}); warmup {plan['warmup_steps']}, {c['lr_scheduler_type']} lr {c['learning_rate']}",
+        f"eval / save    {eval_when}; checkpoints {save_when}" + (f", keep {keep}" if keep else ""),
+        f"run dir        {plan['run_dir']}",
+    ]
+    for note in plan["notes"]:
+        lines.append(f"note           {note}")
+    for problem in plan["problems"]:
+        lines.append(f"this machine   cannot run it: {problem}")
+    return "\n".join(lines)

@@ -1,0 +1,286 @@
+"""Model-side setup shared by the training stages: machine checks, tokenizer, model, optimizer.
+
+`environment_problems` runs before anything is loaded, so a QLoRA config on a CPU machine fails
+in a second with a message instead of after a model download. `labelled_loss_sum` computes the LM
+head and the cross-entropy only at positions that carry a label (about half the tokens of a guard
+record are prompt), which is also the hook where packing and fused kernels plug in (issue 5).
+
+Example:
+    >>> from reasonguard.train.config import SFTConfig
+    >>> from reasonguard.train.modeling import environment_problems
+    >>> environment_problems(SFTConfig(finetuning="qlora"))  # on a CPU-only machine
+    ['finetuning: qlora needs a CUDA GPU (bitsandbytes 4-bit NF4); use finetuning: lora on this machine']
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from reasonguard.data.tokenize import IGNORE_INDEX
+from reasonguard.errors import UserError
+
+BNB_OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_bnb_8bit")
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def environment_problems(config: Any) -> list[str]:
+    """What stops this config on this machine (empty when it can run). Loads nothing."""
+    problems = []
+    cuda = cuda_available()
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    if config.finetuning == "qlora":
+        if not cuda:
+            problems.append(
+                "finetuning: qlora needs a CUDA GPU (bitsandbytes 4-bit NF4); "
+                "use finetuning: lora on this machine"
+            )
+        elif not has_bnb:
+            problems.append("finetuning: qlora needs bitsandbytes: pip install 'reasonguard[gpu]'")
+    if config.optim in BNB_OPTIMIZERS:
+        if not cuda:
+            problems.append(
+                f"optim: {config.optim} is a bitsandbytes optimizer and needs a CUDA GPU; "
+                "use optim: adamw_torch on this machine"
+            )
+        elif not has_bnb:
+            problems.append(
+                f"optim: {config.optim} needs bitsandbytes: pip install 'reasonguard[gpu]'"
+            )
+    if config.bf16 is True and cuda:
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            problems.append("bf16: true, but this GPU has no bf16 support; use bf16: false")
+    if config.attn_implementation == "flash_attention_2" and (
+        not cuda or importlib.util.find_spec("flash_attn") is None
+    ):
+        problems.append(
+            "attn_implementation: flash_attention_2 needs CUDA and flash-attn; use sdpa"
+        )
+    return problems
+
+
+def use_bf16(config: Any) -> bool:
+    """Whether to train under bf16 autocast: `auto` means on a CUDA GPU that supports it.
+
+    `bf16: true` on a CPU is honoured (PyTorch has CPU bf16 autocast), but it is slow on CPUs
+    without native bf16 instructions, so `auto` leaves it off there.
+    """
+    if config.bf16 == "auto":
+        if not cuda_available():
+            return False
+        import torch
+
+        return torch.cuda.is_bf16_supported()
+    return bool(config.bf16)
+
+
+def device() -> Any:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_training_tokenizer(config: Any) -> Any:
+    """The tokenizer of a run, with the configured chat template if one is set."""
+    from reasonguard.models import LLAMA3_CHAT_TEMPLATE, load_tokenizer
+
+    tokenizer = load_tokenizer(
+        config.tokenizer_name_or_path or config.model_name_or_path,
+        trust_remote_code=config.trust_remote_code,
+    )
+    if config.chat_template == "llama3":
+        tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
+    if config.prompt_format != "raw" and not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"prompt_format: {config.prompt_format} needs a chat template, and the tokenizer of "
+            f"{config.model_name_or_path} has none; set chat_template: llama3 or prompt_format: raw"
+        )
+    return tokenizer
+
+
+def load_model(config: Any, bf16: bool, checkpoint: Path | None = None) -> Any:
+    """The model to train: full weights, or a frozen base with (new or resumed) LoRA adapters.
+
+    Args:
+        config: the run config.
+        bf16: train under bf16 autocast; frozen LoRA base weights are then stored in bf16.
+        checkpoint: resume from this checkpoint folder (full weights or an adapter).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from reasonguard.models import resolve_model
+
+    kwargs: dict[str, Any] = {
+        "attn_implementation": config.attn_implementation,
+        "trust_remote_code": config.trust_remote_code,
+    }
+    base = resolve_model(config.model_name_or_path)
+    if config.finetuning == "full":
+        # fp32 master weights even under bf16: autocast runs the matmuls in bf16, the optimizer
+        # updates stay exact (what mixed precision means in HF Trainer / DeepSpeed).
+        model = AutoModelForCausalLM.from_pretrained(
+            str(checkpoint) if checkpoint else base, dtype=torch.float32, **kwargs
+        )
+        _enable_checkpointing(model, config)
+        model.to(device())
+    else:
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        if config.finetuning == "qlora":
+            kwargs["quantization_config"] = _nf4_config(bf16)
+            kwargs["device_map"] = {"": 0}
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **kwargs)
+        if config.finetuning == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=config.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        else:
+            _enable_checkpointing(model, config)
+            model.to(device())
+        model = _with_adapters(model, config, checkpoint)
+    model.config.use_cache = False  # a KV cache is useless in training and costs memory
+    return model
+
+
+def _enable_checkpointing(model: Any, config: Any) -> None:
+    if not config.gradient_checkpointing:
+        return
+    # Non-reentrant checkpointing works with frozen inputs (LoRA) without extra hooks.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's new name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _nf4_config(bf16: bool) -> Any:
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+    )
+
+
+def _with_adapters(model: Any, config: Any, checkpoint: Path | None) -> Any:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if checkpoint is not None:
+        return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_target_modules),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
+        raise UserError(f"config key 'lora_target_modules': {exc}") from exc
+
+
+def parameter_counts(model: Any) -> dict[str, int]:
+    """Trainable and total parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total}
+
+
+def build_optimizer(model: Any, config: Any) -> Any:
+    """AdamW (torch or bitsandbytes) over the trainable parameters.
+
+    Weight decay skips 1-D parameters (biases, norm weights), as HF Trainer does.
+    """
+    import torch
+
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"params": params, "weight_decay": wd}
+        for params, wd in ((decay, config.weight_decay), (no_decay, 0.0))
+        if params
+    ]
+    kwargs = {
+        "lr": config.learning_rate,
+        "betas": (config.adam_beta1, config.adam_beta2),
+        "eps": config.adam_epsilon,
+    }
+    if config.optim == "adamw_torch":
+        return torch.optim.AdamW(groups, **kwargs)
+    if config.optim == "adamw_torch_fused":
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    import bitsandbytes as bnb
+
+    cls = {
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "adamw_bnb_8bit": bnb.optim.AdamW8bit,
+    }[config.optim]
+    return cls(groups, **kwargs)
+
+
+def warmup_steps(config: Any, num_steps: int) -> int:
+    """Warmup in steps: an int as given, a float as a fraction of `num_steps` (rounded up)."""
+    if isinstance(config.warmup_steps, float):
+        import math
+
+        return math.ceil(config.warmup_steps * num_steps)
+    return config.warmup_steps
+
+
+def build_scheduler(optimizer: Any, config: Any, num_steps: int) -> Any:
+    """The learning-rate schedule (transformers' implementations, stepped once per optimizer step)."""
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        config.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=warmup_steps(config, num_steps),
+        num_training_steps=num_steps,
+    )
+
+
+def labelled_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
+    """Sum of the next-token cross-entropy over labelled positions only.
+
+    The decoder runs on every token, but the LM head (vocab x hidden, the largest matmul of a
+    small model) and the softmax run only where a label exists. The caller divides by the
+    number of labelled tokens of the whole optimizer step (token-normalised accumulation).
+
+    Args:
+        model: a causal LM (plain or peft-wrapped) exposing `get_decoder` / `get_output_embeddings`.
+        batch: `input_ids`, `labels`, and optionally `attention_mask` / `position_ids`, on device.
+
+    Returns:
+        A scalar tensor (fp32).
+    """
+    import torch.nn.functional as F
+
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    ).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")

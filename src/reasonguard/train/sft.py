@@ -1,0 +1,754 @@
+"""Reasoning SFT (GuardReasoner stage 1): teach a model to reason, then answer the three tasks.
+
+Run it:
+
+    reasonguard train sft --config configs/demo-cpu.yaml [key=value ...] [--dry-run]
+
+One file, shaped `setup() -> train() -> save() -> cleanup()` around an explicit PyTorch loop.
+Why not HF Trainer / TRL SFTTrainer: the loss must be normalised per output token over the whole
+accumulated step (not averaged per micro-batch), the LM head must run only where labels are, and
+packed rows (issue 5) need per-sample `position_ids`; resume must restore the exact data order,
+RNG and micro-batch size; an out-of-memory step must be retried with a smaller micro-batch inside
+the same optimizer step. Each of these is a few lines in a plain loop and a fight with a trainer's
+callbacks. The loop defines a step by its *rows* (`samples_per_step`), so the micro-batch size
+can change (OOM) or the rows can be split over processes (issue 7) without changing the maths.
+
+Loss: next-token cross-entropy on the output tokens only (the prompt is labelled -100 by
+`data.tokenize.encode_records`), including the end-of-turn token, so the model learns to stop.
+
+Run directory (`output_dir`) after a finished LoRA / QLoRA run:
+
+    RUN_DIR/
+      config.yaml            the resolved config (every field), written before step 0
+      status.json            live progress, read by `reasonguard runs status RUN_DIR`
+      metrics.jsonl          one JSON object per logging / eval event
+      logs/                  TensorBoard event files (report_to: tensorboard)
+      checkpoint-<step>/     the newest save_total_limit checkpoints, each holding
+                             README.md adapter_config.json adapter_model.safetensors
+                             optimizer.pt rng_state.pt scheduler.pt trainer_state.json
+      final/                 the trained model, loadable as is:
+                             README.md adapter_config.json adapter_model.safetensors
+                             chat_template.jinja reasonguard.json tokenizer.json
+                             tokenizer_config.json
+      training_info.json     config, data stats, git commit, versions, hardware, timings,
+                             tokens seen, final train / eval loss
+      loss_curve.png         train and eval loss against the step
+
+With `finetuning: full`, checkpoints and `final/` hold `config.json generation_config.json
+model.safetensors` (fp32; possibly sharded) instead of the three adapter files. `final/
+reasonguard.json` records the prompt format, so inference prompts the model as it was trained.
+
+Testing hook: `debug_nan_at_step=N` makes the loss of step N NaN, to exercise the NaN guard (it
+stops before that update and leaves the last checkpoint untouched).
+
+Example:
+    >>> from reasonguard.train.config import load_config
+    >>> from reasonguard.train.sft import run_sft
+    >>> result = run_sft(load_config("configs/demo-cpu.yaml", ["output_dir=runs/try"]))  # doctest: +SKIP
+    >>> result.final_dir  # doctest: +SKIP
+    PosixPath('runs/try/final')
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reasonguard.errors import UserError
+from reasonguard.train import checkpoint as ckpt
+from reasonguard.train import monitor
+from reasonguard.train.config import SFTConfig, read_yaml, save_config
+from reasonguard.train.data import (
+    SFTData,
+    collate,
+    micro_batches,
+    prepare,
+    step_plan,
+    steps_per_epoch,
+    total_steps,
+)
+from reasonguard.train.modeling import (
+    build_optimizer,
+    build_scheduler,
+    device,
+    environment_problems,
+    labelled_loss_sum,
+    load_model,
+    load_training_tokenizer,
+    parameter_counts,
+    use_bf16,
+    warmup_steps,
+)
+
+STAGE = "sft"
+CONFIG_FILE = "config.yaml"
+INFO_FILE = "training_info.json"
+FINAL_DIR = "final"
+
+# Config keys that do not change the weights a run produces: resuming with another value is fine.
+_HARMLESS_ON_RESUME = {
+    "output_dir",
+    "resume",
+    "logging_steps",
+    "report_to",
+    "eval_strategy",
+    "eval_steps",
+    "per_device_eval_batch_size",
+    "early_warning_patience",
+    "save_strategy",
+    "save_steps",
+    "save_total_limit",
+    "auto_micro_batch",
+    "debug_nan_at_step",
+}
+
+
+@dataclass
+class SFTResult:
+    """What a finished (or already finished) run left behind."""
+
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+
+
+class SFTRecipe:
+    """One R-SFT run. Call `setup()`, `train()`, `save()`, then `cleanup()` (see `run_sft`)."""
+
+    def __init__(self, config: SFTConfig) -> None:
+        self.config = config
+        self.run_dir = Path(config.output_dir)
+        self.loss_fn = labelled_loss_sum  # an attribute so tests can inject failures
+        self.finished_before = False
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.data: SFTData | None = None
+        self.tensorboard: monitor.TensorBoard | None = None
+        self.status: dict[str, Any] = monitor.base_status(self.run_dir, STAGE)
+        self.timings: dict[str, float] = {
+            "setup_seconds": 0.0,
+            "eval_seconds": 0.0,
+            "checkpoint_seconds": 0.0,
+        }
+        self.started_at = monitor.now_iso()
+        self.warnings: list[str] = []
+
+    # ------------------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """Check the machine, decide fresh vs resume, load data, model and optimizer state.
+
+        Raises:
+            UserError: the machine cannot run the config, the run dir conflicts with `resume`,
+                or the data is invalid; all before any model weights load.
+        """
+        c = self.config
+        t0 = time.perf_counter()
+        problems = environment_problems(c)
+        if problems:
+            raise UserError("this machine cannot run this config: " + "; ".join(problems))
+        self.resume_from = self._resume_checkpoint()
+        if self.finished_before:
+            return
+        _quiet_libraries()
+        _seed_everything(c.seed)
+        self.tokenizer = load_training_tokenizer(c)
+        self.data = prepare(c, self.tokenizer)
+        self.samples_per_step = c.samples_per_step
+        self.steps_per_epoch = steps_per_epoch(len(self.data.train), self.samples_per_step)
+        self.total_steps = total_steps(
+            len(self.data.train), self.samples_per_step, c.num_train_epochs, c.max_steps
+        )
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_partial_checkpoints(self.run_dir)
+        self._write_config()
+        # A status before the (possibly minutes-long) model load, for `runs status`.
+        self.status.update(state="loading model", step=None, total_steps=self.total_steps)
+        monitor.write_status(self.run_dir, self.status)
+        self.bf16 = use_bf16(c)
+        self.device = device()
+        self.model = load_model(c, self.bf16, checkpoint=self.resume_from)
+        self.optimizer = build_optimizer(self.model, c)
+        self.scheduler = build_scheduler(self.optimizer, c, self.total_steps)
+        self.state = self._fresh_state()
+        if self.resume_from is not None:
+            # Last: loading the model may draw random numbers; the saved RNG state wins.
+            saved = ckpt.load_training_state(self.resume_from, self.optimizer, self.scheduler)
+            self._adopt_state(saved)
+            print(
+                f"resuming from {self.resume_from} (step {self.state['step']}/{self.total_steps})"
+            )
+        self.state["resumed_from"] = self.state.get("resumed_from", []) + (
+            [str(self.resume_from)] if self.resume_from else []
+        )
+        self.micro_batch = self.state["micro_batch_size"]
+        self.last_checkpoint = ckpt.latest_checkpoint(self.run_dir)
+        self.metrics = monitor.MetricsLog(self.run_dir, self.state["step"])
+        self.tensorboard = monitor.TensorBoard(
+            self.run_dir,
+            c.report_to == "tensorboard",
+            purge_step=self.state["step"] + 1 if self.resume_from else None,
+        )
+        self.plateau = monitor.PlateauWatch(
+            c.early_warning_patience, self.state["best_eval_loss"], self.state["evals_since_best"]
+        )
+        self.timings["setup_seconds"] = time.perf_counter() - t0
+        self.status.update(
+            state="running",
+            step=self.state["step"],
+            total_steps=self.total_steps,
+            num_train_epochs=self.total_steps / self.steps_per_epoch,
+            checkpoints=self._checkpoint_names(),
+        )
+        monitor.write_status(self.run_dir, self.status)
+
+    def _resume_checkpoint(self) -> Path | None:
+        """The checkpoint to continue from, per `resume`; None for a fresh run."""
+        c = self.config
+        existing = ckpt.list_checkpoints(self.run_dir)
+        final = self.run_dir / FINAL_DIR
+        if c.resume == "never":
+            if existing or final.exists():
+                raise UserError(
+                    f"{self.run_dir} already holds checkpoints or a final model and resume is "
+                    "'never': delete that folder or choose another output_dir"
+                )
+            return None
+        if c.resume == "auto":
+            if _finished(self.run_dir):
+                self._check_same_config()
+                self.finished_before = True
+                return None
+            return existing[-1] if existing else None
+        path = Path(c.resume)
+        if not (path / ckpt.STATE_FILE).is_file():
+            raise UserError(
+                f"config key 'resume': {path} is not a checkpoint folder (no {ckpt.STATE_FILE}); "
+                "allowed values: auto, never, or a checkpoint-<step> folder"
+            )
+        saved = ckpt.read_trainer_state(path).get("finetuning")
+        if saved and saved != c.finetuning:
+            raise UserError(
+                f"config key 'resume': {path} was written by a {saved} run, this config is "
+                f"finetuning: {c.finetuning}"
+            )
+        return path
+
+    def _check_same_config(self) -> None:
+        old = (
+            read_yaml(self.run_dir / CONFIG_FILE) if (self.run_dir / CONFIG_FILE).is_file() else {}
+        )
+        changed = _changed_keys(old, self.config.to_dict())
+        if changed:
+            raise UserError(
+                f"{self.run_dir} holds a finished run with a different config ({', '.join(changed)}); "
+                "choose another output_dir, or delete that folder to train again"
+            )
+
+    def _write_config(self) -> None:
+        path = self.run_dir / CONFIG_FILE
+        if self.resume_from is not None and path.is_file():
+            changed = _changed_keys(read_yaml(path), self.config.to_dict())
+            if changed:
+                self._warn(
+                    f"resuming with a different {', '.join(changed)} than the run started with; "
+                    "the result will differ from an uninterrupted run"
+                )
+        save_config(
+            self.config,
+            path,
+            header=f"# Resolved config of this run; rerun with:\n"
+            f"#   reasonguard train sft --config {path}",
+        )
+
+    def _fresh_state(self) -> dict[str, Any]:
+        return {
+            "step": 0,
+            "finetuning": self.config.finetuning,
+            "micro_batch_size": self.config.per_device_train_batch_size,
+            "configured_micro_batch_size": self.config.per_device_train_batch_size,
+            "tokens_seen": 0,
+            "label_tokens_seen": 0,
+            "log_loss_sum": 0.0,
+            "log_steps": 0,
+            "last_train_loss": None,
+            "last_eval_loss": None,
+            "last_eval_step": None,
+            "best_eval_loss": None,
+            "evals_since_best": 0,
+            "train_seconds": 0.0,
+            "resumed_from": [],
+        }
+
+    def _adopt_state(self, saved: dict[str, Any]) -> None:
+        self.state.update(saved)
+        if saved.get("configured_micro_batch_size") != self.config.per_device_train_batch_size:
+            # The config changed the micro-batch: it wins over a size an OOM retry chose.
+            self.state["micro_batch_size"] = self.config.per_device_train_batch_size
+            self.state["configured_micro_batch_size"] = self.config.per_device_train_batch_size
+
+    # ------------------------------------------------------------------------------ train
+
+    def train(self) -> None:
+        """Run the optimizer steps from the current step to the end.
+
+        Raises:
+            NonFiniteLossError: the loss or gradient norm became NaN/inf (nothing was updated).
+            UserError: CUDA out of memory with no smaller micro-batch to try.
+        """
+        import torch
+        from tqdm.auto import tqdm
+
+        c = self.config
+        data = self.data
+        step = self.state["step"]
+        meter = monitor.Throughput(step, self.total_steps)
+        self._train_started = time.perf_counter()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # disable=None: no bar when stderr is not a terminal (logs, CI); the log lines remain.
+        bar = tqdm(
+            total=self.total_steps,
+            initial=step,
+            desc="sft",
+            unit="step",
+            dynamic_ncols=True,
+            disable=None,
+        )
+        self.model.train()
+        try:
+            while step < self.total_steps:
+                epoch, first = divmod(step, self.steps_per_epoch)
+                plan = step_plan(len(data.train), self.samples_per_step, c.seed, epoch)
+                for indices in plan[first:]:
+                    if step >= self.total_steps:
+                        break
+                    rows = [data.train[i] for i in indices]
+                    t0 = time.perf_counter()
+                    loss, n_labels, n_tokens = self._train_step(rows, step + 1)
+                    monitor.check_finite(loss, step + 1, self.last_checkpoint)
+                    # max_norm=inf measures the norm without clipping.
+                    norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm or float("inf"))
+                    monitor.check_finite(
+                        float(norm), step + 1, self.last_checkpoint, "gradient norm"
+                    )
+                    lr = self.scheduler.get_last_lr()[0]
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    self._count(step, loss, n_labels, n_tokens)
+                    meter.update(step, n_tokens, time.perf_counter() - t0)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{meter.tokens_per_second():,.0f}")
+                    epoch_end = step % self.steps_per_epoch == 0
+                    if step == 1 or step % c.logging_steps == 0 or step == self.total_steps:
+                        self._log(step, lr, float(norm), meter, bar)
+                    if self._eval_due(step, epoch_end):
+                        self._evaluate(step, bar)
+                    if self._save_due(step, epoch_end):
+                        self._save_checkpoint(step)
+        finally:
+            bar.close()
+            self.state["train_seconds"] += time.perf_counter() - self._train_started
+        if data.eval and c.eval_strategy != "no" and self.state["last_eval_step"] != step:
+            self._evaluate(step, None)  # the final eval loss of training_info.json
+
+    def _train_step(self, rows: list[Any], step: int) -> tuple[float, int, int]:
+        """Forward/backward over one optimizer step's rows; returns (loss, labels, tokens).
+
+        The loss of every micro-batch is its summed token loss divided by the label count of
+        the whole step, so the accumulated gradient is that of the per-token mean over the step
+        however the rows are cut into micro-batches.
+        """
+        import torch
+
+        n_labels = sum(r.num_labels for r in rows)
+        n_tokens = sum(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        while True:
+            try:
+                total = torch.zeros((), device=self.device)
+                for chunk in micro_batches(rows, self.micro_batch):
+                    batch = {k: v.to(self.device) for k, v in collate(chunk, pad).items()}
+                    with self._autocast():
+                        loss_sum = self.loss_fn(self.model, batch)
+                    (loss_sum / n_labels).backward()
+                    total += loss_sum.detach()
+                loss = total.item() / n_labels
+                if self.config.debug_nan_at_step == step:
+                    loss = float("nan")
+                return loss, n_labels, n_tokens
+            except torch.cuda.OutOfMemoryError:
+                pass  # leave the except block first so the failed step's tensors can be freed
+            self._shrink_micro_batch()
+
+    def _shrink_micro_batch(self) -> None:
+        import torch
+
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        c = self.config
+        message = monitor.oom_message(
+            self.micro_batch, self.data.max_length, c.gradient_checkpointing
+        )
+        if not c.auto_micro_batch or self.micro_batch == 1:
+            raise UserError(message)
+        self.micro_batch //= 2
+        self.state["micro_batch_size"] = self.micro_batch
+        self._warn(
+            f"CUDA out of memory: retrying the step with micro-batch {self.micro_batch} "
+            f"(the effective batch stays {self.samples_per_step} rows)"
+        )
+
+    def _autocast(self) -> Any:
+        import torch
+
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _count(self, step: int, loss: float, n_labels: int, n_tokens: int) -> None:
+        s = self.state
+        s["step"] = step
+        s["tokens_seen"] += n_tokens
+        s["label_tokens_seen"] += n_labels
+        s["log_loss_sum"] += loss
+        s["log_steps"] += 1
+
+    def _log(self, step: int, lr: float, grad_norm: float, meter: Any, bar: Any) -> None:
+        s = self.state
+        train_loss = s["log_loss_sum"] / max(1, s["log_steps"])
+        s["last_train_loss"], s["log_loss_sum"], s["log_steps"] = train_loss, 0.0, 0
+        tokens_per_second = meter.tokens_per_second()
+        meter.reset_window()
+        epoch = step / self.steps_per_epoch
+        event = {
+            "step": step,
+            "epoch": round(epoch, 4),
+            "train_loss": train_loss,
+            "learning_rate": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_second": tokens_per_second,
+            "tokens_seen": s["tokens_seen"],
+            "elapsed_seconds": round(meter.elapsed(), 2),
+        }
+        self.metrics.append(event)
+        self.tensorboard.scalars(
+            {
+                "train/loss": train_loss,
+                "train/learning_rate": lr,
+                "train/grad_norm": grad_norm,
+                "train/tokens_per_second": tokens_per_second,
+                "train/epoch": epoch,
+            },
+            step,
+        )
+        eta = meter.eta_seconds()
+        bar.write(
+            f"step {step}/{self.total_steps} | epoch {epoch:.2f} | loss {train_loss:.4f} | "
+            f"lr {lr:.2e} | {tokens_per_second:,.0f} tok/s | eta {monitor.format_duration(eta)}"
+        )
+        self.status.update(
+            step=step,
+            epoch=epoch,
+            train_loss=train_loss,
+            learning_rate=lr,
+            tokens_per_second=tokens_per_second,
+            tokens_seen=s["tokens_seen"],
+            elapsed_seconds=meter.elapsed(),
+            eta_seconds=eta,
+            micro_batch_size=self.micro_batch,
+            gpu_memory=monitor.gpu_memory(),
+        )
+        monitor.write_status(self.run_dir, self.status)
+
+    def _eval_due(self, step: int, epoch_end: bool) -> bool:
+        c = self.config
+        if not self.data.eval or c.eval_strategy == "no":
+            return False
+        return (c.eval_strategy == "steps" and step % c.eval_steps == 0) or (
+            c.eval_strategy == "epoch" and epoch_end
+        )
+
+    def _save_due(self, step: int, epoch_end: bool) -> bool:
+        strategy = self.config.save_strategy
+        by_steps = strategy in ("steps", "both") and step % self.config.save_steps == 0
+        return by_steps or (strategy in ("epoch", "both") and epoch_end)
+
+    def evaluate(self) -> float:
+        """Mean loss per output token over the held-out rows (dropout off)."""
+        import torch
+
+        rows = sorted(self.data.eval, key=len, reverse=True)
+        size = self.config.per_device_eval_batch_size
+        total, count = 0.0, 0
+        pad = self.tokenizer.pad_token_id
+        self.model.eval()
+        with torch.no_grad():
+            for start in range(0, len(rows), size):
+                chunk = rows[start : start + size]
+                batch = {k: v.to(self.device) for k, v in collate(chunk, pad).items()}
+                with self._autocast():
+                    total += float(self.loss_fn(self.model, batch))
+                count += sum(r.num_labels for r in chunk)
+        self.model.train()
+        return total / count
+
+    def _evaluate(self, step: int, bar: Any | None) -> None:
+        t0 = time.perf_counter()
+        eval_loss = self.evaluate()
+        self.timings["eval_seconds"] += time.perf_counter() - t0
+        s = self.state
+        s["last_eval_loss"], s["last_eval_step"] = eval_loss, step
+        warning = self.plateau.update(eval_loss)
+        s["best_eval_loss"], s["evals_since_best"] = self.plateau.best, self.plateau.since_best
+        self.metrics.append(
+            {"step": step, "epoch": round(step / self.steps_per_epoch, 4), "eval_loss": eval_loss}
+        )
+        self.tensorboard.scalars({"eval/loss": eval_loss}, step)
+        line = f"step {step}/{self.total_steps} | eval loss {eval_loss:.4f} (best {self.plateau.best:.4f})"
+        (bar.write if bar is not None else print)(line)
+        if warning:
+            self._warn(warning)
+        self.status.update(eval_loss=eval_loss, best_eval_loss=self.plateau.best)
+        monitor.write_status(self.run_dir, self.status)
+
+    def _save_checkpoint(self, step: int) -> None:
+        t0 = time.perf_counter()
+        state = {**self.state, "epoch": step / self.steps_per_epoch, "saved_at": monitor.now_iso()}
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.run_dir,
+            step,
+            self.model.save_pretrained,
+            self.optimizer,
+            self.scheduler,
+            state,
+            keep=self.config.save_total_limit,
+        )
+        self.timings["checkpoint_seconds"] += time.perf_counter() - t0
+        self.status["checkpoints"] = self._checkpoint_names()
+        monitor.write_status(self.run_dir, self.status)
+
+    def _checkpoint_names(self) -> list[str]:
+        return [p.name for p in ckpt.list_checkpoints(self.run_dir)]
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        self.status.setdefault("warnings", []).append(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+    # ------------------------------------------------------------------------------ save
+
+    def save(self) -> Path:
+        """Write the trained model (adapter or full weights), tokenizer and guard record to
+        `RUN_DIR/final`, atomically."""
+        import shutil
+
+        from reasonguard.models import end_of_turn_ids, write_guard_config
+
+        final = self.run_dir / FINAL_DIR
+        tmp = self.run_dir / f".{FINAL_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        eos_ids = end_of_turn_ids(self.tokenizer)
+        generation_config = getattr(self.model, "generation_config", None)
+        if self.config.finetuning == "full" and generation_config is not None:
+            # Generation must stop at the end-of-turn token the model was trained to emit.
+            generation_config.eos_token_id = eos_ids
+            generation_config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        write_guard_config(
+            tmp,
+            prompt_format=self.config.prompt_format,
+            base_model=self.config.model_name_or_path,
+            finetuning=self.config.finetuning,
+            stage=STAGE,
+            max_length=self.data.max_length,
+            eos_token_ids=eos_ids,
+            chat_template=self.config.chat_template,
+        )
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        self.final_dir = final
+        return final
+
+    # ------------------------------------------------------------------------------ cleanup
+
+    def cleanup(self, error: BaseException | None = None) -> None:
+        """Close the logs; write training_info.json, the loss curve and the final status.
+
+        Runs after success and after failure (NaN, OOM, Ctrl-C), so a stopped run still says why.
+        """
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.data is None:  # stopped before the data loaded: nothing worth recording
+            return
+        if error is None:
+            outcome, message = "finished", None
+        elif isinstance(error, KeyboardInterrupt):
+            outcome, message = "interrupted", "stopped by the user (Ctrl-C)"
+        else:
+            outcome, message = "failed", str(error)
+        events = monitor.read_metrics(self.run_dir / monitor.METRICS_FILE)
+        monitor.plot_loss_curve(events, self.run_dir / monitor.LOSS_CURVE_FILE, title=self._title())
+        monitor.write_json_atomic(self.run_dir / INFO_FILE, self._training_info(outcome, message))
+        self.status.update(state=outcome, message=message, checkpoints=self._checkpoint_names())
+        if outcome == "finished":
+            self.status.update(eta_seconds=0, final_dir=str(self.run_dir / FINAL_DIR))
+        monitor.write_status(self.run_dir, self.status)
+
+    def _title(self) -> str:
+        c = self.config
+        return f"R-SFT {c.model_name_or_path} ({c.finetuning}, {c.prompt_format})"
+
+    def _training_info(self, outcome: str, message: str | None) -> dict[str, Any]:
+        from reasonguard import __version__
+        from reasonguard.models import resolve_model
+        from reasonguard.train.runinfo import environment_info
+
+        c, s = self.config, self.state if hasattr(self, "state") else {}
+        model = self.model
+        final = self.run_dir / FINAL_DIR
+        return {
+            "stage": STAGE,
+            "reasonguard_version": __version__,
+            "outcome": outcome,
+            "message": message,
+            "run_dir": str(self.run_dir.resolve()),
+            "final_dir": str(final.resolve()) if outcome == "finished" else None,
+            "config": c.to_dict(),
+            "plan": {
+                "samples_per_step": self.samples_per_step,
+                "micro_batch_size": c.per_device_train_batch_size,
+                "micro_batch_size_used": getattr(self, "micro_batch", None),
+                "gradient_accumulation_steps": c.accumulation_steps,
+                "steps_per_epoch": self.steps_per_epoch,
+                "total_steps": self.total_steps,
+                "warmup_steps": warmup_steps(c, self.total_steps),
+                "max_length": self.data.max_length,
+            },
+            "data": self.data.stats,
+            "model": {
+                "base": c.model_name_or_path,
+                "resolved": resolve_model(c.model_name_or_path),
+                "finetuning": c.finetuning,
+                "parameters": parameter_counts(model) if model is not None else None,
+                "bf16": getattr(self, "bf16", None),
+                "device": str(getattr(self, "device", "")) or None,
+                "gradient_checkpointing": c.gradient_checkpointing,
+                "loss": "token-normalised cross-entropy over output tokens, per optimizer step",
+            },
+            **environment_info(),
+            "timings": {
+                "started_at": self.started_at,
+                "finished_at": monitor.now_iso(),
+                **{k: round(v, 2) for k, v in self.timings.items()},
+                "train_seconds_all_sessions": round(s.get("train_seconds", 0.0), 2),
+            },
+            "steps_completed": s.get("step", 0),
+            "tokens_seen": {
+                "total": s.get("tokens_seen", 0),
+                "labelled": s.get("label_tokens_seen", 0),
+            },
+            "final_train_loss": s.get("last_train_loss"),
+            "final_eval_loss": s.get("last_eval_loss"),
+            "best_eval_loss": s.get("best_eval_loss"),
+            "resumed_from": s.get("resumed_from", []),
+            "warnings": self.warnings,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+
+
+def run_sft(config: SFTConfig) -> SFTResult:
+    """Train, save and record one R-SFT run (resuming it when `resume: auto` finds a checkpoint).
+
+    Returns:
+        Where the run and its final model are, and its final losses.
+
+    Raises:
+        UserError: bad data or config, a machine that cannot run it, NaN loss, out of memory.
+    """
+    recipe = SFTRecipe(config)
+    try:
+        recipe.setup()
+        if recipe.finished_before:
+            print(
+                f"{recipe.run_dir} already holds this finished run; its model: {recipe.run_dir / FINAL_DIR}"
+            )
+            return _result_of_finished(recipe.run_dir)
+        recipe.train()
+        recipe.save()
+    except BaseException as exc:
+        try:
+            recipe.cleanup(exc)
+        except Exception as cleanup_error:  # never hide the error that stopped training
+            print(f"warning: could not record the stopped run: {cleanup_error}", file=sys.stderr)
+        raise
+    recipe.cleanup()
+    s = recipe.state
+    print(f"final model: {recipe.final_dir}")
+    print(f"run info:    {recipe.run_dir / INFO_FILE}")
+    return SFTResult(
+        recipe.run_dir, recipe.final_dir, s["step"], s["last_train_loss"], s["last_eval_loss"]
+    )
+
+
+def _result_of_finished(run_dir: Path) -> SFTResult:
+    import json
+
+    info = json.loads((run_dir / INFO_FILE).read_text())
+    return SFTResult(
+        run_dir,
+        run_dir / FINAL_DIR,
+        info["steps_completed"],
+        info["final_train_loss"],
+        info["final_eval_loss"],
+    )
+
+
+def _finished(run_dir: Path) -> bool:
+    import json
+
+    info = run_dir / INFO_FILE
+    if not (run_dir / FINAL_DIR).is_dir() or not info.is_file():
+        return False
+    try:
+        return json.loads(info.read_text()).get("outcome") == "finished"
+    except json.JSONDecodeError:
+        return False
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [k for k in new if k not in _HARMLESS_ON_RESUME and k in old and old[k] != new[k]]
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _quiet_libraries() -> None:
+    """Hide per-call progress bars and a peft deprecation notice that say nothing to a user."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
