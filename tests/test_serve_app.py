@@ -56,9 +56,16 @@ class FakeGuard:
 
     def __init__(self) -> None:
         self.calls: list[list[dict[str, Any]]] = []
+        self.timeouts: list[float | None] = []
 
-    def classify(self, items: Sequence[Mapping[str, Any]], scores: bool = True) -> list:
+    def classify(
+        self,
+        items: Sequence[Mapping[str, Any]],
+        scores: bool = True,
+        timeout_s: float | None = None,
+    ) -> list:
         self.calls.append([dict(i) for i in items])
+        self.timeouts.append(timeout_s)
         if any("boom" in i["prompt"] for i in items):
             raise RuntimeError("boom")
         if any("slow" in i["prompt"] for i in items):
@@ -204,6 +211,8 @@ def test_timeout_is_504_and_server_recovers(guard: FakeGuard) -> None:
     with _client(guard, timeout_s=0.3) as client:
         r = client.post("/v1/moderations", json={"input": "slow"}, headers=AUTH)
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        # The guard was told how long the request had left, so a real one stops generating.
+        assert 0 < guard.timeouts[0] <= 0.3
         # The slow batch cannot be interrupted; once it ends, the server answers again.
         deadline = time.monotonic() + 5
         while client.get("/health").json()["batcher"]["batches"] < 1:

@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None and args.command == "train":
+        # A real command line (not an in-process call): CPU training needs glibc allocator
+        # settings that only take effect at process start (reasonguard.train.allocenv).
+        from reasonguard.train.allocenv import reexec_if_needed
+
+        reexec_if_needed(sys.argv[1:])
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

@@ -66,7 +66,9 @@ def render_input(prompt: str, response: str | None = None) -> str:
     return f"Human user:\n{prompt}\n\nAI assistant:\n{shown}\n\n"
 
 
-_INPUT_RE = re.compile(r"\AHuman user:\n(?P<prompt>.*)\n\nAI assistant:\n(?P<response>.*)\n\n\Z", re.S)
+_INPUT_RE = re.compile(
+    r"\AHuman user:\n(?P<prompt>.*)\n\nAI assistant:\n(?P<response>.*)\n\n\Z", re.S
+)
 
 
 def split_input(input_text: str) -> tuple[str, str | None]:
@@ -153,7 +155,9 @@ def build_prompt(
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"prompt format {prompt_format!r} needs a tokenizer with a chat template")
     return tokenizer.apply_chat_template(
-        _messages(input_text, prompt_format, instruction), tokenize=False, add_generation_prompt=True
+        _messages(input_text, prompt_format, instruction),
+        tokenize=False,
+        add_generation_prompt=True,
     )
 
 

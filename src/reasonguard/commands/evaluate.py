@@ -1,28 +1,49 @@
-"""`reasonguard evaluate PRED_DIR`: score benchmark predictions, write metrics.json and report.md.
+"""`reasonguard evaluate`: score benchmark predictions, write metrics.json and report.md.
+
+`evaluate PRED_DIR` scores predictions already made; `evaluate --model M` first generates them
+into `OUT/predictions` (resumable, as `generate`: rerun the same command after an interruption)
+and then scores them. The first path never imports torch, so it starts in a fraction of a second.
 
 Example:
     reasonguard evaluate preds/GuardReasoner-1B --protocol official \\
         --benchmark-dir ../shared/data/benchmarks --paper "GuardReasoner 1B" --out runs/eval-1b
+    reasonguard evaluate --model runs/sft/final --benchmarks all \\
+        --benchmark-dir ../shared/data/benchmarks --out runs/eval-sft --scores
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
+from reasonguard.commands.generate import (
+    add_generation_arguments,
+    add_model_arguments,
+    benchmark_names,
+    run_generation,
+)
 from reasonguard.errors import UserError
+
+PREDICTIONS = "predictions"  # where `--model` writes predictions, under --out
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "evaluate",
         help="score benchmark predictions (F1 per benchmark, weighted per task)",
-        description="Score <Benchmark>/generated_predictions.jsonl files; write metrics.json "
+        description="Score <Benchmark>/generated_predictions.jsonl files (PRED_DIR), or generate "
+        "them with a model first (--model, into OUT/predictions, resumable); write metrics.json "
         "and report.md and print the report.",
     )
-    p.add_argument("pred_dir", metavar="PRED_DIR", help="folder of <Benchmark>/ prediction folders")
+    p.add_argument(
+        "pred_dir",
+        nargs="?",
+        metavar="PRED_DIR",
+        help="folder of <Benchmark>/ prediction folders (or give --model instead)",
+    )
     p.add_argument(
         "--protocol",
         choices=("strict", "official"),
@@ -37,7 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "without either, true labels come from the predictions' label field)",
     )
     p.add_argument(
-        "--out", metavar="DIR", help="where metrics.json and report.md go (default PRED_DIR)"
+        "--out",
+        metavar="DIR",
+        help="where metrics.json and report.md go (default PRED_DIR; with --model, "
+        "runs/eval-<model>, predictions in DIR/predictions)",
     )
     p.add_argument(
         "--paper",
@@ -46,13 +70,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="ROW",
         help='a paper row to show beside ours, e.g. "GuardReasoner 3B" (repeatable)',
     )
-    p.add_argument("--name", help="this run's name in reports (default: PRED_DIR's folder name)")
+    p.add_argument(
+        "--name", help="this run's name in reports (default: PRED_DIR's folder name, or --model)"
+    )
     p.add_argument(
         "--skip-bad-rows",
         action="store_true",
         help="skip malformed rows and count them in the report instead of stopping",
     )
+    gen = p.add_argument_group("generating first (--model)")
+    add_model_arguments(gen, required=False)
+    gen.add_argument(
+        "--benchmarks",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="with --model: 'all' (default) or benchmark names (space or comma separated)",
+    )
+    add_generation_arguments(gen)
     p.set_defaults(func=run)
+
+
+def _default_out(model: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-.") or "model"
+    return Path("runs") / f"eval-{slug}"
+
+
+def _generate(args: argparse.Namespace, out: Path) -> Path:
+    """`--model`: generate the benchmarks' predictions into OUT/predictions (resuming)."""
+    from reasonguard.evaluate.registry import resolve_benchmark_dir
+    from reasonguard.infer.generate import benchmark_jobs
+
+    folder = resolve_benchmark_dir(args.benchmark_dir)
+    if folder is None:
+        raise UserError("--model needs --benchmark-dir D (or $REASONGUARD_BENCHMARKS)")
+    jobs = benchmark_jobs(benchmark_names(args.benchmarks or ["all"]), folder)
+    pred_dir = out / PREDICTIONS
+    run_generation(args, jobs, str(pred_dir))
+    return pred_dir
+
+
+# Options that only make sense when generating (their defaults are falsy).
+_GENERATION_ONLY = ("benchmarks", "scores", "threads", "batch_size", "device")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,19 +120,34 @@ def run(args: argparse.Namespace) -> int:
     from reasonguard.evaluate.registry import resolve_benchmark_dir
     from reasonguard.evaluate.report import render_report
 
+    if (args.pred_dir is None) == (args.model is None):
+        raise UserError(
+            "give PRED_DIR (score existing predictions) or --model M (generate, then score)"
+        )
+    if args.model is None:
+        given = [f"--{k.replace('_', '-')}" for k in _GENERATION_ONLY if getattr(args, k)]
+        if given:
+            raise UserError(f"{', '.join(given)}: only with --model (generation options)")
     for name in args.paper:
         paper_row(name)  # an unknown row fails before any work
+    if args.model is not None:
+        out = Path(args.out) if args.out else _default_out(args.model)
+        pred_dir = _generate(args, out)
+        name = args.name or args.model
+    else:
+        pred_dir = Path(args.pred_dir)
+        out = Path(args.out or args.pred_dir)
+        name = args.name or pred_dir.resolve().name
     metrics = evaluate_predictions(
-        args.pred_dir,
+        pred_dir,
         resolve_benchmark_dir(args.benchmark_dir),
         protocol=args.protocol,
         skip_bad_rows=args.skip_bad_rows,
+        limit=args.limit,
     )
-    name = args.name or Path(args.pred_dir).resolve().name
     metrics = {"name": name, **metrics}
     report = render_report(metrics, paper=args.paper, label=name)
     sys.stdout.write(report)
-    out = Path(args.out or args.pred_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Options that load a model (shared with `classify`)."""
+def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """Options that load a model (shared with `classify`, `serve` and `evaluate --model`)."""
     p.add_argument(
-        "--model", required=True, help="model folder, hub id or alias (smollm2, tiny-llama)"
+        "--model", required=required, help="model folder, hub id or alias (smollm2, tiny-llama)"
     )
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="default hf")
     p.add_argument(
@@ -27,6 +27,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="prompts per batch (hf default 8, vllm 256)")
     p.add_argument("--max-new-tokens", type=int, default=2048, help="default 2048")
     p.add_argument("--device", help="hf: cpu, cuda, cuda:1 (default cuda when available)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="hf: CPU threads for torch (default: torch's choice, one per core; fewer can be "
+        "much faster on a machine shared with other jobs)",
+    )
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
     p.add_argument(
         "--trust-remote-code",
@@ -37,12 +44,62 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def backend_options(args: argparse.Namespace) -> dict:
     """The `load_backend` keyword options of the parsed model arguments."""
+    from reasonguard.errors import UserError
+
     options = {"batch_size": args.batch_size, "trust_remote_code": args.trust_remote_code}
     if args.backend == "hf":
-        options["device"] = args.device
+        options.update(device=args.device, threads=args.threads)
     else:
+        if args.threads is not None:
+            raise UserError("--threads goes with --backend hf (vLLM runs on the GPU)")
         options["tensor_parallel_size"] = args.tensor_parallel_size
     return options
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    """Decoding and input options of resumable generation (shared with `evaluate --model`)."""
+    p.add_argument("--samples", type=int, default=1, help="outputs per input (default 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N inputs of each file")
+    p.add_argument(
+        "--scores",
+        action="store_true",
+        help="benchmarks, hf only: also store each answer's label probabilities (an extra "
+        "forward pass per row); `evaluate` then adds AUPRC and a threshold sweep",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def benchmark_names(values: list[str]) -> list[str]:
+    """`--benchmarks` values, space or comma separated."""
+    return [n for value in values for n in value.split(",") if n]
+
+
+def run_generation(args: argparse.Namespace, jobs: list, out: str) -> dict[str, int]:
+    """Run `jobs` into `out` with the parsed model and generation options (resumable)."""
+    from reasonguard.infer.generate import Decoding, run_jobs
+
+    decoding = Decoding(
+        samples=args.samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    return run_jobs(
+        args.model,
+        jobs,
+        out,
+        decoding,
+        backend=args.backend,
+        prompt_format=args.prompt_format,
+        limit=args.limit,
+        progress=not args.no_progress,
+        scores=args.scores,
+        **backend_options(args),
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,48 +124,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--benchmark-dir", metavar="D", help="default: $REASONGUARD_BENCHMARKS")
     p.add_argument("--splits", nargs="+", metavar="SPLIT", help="with --data: only these splits")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--samples", type=int, default=1, help="outputs per input (default 1)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--limit", type=int, metavar="N", help="only the first N inputs of each file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_generation_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from reasonguard.errors import UserError
-    from reasonguard.infer.generate import Decoding, benchmark_jobs, data_jobs, run_jobs
+    from reasonguard.infer.generate import benchmark_jobs, data_jobs
 
     if args.benchmarks:
         from reasonguard.evaluate.registry import resolve_benchmark_dir
 
         if args.splits:
             raise UserError("--splits goes with --data, not --benchmarks")
-
         folder = resolve_benchmark_dir(args.benchmark_dir)
         if folder is None:
             raise UserError("--benchmarks needs --benchmark-dir D (or $REASONGUARD_BENCHMARKS)")
-        names = [n for value in args.benchmarks for n in value.split(",") if n]
-        jobs = benchmark_jobs(names, folder)
+        jobs = benchmark_jobs(benchmark_names(args.benchmarks), folder)
     else:
+        if args.scores:
+            raise UserError("--scores goes with --benchmarks (scores are read by `evaluate`)")
         jobs = data_jobs(args.data, args.splits)
-    decoding = Decoding(
-        samples=args.samples,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-    )
-    run_jobs(
-        args.model,
-        jobs,
-        args.out,
-        decoding,
-        backend=args.backend,
-        prompt_format=args.prompt_format,
-        limit=args.limit,
-        progress=not args.no_progress,
-        **backend_options(args),
-    )
+    run_generation(args, jobs, args.out)
     return 0

@@ -50,9 +50,13 @@ def run(args: argparse.Namespace) -> int:
     if args.stage != "sft":
         raise AssertionError(f"unhandled stage {args.stage}")
     if args.dry_run:
+        from reasonguard.train.allocenv import decision
         from reasonguard.train.dryrun import format_plan, plan_sft
 
         print(format_plan(plan_sft(config)))
+        allocator = decision()
+        settings = " ".join(f"{k}={v}" for k, v in allocator["env"].items() if v is not None)
+        print(f"cpu allocator: {allocator['action']}" + (f" ({settings})" if settings else ""))
         return 0
     from reasonguard.train.sft import run_sft
 

@@ -5,6 +5,11 @@ Predictions use the official layout `PRED_DIR/<Benchmark>/generated_predictions.
 `truncated` marks outputs that hit the token limit). True labels come from the benchmark file when
 a benchmark folder is given and holds it, else from each row's `label` field.
 
+Rows written by `generate --scores` also carry `scores` (`{"prompt_harmfulness": {"harmful": p,
+...}, ...}`). A benchmark whose rows have them gets, per task, `score_metrics`: AUPRC (average
+precision of the positive label's probability) and a threshold sweep. Rows without a probability
+for the task (no answer line) are left out of those and counted.
+
 Example:
     >>> from reasonguard.evaluate.evaluator import evaluate_predictions
     >>> m = evaluate_predictions("preds/", benchmark_dir="benchmarks/", protocol="official")
@@ -15,14 +20,20 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reasonguard.errors import UserError, where
 from reasonguard.evaluate.files import BadRows, read_json_rows, read_jsonl
 from reasonguard.evaluate.labels import read_label
-from reasonguard.evaluate.metrics import Confusion, weighted_average
+from reasonguard.evaluate.metrics import (
+    Confusion,
+    average_precision,
+    best_threshold,
+    threshold_sweep,
+    weighted_average,
+)
 from reasonguard.evaluate.protocols import PROTOCOLS, Protocol
 from reasonguard.evaluate.registry import (
     BENCHMARKS,
@@ -31,7 +42,7 @@ from reasonguard.evaluate.registry import (
     Benchmark,
     all_pairs,
 )
-from reasonguard.format import POSITIVE_LABEL, TASKS
+from reasonguard.format import POSITIVE_LABEL, TASK_FIELD, TASKS
 
 SCHEMA_VERSION = 1
 _MAX_EXAMPLES = 5  # bad-row messages kept per benchmark for the report
@@ -94,6 +105,8 @@ class _Tally:
     dropped: int = 0
     double_counted: int = 0
     unlabelled: int = 0
+    scored: list[tuple[float, bool]] = field(default_factory=list)  # (P(positive), is positive)
+    unscored: int = 0
 
 
 def _true_labels(
@@ -135,18 +148,20 @@ def _score_benchmark(
     benchmark_dir: Path | None,
     protocol: Protocol,
     skip_bad_rows: bool,
+    limit: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Score one prediction file on every task of its benchmark: (pair results, notes)."""
     bad = BadRows(skip_bad_rows)
-    preds = read_jsonl(pred_path, bad)
+    preds = read_jsonl(pred_path, bad)[:limit]
     bench_file = benchmark_dir / bench.filename if benchmark_dir else None
     notes: list[str] = []
     if bench_file is not None and bench_file.is_file():
-        reference = read_json_rows(bench_file)
+        reference = read_json_rows(bench_file)[:limit]
         if len(reference) != len(preds):
             raise UserError(
                 f"{pred_path}: {len(preds)} prediction rows but {len(reference)} rows in "
-                f"{bench_file}; predictions must hold one row per benchmark row, in order"
+                f"{bench_file}{'' if limit is None else f' (first {limit})'}; predictions must "
+                "hold one row per benchmark row, in order"
             )
         truth = [
             _true_labels(bench, row, f"{bench_file} row {i}", None, bad)
@@ -167,6 +182,7 @@ def _score_benchmark(
 
     tallies = {task: _Tally() for task in bench.tasks}
     skipped = truncated = 0
+    with_scores = False
     for (number, row), labels in zip(preds, truth, strict=True):
         if row is None or labels is None:
             skipped += 1
@@ -179,13 +195,19 @@ def _score_benchmark(
             continue
         predicted, was_truncated = protocol.read(predict, bench.tasks, row.get("truncated") is True)
         truncated += was_truncated
+        with_scores = with_scores or "scores" in row
         for task in bench.tasks:
             _tally(tallies[task], labels[task], predicted[task], task, protocol)
+            if labels[task] is not None:
+                _tally_score(tallies[task], labels[task], row.get("scores"), task)
 
     results = [
         _pair_result(bench, task, tally, skipped, truncated, labels_from)
         for task, tally in tallies.items()
     ]
+    if with_scores:
+        for result, tally in zip(results, tallies.values(), strict=True):
+            result["score_metrics"] = _score_metrics(tally)
     if bad.messages:
         notes.append(f"{bench.name}: skipped {skipped} bad rows, e.g. {bad.messages[0]}")
         for result in results:
@@ -211,6 +233,29 @@ def _tally(
     if copies:
         # A failure counts as the wrong answer: the opposite of the true label.
         tally.confusion = tally.confusion.add(true == positive, true != positive, copies)
+
+
+def _tally_score(tally: _Tally, true: str, scores: Any, task: str) -> None:
+    """Record the probability the row gives the task's positive label, if it gives one."""
+    positive = POSITIVE_LABEL[task]
+    probs = scores.get(TASK_FIELD[task]) if isinstance(scores, dict) else None
+    p = probs.get(positive) if isinstance(probs, dict) else None
+    if isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p <= 1.0:
+        tally.scored.append((float(p), true == positive))
+    else:
+        tally.unscored += 1
+
+
+def _score_metrics(t: _Tally) -> dict[str, Any]:
+    sweep = threshold_sweep(t.scored)
+    return {
+        "auprc": average_precision(t.scored),
+        "rows": len(t.scored),
+        "positives": sum(1 for _, positive in t.scored if positive),
+        "no_score": t.unscored,
+        "sweep": sweep,
+        "best": best_threshold(sweep) if t.scored else None,
+    }
 
 
 def _pair_result(
@@ -279,6 +324,7 @@ def evaluate_predictions(
     benchmark_dir: str | os.PathLike[str] | None = None,
     protocol: str = "strict",
     skip_bad_rows: bool = False,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """Score every benchmark folder in `pred_dir`; return the `metrics.json` content.
 
@@ -288,6 +334,7 @@ def evaluate_predictions(
             true labels from the predictions' `label` field.
         protocol: `strict` or `official` (see `protocols.py`).
         skip_bad_rows: skip and count bad rows instead of stopping at the first.
+        limit: score only the first `limit` rows of each benchmark (a `--limit` generation).
 
     Returns:
         A JSON-ready dict: protocol, per-pair `benchmarks`, per-task `tasks`, `overall_f1`,
@@ -299,6 +346,8 @@ def evaluate_predictions(
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
     pred_dir = Path(pred_dir)
     bench_dir = Path(benchmark_dir) if benchmark_dir is not None else None
     found, missing = find_predictions(pred_dir)
@@ -306,7 +355,7 @@ def evaluate_predictions(
     notes: list[str] = []
     for name, path in found.items():
         results, bench_notes = _score_benchmark(
-            BENCHMARKS[name], path, bench_dir, PROTOCOLS[protocol], skip_bad_rows
+            BENCHMARKS[name], path, bench_dir, PROTOCOLS[protocol], skip_bad_rows, limit
         )
         by_pair.update({(r["benchmark"], r["task"]): r for r in results})
         notes += bench_notes
@@ -316,6 +365,8 @@ def evaluate_predictions(
             0,
             "no benchmark folder given: true labels read from the `label` field of the predictions",
         )
+    if limit is not None:
+        notes.insert(0, f"only the first {limit} rows of each benchmark were scored (--limit)")
     summary = summarise(results)
     for task, info in summary["tasks"].items():
         if info["missing"] and info["benchmarks"]:

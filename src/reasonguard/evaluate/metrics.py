@@ -76,3 +76,51 @@ def weighted_average(values: Iterable[tuple[float, float]]) -> float | None:
     if not pairs or total <= 0:
         return None
     return sum(value * weight for value, weight in pairs) / total
+
+
+# Thresholds of the score sweep: predict the positive class when its probability >= t.
+SWEEP_THRESHOLDS = tuple(i / 10 for i in range(1, 10))
+
+
+def average_precision(scored: Iterable[tuple[float, bool]]) -> float | None:
+    """Average precision x100 (the area under the precision-recall curve, step-wise, as
+    scikit-learn's `average_precision_score` computes it) of (score, is_positive) pairs.
+
+    AP = sum over distinct score thresholds t, from high to low, of (R_t - R_prev) * P_t, where
+    P_t and R_t are the precision and recall of "positive iff score >= t". Rows with equal
+    scores enter together. None when there is no positive row (recall is undefined).
+    """
+    pairs = sorted(scored, key=lambda pair: -pair[0])
+    positives = sum(1 for _, positive in pairs if positive)
+    if not positives:
+        return None
+    area, tp, fp, recall, i = 0.0, 0, 0, 0.0, 0
+    while i < len(pairs):
+        score = pairs[i][0]
+        while i < len(pairs) and pairs[i][0] == score:  # a tie is one threshold
+            tp += pairs[i][1]
+            fp += not pairs[i][1]
+            i += 1
+        new_recall = tp / positives
+        area += (new_recall - recall) * tp / (tp + fp)
+        recall = new_recall
+    return 100.0 * area
+
+
+def threshold_sweep(
+    scored: Iterable[tuple[float, bool]], thresholds: Iterable[float] = SWEEP_THRESHOLDS
+) -> list[dict[str, float]]:
+    """F1, precision and recall (x100) of "positive iff score >= t" at each threshold t."""
+    pairs = list(scored)
+    sweep = []
+    for t in thresholds:
+        c = Confusion()
+        for score, positive in pairs:
+            c = c.add(positive, score >= t)
+        sweep.append({"threshold": t, "f1": c.f1, "precision": c.precision, "recall": c.recall})
+    return sweep
+
+
+def best_threshold(sweep: list[dict[str, float]]) -> dict[str, float] | None:
+    """The sweep entry with the highest F1 (the lowest threshold among equals)."""
+    return max(sweep, key=lambda entry: (entry["f1"], -entry["threshold"]), default=None)

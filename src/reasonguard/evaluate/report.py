@@ -92,6 +92,41 @@ def details_table(metrics: dict[str, Any]) -> str:
     return markdown_table(header, rows)
 
 
+def scores_tables(metrics: dict[str, Any]) -> list[str]:
+    """The score section's two tables (AUPRC and best threshold; F1 per threshold), or nothing
+    when no prediction carried scores."""
+    rows = [r for r in metrics["benchmarks"] if r.get("score_metrics")]
+    if not rows:
+        return []
+    summary, sweep = [], []
+    for r in rows:
+        s = r["score_metrics"]
+        best = s["best"] or {}
+        at_half = next((e for e in s["sweep"] if e["threshold"] == 0.5), {})
+        summary.append(
+            [r["benchmark"], r["task"], str(s["rows"]), str(s["no_score"]), fmt(s["auprc"])]
+            + [fmt(best.get("threshold"), 1), fmt(best.get("f1")), fmt(at_half.get("f1"))]
+        )
+        sweep.append([r["benchmark"], r["task"]] + [fmt(e["f1"]) for e in s["sweep"]])
+    thresholds = [f"{e['threshold']:.1f}" for e in rows[0]["score_metrics"]["sweep"]]
+    header = ["Benchmark", "Task", "Rows with a score", "No score", "AUPRC"]
+    header += ["Best threshold", "F1 at best", "F1 at 0.5"]
+    return [
+        "",
+        "## Scores",
+        "",
+        "The model's probability of the positive label (harmful / refusal) at its answer. AUPRC x100 "
+        "(average precision); F1 x100 of predicting positive when that probability >= threshold. "
+        "Rows without an answer line have no score and are left out of this section.",
+        "",
+        markdown_table(header, summary),
+        "",
+        "### Threshold sweep (F1 %)",
+        "",
+        markdown_table(["Benchmark", "Task", *thresholds], sweep),
+    ]
+
+
 def render_report(
     metrics: dict[str, Any], paper: Sequence[str] = (), label: str = "This run"
 ) -> str:
@@ -131,6 +166,7 @@ def render_report(
         "## Details",
         "",
         details_table(metrics) if metrics["benchmarks"] else "(nothing scored)",
+        *scores_tables(metrics),
     ]
     missing = [f"{m['benchmark']} ({m['reason']})" for m in metrics["missing"]]
     notes = list(metrics["notes"])

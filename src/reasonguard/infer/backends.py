@@ -40,11 +40,18 @@ class Generation:
         text: the decoded text, without the end-of-turn token or padding.
         num_tokens: generated tokens, not counting the end-of-turn token.
         hit_token_limit: generation stopped at `max_new_tokens`, not at an end-of-turn token.
+        timed_out: generation stopped at the caller's deadline (the text may be cut short).
     """
 
     text: str
     num_tokens: int
     hit_token_limit: bool
+    timed_out: bool = False
+
+    @property
+    def truncated(self) -> bool:
+        """Cut short by the token limit or the deadline: the answer may be missing."""
+        return self.hit_token_limit or self.timed_out
 
 
 class Backend:
@@ -99,6 +106,7 @@ class Backend:
         num_samples: int = 1,
         seed: int = 0,
         on_batch: BatchCallback | None = None,
+        deadline: float | None = None,
     ) -> list[list[Generation]]:
         """Generate `num_samples` continuations per prompt.
 
@@ -110,6 +118,8 @@ class Backend:
             num_samples: continuations per prompt; more than 1 needs temperature > 0.
             seed: the sampling seed; the same prompts, settings and seed give the same outputs.
             on_batch: called as each internal batch finishes (see `BatchCallback`).
+            deadline: a `time.monotonic()` time after which generation stops; continuations not
+                finished then are returned as they are, `timed_out` (HF only; vLLM ignores it).
 
         Returns:
             One list of `num_samples` generations per prompt, in prompt order.
@@ -187,7 +197,7 @@ def load_backend(
         device: HF only: `cpu`, `cuda`, `cuda:1`; default CUDA when available.
         batch_size: prompts per batch (HF default 8; vLLM schedules itself, default 256).
         trust_remote_code: allow model code from the hub (off: it runs arbitrary code).
-        **kwargs: backend options (HF: `load_in_4bit`; vLLM: `tensor_parallel_size`,
+        **kwargs: backend options (HF: `load_in_4bit`, `threads`; vLLM: `tensor_parallel_size`,
             `gpu_memory_utilization`, `max_model_len`).
 
     Raises:

@@ -6,7 +6,9 @@ Outputs:
   benchmark row in benchmark order: `prompt` (instruction + "\\n" + input, as the official files
   write it whatever the model's prompt format), `label` (the benchmark's `output`), `predict`,
   plus `truncated` and `num_tokens`; with several samples also `samples` and `samples_truncated`
-  (`predict` is the first sample);
+  (`predict` is the first sample); with `scores=True` also `scores`, the label probabilities at
+  the answers of `predict` (`{"prompt_harmfulness": {"harmful": p, "unharmful": 1 - p}, ...}`,
+  None where the output has no such answer or the input no response), read by `evaluate`;
 - training data: `OUT/<split>.jsonl` rows `instruction, input, output, source, samples,
   samples_truncated`, the input of hard-sample mining.
 
@@ -36,7 +38,7 @@ from typing import Any
 
 from reasonguard.errors import UserError
 from reasonguard.evaluate.registry import BENCHMARKS, PREDICTIONS_FILE
-from reasonguard.format import INSTRUCTION
+from reasonguard.format import INSTRUCTION, TASKS, split_input
 from reasonguard.infer.backends import (
     Backend,
     Generation,
@@ -163,20 +165,36 @@ def _key(job: Job, record: Mapping[str, Any]) -> tuple[str, str]:
     return "input", record["input"]
 
 
-def _row(job: Job, record: Mapping[str, Any], generations: list[Generation]) -> dict[str, Any]:
+def _score_tasks(record: Mapping[str, Any]) -> tuple[str, ...]:
+    """The tasks to score an input on: the response tasks only when there is a response."""
+    try:
+        _, response = split_input(record["input"])
+    except ValueError:
+        return TASKS  # not in the `Human user: ... AI assistant:` layout: score what is there
+    return ("prompt",) if response is None else TASKS
+
+
+def _row(
+    job: Job,
+    record: Mapping[str, Any],
+    generations: list[Generation],
+    scores: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     texts = [g.text for g in generations]
-    flags = [g.hit_token_limit for g in generations]
+    flags = [g.truncated for g in generations]
     if job.kind == "benchmark":
         first = generations[0]
         row = {
             "prompt": _key(job, record)[1],
             "label": record.get("output"),
             "predict": first.text,
-            "truncated": first.hit_token_limit,
+            "truncated": first.truncated,
             "num_tokens": first.num_tokens,
         }
         if len(generations) > 1:
             row.update(samples=texts, samples_truncated=flags)
+        if scores is not None:
+            row["scores"] = scores
         return row
     return {
         "instruction": _instruction(record),
@@ -203,6 +221,7 @@ def run_jobs(
     limit: int | None = None,
     progress: bool = True,
     log: Callable[[str], Any] | None = None,
+    scores: bool = False,
     **backend_options: Any,
 ) -> dict[str, int]:
     """Generate every job's outputs under `out_dir`, resuming whatever is already there.
@@ -220,6 +239,8 @@ def run_jobs(
         limit: only the first `limit` inputs of each job (a later, larger limit extends).
         progress: show a progress bar per job (rows/s, ETA, tokens/s).
         log: where one-line summaries go (default: stderr).
+        scores: benchmark jobs, HF backend: store the label probabilities of each `predict`
+            (see the module docstring); fixed for the life of `out_dir` like `decoding`.
         **backend_options: `batch_size`, `device`, `tensor_parallel_size`, ...
 
     Returns:
@@ -234,12 +255,18 @@ def run_jobs(
     check_sampling(decoding.temperature, decoding.top_p, decoding.samples, decoding.max_new_tokens)
     if limit is not None and limit < 0:
         raise UserError(f"--limit must be at least 0, got {limit}")
+    if scores and backend != "hf":
+        raise UserError("--scores needs --backend hf (vLLM gives no label probabilities)")
+    if scores and any(job.kind != "benchmark" for job in jobs):
+        raise UserError("--scores goes with benchmarks, not training data")
     params = {
         "model": str(model),
         "prompt_format": resolve_prompt_format(resolve_model(model), prompt_format),
         "backend": backend,
         **asdict(decoding),
     }
+    if scores:
+        params["scores"] = True  # only when on: folders written before the option still resume
     state = RunState(out_dir, params)
     counts: dict[str, int] = {}
     loaded: Backend | None = None
@@ -254,8 +281,10 @@ def run_jobs(
                         loaded = load_backend(
                             model, backend, params["prompt_format"], **backend_options
                         )
-                    _generate_job(loaded, job, out, done, total, decoding, progress)
+                    _generate_job(loaded, job, out, done, total, decoding, progress, scores)
                     say(f"{job.name}: {total} rows ({done} were already there) -> {out.path}")
+                else:
+                    say(f"{job.name}: all {total} rows already generated -> {out.path}")
                 counts[job.relpath] = max(done, total)
     finally:
         state.close()
@@ -278,27 +307,56 @@ def _check_resume(job: Job, out: JsonlAppender, done: int) -> int:
 
 
 class _OrderedWriter:
-    """Collects a window's finished rows (batches finish out of order: they are sorted by
-    length) and appends the contiguous prefix, skipping rows already on disk."""
+    """Collects a window's finished rows (rows finish out of order: they are sorted by length
+    and end at different steps) and appends the contiguous prefix, skipping rows already on
+    disk. With a `score` function, rows are scored as they finish."""
 
-    def __init__(self, job: Job, out: JsonlAppender, start: int, done: int, bar: Any) -> None:
+    def __init__(
+        self,
+        job: Job,
+        out: JsonlAppender,
+        start: int,
+        done: int,
+        bar: Any,
+        score: Callable[[list[int], list[str]], list[dict[str, Any]]] | None = None,
+    ) -> None:
         self.job, self.out, self.start, self.done, self.bar = job, out, start, done, bar
+        self.score = score
         self.cursor = start
-        self.ready: dict[int, list[Generation]] = {}
+        self.ready: dict[int, tuple[list[Generation], dict[str, Any] | None]] = {}
         self.tokens = 0
 
     def __call__(self, positions: list[int], outputs: list[list[Generation]]) -> None:
-        for position, generations in zip(positions, outputs, strict=True):
-            self.ready[self.start + position] = generations
+        scored: list[dict[str, Any] | None] = [None] * len(positions)
+        if self.score is not None:
+            scored = list(self.score(positions, [g[0].text for g in outputs]))
+        for position, generations, scores in zip(positions, outputs, scored, strict=True):
+            self.ready[self.start + position] = (generations, scores)
             self.tokens += sum(g.num_tokens for g in generations)
         rows = []
         while self.cursor in self.ready:
-            generations = self.ready.pop(self.cursor)
+            generations, scores = self.ready.pop(self.cursor)
             if self.cursor >= self.done:
-                rows.append(_row(self.job, self.job.records[self.cursor], generations))
+                record = self.job.records[self.cursor]
+                rows.append(_row(self.job, record, generations, scores))
             self.cursor += 1
         self.out.append(rows)
         self.bar.update(len(rows))
+
+
+def _scorer(
+    backend: Backend, records: Sequence[Mapping[str, Any]], prompts: list[str]
+) -> Callable[[list[int], list[str]], list[dict[str, Any]]]:
+    """Scores of finished rows of a window, by position in the window."""
+
+    def score(positions: list[int], texts: list[str]) -> list[dict[str, Any]]:
+        tasks = [_score_tasks(records[p]) for p in positions]
+        found = backend.answer_scores([prompts[p] for p in positions], texts, tasks)
+        if found is None:
+            raise UserError(f"{backend.name}: this backend cannot compute scores")
+        return found
+
+    return score
 
 
 def _generate_job(
@@ -309,6 +367,7 @@ def _generate_job(
     total: int,
     decoding: Decoding,
     progress: bool,
+    scores: bool = False,
 ) -> None:
     from tqdm.auto import tqdm
 
@@ -328,9 +387,11 @@ def _generate_job(
         for start in range((done // window) * window, total, window):
             stop = min(start + window, total)
             records = job.records[start:stop]
-            writer = _OrderedWriter(job, out, start, done, bar)
+            prompts = [backend.build_prompt(r["input"], _instruction(r)) for r in records]
+            score = _scorer(backend, records, prompts) if scores else None
+            writer = _OrderedWriter(job, out, start, done, bar, score)
             backend.generate(
-                [backend.build_prompt(r["input"], _instruction(r)) for r in records],
+                prompts,
                 max_new_tokens=decoding.max_new_tokens,
                 temperature=decoding.temperature,
                 top_p=decoding.top_p,

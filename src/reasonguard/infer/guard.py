@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -107,6 +108,7 @@ class Guard:
         items: Sequence[Mapping[str, Any]],
         max_new_tokens: int | None = None,
         scores: bool = True,
+        timeout_s: float | None = None,
     ) -> list[GuardResult]:
         """Classify prompts (and responses) with greedy decoding.
 
@@ -115,6 +117,8 @@ class Guard:
             max_new_tokens: the token budget (default: the guard's); results that hit it are
                 `truncated` and usually `is_parsing_error`.
             scores: compute label probabilities (one extra forward pass per item).
+            timeout_s: stop generating after this many seconds (HF backend); outputs cut short
+                are `truncated` (usually `is_parsing_error`) and get no scores.
 
         Returns:
             One `GuardResult` per item, in order.
@@ -125,11 +129,17 @@ class Guard:
         pairs = validate_items(items)
         if not pairs:
             return []
+        if timeout_s is not None and timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         prompts = [self.backend.build_prompt(render_input(p, r)) for p, r in pairs]
-        generations = self.backend.generate(prompts, max_new_tokens or self.max_new_tokens)
+        generations = self.backend.generate(
+            prompts, max_new_tokens or self.max_new_tokens, deadline=deadline
+        )
         texts = [g[0].text for g in generations]
         score_rows = None
-        if scores:
+        timed_out = any(g[0].timed_out for g in generations)
+        if scores and not timed_out:  # out of time: the scoring pass would only add to it
             # Response tasks are judged only when there is a response.
             tasks = [
                 ("prompt",) if r is None else ("prompt", "refusal", "response") for _, r in pairs
@@ -137,7 +147,7 @@ class Guard:
             score_rows = self.backend.answer_scores(prompts, texts, tasks)
         results = []
         for i, (g,) in enumerate(generations):
-            verdict = parse_output(g.text, g.hit_token_limit)
+            verdict = parse_output(g.text, g.truncated)
             results.append(
                 GuardResult(
                     **verdict.to_dict(),

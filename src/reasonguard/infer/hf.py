@@ -1,9 +1,11 @@
 """The Hugging Face transformers backend: batched generation on CPU or GPU.
 
-Prompts are sorted by length and cut into batches (less padding), left-padded so every row's
-next token sits at the same position, and decoded with the KV cache until each row emits an
-end-of-turn token (`models.end_of_turn_ids`) or reaches `max_new_tokens`. Batched greedy output
-equals one-at-a-time output token for token (tests/test_infer_hf.py).
+Prompts are sorted by length (longest first) and decoded with continuous batching
+(`batching.decode`): up to `batch_size` rows share a KV cache, each row stops on an end-of-turn
+token (`models.end_of_turn_ids`) or at `max_new_tokens`, and a finished row's slot goes to the
+next prompt at once instead of idling until the batch's longest row is done. Batched greedy
+output equals one-at-a-time output token for token (tests/test_infer_hf.py,
+tests/test_infer_batching.py). A `deadline` stops generation early, the outputs marked.
 
 A LoRA output folder (adapter + `reasonguard.json`) is loaded on its base model and the adapter
 merged into the weights, so inference costs what the base model costs; with `load_in_4bit`
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from reasonguard.errors import UserError
-from reasonguard.format import TASK_FIELD
+from reasonguard.format import TASK_FIELD, render_input
 from reasonguard.infer.backends import Backend, BatchCallback, Generation, check_sampling
 from reasonguard.infer.scores import ScoreQuery, empty_scores, normalised, score_queries
 from reasonguard.models import end_of_turn_ids, load_tokenizer, read_guard_config, resolve_model
@@ -106,6 +108,14 @@ def load_model(
     return model
 
 
+def _generator(seed: int, index: int, sample: int) -> Any:
+    """The random generator of one sampled continuation: the same seed, prompt position and
+    sample number give the same draws, whatever else is in the batch."""
+    import torch
+
+    return torch.Generator().manual_seed((seed + index) * 1009 + sample)
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: str = "cpu") -> tuple[Any, Any]:
     """(input_ids, attention_mask) tensors with every row padded on the left to the longest, so
     the next token of every row is predicted at the last position."""
@@ -130,7 +140,14 @@ class HFBackend(Backend):
         batch_size: int | None = None,
         trust_remote_code: bool = False,
         load_in_4bit: bool = False,
+        threads: int | None = None,
     ) -> None:
+        if threads is not None:
+            import torch
+
+            if threads < 1:
+                raise UserError(f"--threads must be at least 1, got {threads}")
+            torch.set_num_threads(threads)  # process-wide: torch has no per-model setting
         self.name, self.path, self.prompt_format = name, path, prompt_format
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         self.device = _pick_device(device)
@@ -142,6 +159,14 @@ class HFBackend(Backend):
             raise UserError(f"cannot load the tokenizer of {name}: {exc}") from None
         self.model = load_model(path, self.device, trust_remote_code, load_in_4bit)
         self.stop_ids = end_of_turn_ids(self.tokenizer)
+        self._reference_ids: list[int] | None = None
+        from reasonguard.infer.batching import model_supported
+
+        if not model_supported(self.model.config):
+            raise UserError(
+                f"{name}: sliding-window attention is not supported by the HF backend's "
+                "continuous batching; use --backend vllm"
+            )
 
     def generate(
         self,
@@ -152,72 +177,63 @@ class HFBackend(Backend):
         num_samples: int = 1,
         seed: int = 0,
         on_batch: BatchCallback | None = None,
+        deadline: float | None = None,
     ) -> list[list[Generation]]:
-        import torch
+        from reasonguard.infer.batching import Sequence as Row
+        from reasonguard.infer.batching import decode
 
         check_sampling(temperature, top_p, num_samples, max_new_tokens)
         encoded = self.encode(prompts)
-        # Longest first: the biggest batch runs first, so running out of memory shows at once.
+        # Longest first: the widest cache comes first (running out of memory shows at once), and
+        # each later prompt fits inside the live rows' width without widening the cache.
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        results: list[list[Generation] | None] = [None] * len(encoded)
-        if temperature > 0:
-            torch.manual_seed(seed)  # one seed per call: the same call gives the same samples
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            outputs = self._generate_batch(
-                [encoded[i] for i in batch], max_new_tokens, temperature, top_p, num_samples
-            )
-            for i, generations in zip(batch, outputs, strict=True):
-                results[i] = generations
-            if on_batch is not None:
-                on_batch(batch, outputs)
-        return [r for r in results if r is not None]
+        rows = [
+            Row(i, j, encoded[i], _generator(seed, i, j) if temperature > 0 else None)
+            for i in order
+            for j in range(num_samples)
+        ]
+        results: list[list[Generation | None]] = [[None] * num_samples for _ in encoded]
+        left = [num_samples] * len(encoded)
 
-    def _generate_batch(
-        self,
-        rows: list[list[int]],
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        num_samples: int,
-    ) -> list[list[Generation]]:
-        import torch
-        from transformers import GenerationConfig
+        def finished(done: list[Row]) -> None:
+            complete = []
+            for row in done:
+                results[row.index][row.sample] = self._generation(row, max_new_tokens)
+                left[row.index] -= 1
+                if left[row.index] == 0:
+                    complete.append(row.index)
+            if complete and on_batch is not None:
+                on_batch(complete, [list(results[i]) for i in complete])  # type: ignore[misc]
 
-        input_ids, attention = left_pad(rows, self.tokenizer.pad_token_id, self.device)
-        width = input_ids.shape[1]
-        pad = self.tokenizer.pad_token_id
-        sampling = temperature > 0
-        # A fresh config: a model's own generation_config may carry sampling defaults (top_k=50,
-        # repetition penalty) that the official decoding does not use.
-        config = GenerationConfig(
+        decode(
+            self.model,
+            rows,
+            slots=self.batch_size * num_samples,
             max_new_tokens=max_new_tokens,
-            do_sample=sampling,
-            temperature=temperature if sampling else None,
-            top_p=top_p if sampling else None,
-            top_k=0 if sampling else None,
-            num_return_sequences=num_samples,
-            eos_token_id=self.stop_ids,
-            pad_token_id=pad,
+            stop_ids=frozenset(self.stop_ids),
+            temperature=temperature,
+            top_p=top_p,
+            reference=self._reference(),
+            deadline=deadline,
+            on_done=finished,
         )
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=input_ids, attention_mask=attention, generation_config=config
-            )
-        new = out[:, width:].tolist()
-        generations = [self._decode(tokens, max_new_tokens) for tokens in new]
-        # generate() returns the samples of a prompt next to each other.
-        return [generations[i * num_samples : (i + 1) * num_samples] for i in range(len(rows))]
+        return [list(r) for r in results]  # type: ignore[misc]
 
-    def _decode(self, tokens: list[int], max_new_tokens: int) -> Generation:
-        stop = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
-        kept = tokens if stop is None else tokens[:stop]
+    def _reference(self) -> list[int]:
+        """Token ids of a guard prompt: every prompt with the standard instruction shares its
+        first ~100 tokens, whose cache `batching.decode` then computes once."""
+        if self._reference_ids is None:
+            self._reference_ids = self.encode([self.build_prompt(render_input("."))])[0]
+        return self._reference_ids
+
+    def _generation(self, row: Any, max_new_tokens: int) -> Generation:
         return Generation(
             text=self.tokenizer.decode(
-                kept, skip_special_tokens=True, clean_up_tokenization_spaces=False
+                row.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
             ),
-            num_tokens=len(kept),
-            hit_token_limit=stop is None and len(tokens) >= max_new_tokens,
+            num_tokens=len(row.tokens),
+            hit_token_limit=not row.stopped and len(row.tokens) >= max_new_tokens,
+            timed_out=row.timed_out,
         )
 
     def answer_scores(

@@ -96,6 +96,7 @@ class VLLMBackend(Backend):
         num_samples: int = 1,
         seed: int = 0,
         on_batch: BatchCallback | None = None,
+        deadline: float | None = None,  # ignored: a vLLM generate call cannot be interrupted
     ) -> list[list[Generation]]:
         from vllm import SamplingParams
 

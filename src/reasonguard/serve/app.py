@@ -12,7 +12,8 @@ fake in tests) and serves:
 Errors use OpenAI's `{"error": {"message", "type", "code"}}` shape: 401 missing or wrong API key
 (`/v1/*` only, checked before the body is read), 413 too many items / characters / bytes,
 422 malformed body, 503 queue full, 504 not answered within `timeout_s`, 500 the model failed on
-an input (other requests are unaffected).
+an input (other requests are unaffected). A batch's generation stops once every request in it is
+past its time limit (`Guard.classify(timeout_s=...)`), so a 504 does not leave the model busy.
 
 Example:
     >>> app = create_app(guard, ServeSettings(model_name="smollm2", api_key="s3cret"))
@@ -52,11 +53,19 @@ from reasonguard.serve.schemas import (
 
 logger = logging.getLogger(__name__)
 
+_DEADLINE = "_deadline"  # the request's time.monotonic() deadline, carried with each queued item
+
 
 class Classifier(Protocol):
     """What the app needs from a guard (see `reasonguard.infer.guard.Guard`)."""
 
-    def classify(self, items: Sequence[Mapping[str, Any]], *, scores: bool = ...) -> list[Any]: ...
+    def classify(
+        self,
+        items: Sequence[Mapping[str, Any]],
+        *,
+        scores: bool = ...,
+        timeout_s: float | None = ...,
+    ) -> list[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -165,8 +174,8 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
     """Build the app around a loaded guard.
 
     Args:
-        guard: an object with `classify(items, scores=...)` returning results with `to_dict()`;
-            it is only ever called from one worker thread at a time.
+        guard: an object with `classify(items, scores=..., timeout_s=...)` returning results
+            with `to_dict()`; it is only ever called from one worker thread at a time.
         settings: limits and options.
 
     Returns:
@@ -174,7 +183,13 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
     """
 
     def run_batch(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [result.to_dict() for result in guard.classify(items, scores=settings.scores)]
+        # Past the latest deadline of the batch every request has had its 504 and nobody wants
+        # the results: generation stops there.
+        deadline = max(item.get(_DEADLINE, float("inf")) for item in items)
+        timeout_s = None if deadline == float("inf") else max(deadline - time.monotonic(), 1e-3)
+        clean = [{k: v for k, v in item.items() if k != _DEADLINE} for item in items]
+        results = guard.classify(clean, scores=settings.scores, timeout_s=timeout_s)
+        return [result.to_dict() for result in results]
 
     batcher = DynamicBatcher(
         run_batch, settings.max_batch_size, settings.max_wait_ms, settings.max_queue
@@ -242,8 +257,11 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
             raise RequestValidationError(
                 [{"loc": ("body",), "msg": str(exc), "type": "value_error"}]
             ) from None
+        deadline = time.monotonic() + settings.timeout_s
         try:
-            return await batcher.submit(items, settings.timeout_s)
+            return await batcher.submit(
+                [{**item, _DEADLINE: deadline} for item in items], settings.timeout_s
+            )
         except QueueFull as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
         except BatchTimeout as exc:

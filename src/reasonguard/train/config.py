@@ -131,6 +131,14 @@ class SFTConfig:
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     auto_micro_batch: bool = False
     """On CUDA out-of-memory, halve the micro-batch (the effective batch stays) and retry."""
+    packing: bool = True
+    """Pack each optimizer step's rows into token-budget micro-batches (best-fit decreasing,
+    one row per micro-batch, `position_ids` restarting per sample, no attention across samples):
+    no padding. The rows per step stay `samples_per_step`; `per_device_train_batch_size` then
+    only sizes the step, not the micro-batches. false: pad rows to the longest of each
+    micro-batch of `per_device_train_batch_size` rows (the GuardReasoner paper's setup)."""
+    pack_tokens: int | None = None
+    """Token budget of one packed micro-batch; null uses the resolved `max_length`."""
     seed: int = 42
     """Seed for adapter init, dropout and the per-epoch data order."""
 
@@ -439,6 +447,11 @@ def _check_values(c: SFTConfig) -> None:
         fail("warmup_steps", f"must not be negative, got {c.warmup_steps}")
     if isinstance(c.max_length, int) and c.max_length < 16:
         fail("max_length", f"must be `auto` or at least 16 tokens, got {c.max_length}")
+    if c.pack_tokens is not None and c.pack_tokens < 16:
+        fail(
+            "pack_tokens",
+            f"must be at least 16 tokens (or null for max_length), got {c.pack_tokens}",
+        )
     if c.max_samples is not None and c.max_samples < 1:
         fail("max_samples", f"must be at least 1 (or null for all rows), got {c.max_samples}")
     if not 0 <= c.eval_split_ratio < 0.5:

@@ -191,6 +191,55 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, Any]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def pack(examples: Sequence[Example], budget: int) -> list[list[Example]]:
+    """Group one step's rows into packed micro-batches of at most `budget` tokens (best-fit
+    decreasing): longest row first, each into the fullest bin it still fits, else a new bin.
+
+    Every row lands in exactly one bin; a row longer than `budget` gets a bin of its own. The
+    result is a pure function of the rows (ties keep input order), so a resumed run packs a step
+    exactly as the interrupted one did.
+    """
+    bins: list[list[Example]] = []
+    free: list[int] = []
+    for example in sorted(examples, key=len, reverse=True):
+        n = len(example)
+        best = -1
+        for i, room in enumerate(free):
+            if n <= room and (best < 0 or room < free[best]):
+                best = i
+        if best < 0:
+            bins.append([example])
+            free.append(budget - n)
+        else:
+            bins[best].append(example)
+            free[best] -= n
+    return bins
+
+
+def collate_packed(examples: Sequence[Example]) -> dict[str, Any]:
+    """Concatenate rows into one `(1, total)` row with `position_ids` restarting at 0 per row.
+
+    No attention mask: with `position_ids` alone (and no KV cache), transformers builds a
+    block-diagonal causal mask for sdpa/eager (REFERENCE.md §8), so no token sees another row.
+    The first label of each row is ignored, so no row's last token is trained to predict the
+    next row's first token.
+    """
+    import torch
+
+    input_ids = torch.cat([torch.from_numpy(e.input_ids.astype("int64")) for e in examples])
+    labels = []
+    for e in examples:
+        row = torch.from_numpy(e.labels.astype("int64"))
+        row[0] = IGNORE_INDEX
+        labels.append(row)
+    position_ids = torch.cat([torch.arange(len(e), dtype=torch.long) for e in examples])
+    return {
+        "input_ids": input_ids[None],
+        "labels": torch.cat(labels)[None],
+        "position_ids": position_ids[None],
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # The whole data step of a run
 

@@ -209,7 +209,13 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"(eval_split_ratio {c['eval_split_ratio']}, seed {c['eval_split_seed']})",
         f"max length     {plan['max_length'] if plan['max_length'] else '?'} ({plan['max_length_source']})",
         f"batch          {plan['micro_batch_size']} rows x {plan['gradient_accumulation_steps']} "
-        f"accumulation = {plan['samples_per_step']} rows per optimizer step",
+        f"accumulation = {plan['samples_per_step']} rows per optimizer step"
+        + (
+            f"; packed into {c['pack_tokens'] or plan['max_length'] or 'max_length'}-token "
+            "micro-batches"
+            if c.get("packing")
+            else "; padded micro-batches (no packing)"
+        ),
         f"steps          {plan['steps_per_epoch']:,} per epoch, {plan['total_steps']:,} in all "
         f"({epochs}); warmup {plan['warmup_steps']}, {c['lr_scheduler_type']} lr {c['learning_rate']}",
         f"eval / save    {eval_when}; checkpoints {save_when}" + (f", keep {keep}" if keep else ""),

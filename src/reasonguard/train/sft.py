@@ -66,7 +66,9 @@ from reasonguard.train.config import SFTConfig, read_yaml, save_config
 from reasonguard.train.data import (
     SFTData,
     collate,
+    collate_packed,
     micro_batches,
+    pack,
     prepare,
     step_plan,
     steps_per_epoch,
@@ -162,6 +164,7 @@ class SFTRecipe:
         self.tokenizer = load_training_tokenizer(c)
         self.data = prepare(c, self.tokenizer)
         self.samples_per_step = c.samples_per_step
+        self.pack_budget = c.pack_tokens or self.data.max_length
         self.steps_per_epoch = steps_per_epoch(len(self.data.train), self.samples_per_step)
         self.total_steps = total_steps(
             len(self.data.train), self.samples_per_step, c.num_train_epochs, c.max_steps
@@ -376,8 +379,9 @@ class SFTRecipe:
         while True:
             try:
                 total = torch.zeros((), device=self.device)
-                for chunk in micro_batches(rows, self.micro_batch):
-                    batch = {k: v.to(self.device) for k, v in collate(chunk, pad).items()}
+                for chunk in self._micro_batches(rows):
+                    tensors = collate_packed(chunk) if self.config.packing else collate(chunk, pad)
+                    batch = {k: v.to(self.device) for k, v in tensors.items()}
                     with self._autocast():
                         loss_sum = self.loss_fn(self.model, batch)
                     (loss_sum / n_labels).backward()
@@ -389,6 +393,14 @@ class SFTRecipe:
             except torch.cuda.OutOfMemoryError:
                 pass  # leave the except block first so the failed step's tensors can be freed
             self._shrink_micro_batch()
+
+    def _micro_batches(self, rows: list[Any]) -> list[list[Any]]:
+        """One step's rows grouped into micro-batches: packed into the token budget (the budget
+        halves with each out-of-memory retry), or `micro_batch` rows each."""
+        if not self.config.packing:
+            return micro_batches(rows, self.micro_batch)
+        budget = self.pack_budget * self.micro_batch // self.config.per_device_train_batch_size
+        return pack(rows, max(1, budget))
 
     def _shrink_micro_batch(self) -> None:
         import torch
@@ -612,6 +624,7 @@ class SFTRecipe:
     def _training_info(self, outcome: str, message: str | None) -> dict[str, Any]:
         from reasonguard import __version__
         from reasonguard.models import resolve_model
+        from reasonguard.train.allocenv import decision as allocator_decision
         from reasonguard.train.runinfo import environment_info
 
         c, s = self.config, self.state if hasattr(self, "state") else {}
@@ -634,6 +647,8 @@ class SFTRecipe:
                 "total_steps": self.total_steps,
                 "warmup_steps": warmup_steps(c, self.total_steps),
                 "max_length": self.data.max_length,
+                "packing": c.packing,
+                "pack_tokens": getattr(self, "pack_budget", None) if c.packing else None,
             },
             "data": self.data.stats,
             "model": {
@@ -644,6 +659,7 @@ class SFTRecipe:
                 "bf16": getattr(self, "bf16", None),
                 "device": str(getattr(self, "device", "")) or None,
                 "gradient_checkpointing": c.gradient_checkpointing,
+                "cpu_allocator": allocator_decision(),
                 "loss": "token-normalised cross-entropy over output tokens, per optimizer step",
             },
             **environment_info(),

@@ -1,0 +1,35 @@
+"""`reasonguard demo`: the whole R-SFT flow on SmolLM2-135M, offline, on a CPU (see demo.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="train, generate and score on the shipped samples with SmolLM2 (CPU, offline)",
+        description="Run the offline demo: LoRA R-SFT of SmolLM2-135M-Instruct on the project's "
+        "sample set, generation on a held-out part, and per-task scoring.",
+    )
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--config", default=None, help="training config (default configs/demo-cpu.yaml)")
+    p.add_argument("--max-new-tokens", type=int, default=320, help="generation budget per item")
+    p.add_argument("--batch-size", type=int, default=8, help="generation batch size")
+    p.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing it")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from reasonguard.demo import run_demo
+
+    run_demo(
+        out=args.out,
+        config=args.config,
+        overrides=args.overrides,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        fresh=args.fresh,
+    )
+    return 0
