@@ -38,12 +38,12 @@ def tiny():
 
 
 def _widths(backend):
-    """Record the attention-mask width of every decode step (one new token per row)."""
+    """Record the cache width of every decode step (one new token per row)."""
     widths: list[int] = []
 
     def hook(module, args, kwargs):
         if kwargs.get("input_ids") is not None and kwargs["input_ids"].shape[1] == 1:
-            widths.append(kwargs["attention_mask"].shape[1])
+            widths.append(kwargs["past_key_values"].get_seq_length() + 1)
 
     return widths, backend.model.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -66,6 +66,20 @@ def test_refilled_slots_equal_one_at_a_time_and_the_cache_stays_narrow(tiny) -> 
     # it narrows again once the longest rows are done.
     assert max(widths) <= max(lengths) + 6
     assert widths[-1] <= sorted(lengths)[1] + 6
+
+
+def test_padded_attention_gives_the_same_tokens(tiny) -> None:
+    """On a GPU, decode steps use SDPA over the padded cache with a mask (on a CPU, attention
+    runs row by row over each row's own columns): both give the same greedy tokens."""
+    prompts = [tiny.build_prompt(p) for p in PROMPTS]
+    ragged = tiny.generate(prompts, max_new_tokens=6)
+    assert tiny.model.config._attn_implementation == "reasonguard_ragged"
+    tiny.model.config._attn_implementation = "sdpa"
+    try:
+        padded = tiny.generate(prompts, max_new_tokens=6)
+    finally:
+        tiny.model.config._attn_implementation = "reasonguard_ragged"
+    assert padded == ragged
 
 
 def test_samples_do_not_depend_on_the_batch(tiny) -> None:

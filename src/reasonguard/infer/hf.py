@@ -160,13 +160,15 @@ class HFBackend(Backend):
         self.model = load_model(path, self.device, trust_remote_code, load_in_4bit)
         self.stop_ids = end_of_turn_ids(self.tokenizer)
         self._reference_ids: list[int] | None = None
-        from reasonguard.infer.batching import model_supported
+        from reasonguard.infer.batching import model_supported, use_ragged_attention
 
         if not model_supported(self.model.config):
             raise UserError(
                 f"{name}: sliding-window attention is not supported by the HF backend's "
                 "continuous batching; use --backend vllm"
             )
+        if self.device == "cpu":
+            use_ragged_attention(self.model)
 
     def generate(
         self,
