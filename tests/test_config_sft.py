@@ -24,7 +24,22 @@ EXPECTED_CONFIGS = {
     "guardreasoner-rsft-1b.yaml",
     "guardreasoner-rsft-3b.yaml",
     "guardreasoner-rsft-8b.yaml",
+    "exp19-hsdpo-qlora-3b.yaml",
+    "guardreasoner-hsdpo-1b.yaml",
+    "guardreasoner-hsdpo-3b.yaml",
+    "guardreasoner-hsdpo-8b.yaml",
 }
+
+
+def stage_of(path: Path) -> str:
+    """The training stage a shipped config is for (`sft` or `dpo`), from its file name."""
+    return "dpo" if "hsdpo" in path.name else "sft"
+
+
+def config_class(path: Path) -> type:
+    from reasonguard.train.dpo import DPOConfig
+
+    return DPOConfig if stage_of(path) == "dpo" else SFTConfig
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -162,8 +177,9 @@ def test_every_shipped_config_loads_and_opens_with_its_command() -> None:
     assert {p.name for p in SHIPPED} >= EXPECTED_CONFIGS
     for path in SHIPPED:
         first = path.read_text().splitlines()[0]
-        assert first == f"# reasonguard train sft --config configs/{path.name}", path.name
-        config = load_config(path)
+        stage = stage_of(path)
+        assert first == f"# reasonguard train {stage} --config configs/{path.name}", path.name
+        config = load_config(path, cls=config_class(path))
         assert config.output_dir == f"runs/{path.stem}"
 
 
@@ -192,3 +208,24 @@ def test_recipe_configs_carry_the_published_settings() -> None:
         assert (rsft.max_length, rsft.learning_rate, rsft.warmup_steps) == (2048, 5e-5, 0)
         assert (rsft.samples_per_step, rsft.num_train_epochs, rsft.max_grad_norm) == (384, 3, 1.0)
         assert rsft.lr_scheduler_type == "cosine" and rsft.bf16 is True
+        hsdpo = load_config(
+            REPO / f"configs/guardreasoner-hsdpo-{size}.yaml", cls=config_class(Path("hsdpo"))
+        )
+        assert hsdpo.model_name_or_path == f"runs/guardreasoner-rsft-{size}/final"
+        assert (hsdpo.finetuning, hsdpo.prompt_format) == (rsft.finetuning, rsft.prompt_format)
+        assert (hsdpo.beta, hsdpo.loss_type, hsdpo.pref_ftx) == (0.01, "sigmoid", 2.0)
+        assert (hsdpo.learning_rate, hsdpo.num_train_epochs, hsdpo.samples_per_step) == (
+            5e-6,
+            2,
+            256,
+        )
+    exp19_dpo = load_config(
+        REPO / "configs/exp19-hsdpo-qlora-3b.yaml", cls=config_class(Path("hsdpo"))
+    )
+    assert exp19_dpo.model_name_or_path == "runs/exp19-qlora-3b-instruct/final"
+    assert (exp19_dpo.finetuning, exp19_dpo.init_adapter, exp19_dpo.prompt_format) == (
+        "qlora",
+        "continue",
+        exp19.prompt_format,
+    )
+    assert (exp19_dpo.beta, exp19_dpo.pref_ftx, exp19_dpo.samples_per_step) == (0.01, 2.0, 256)

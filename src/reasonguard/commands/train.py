@@ -1,7 +1,8 @@
-"""`reasonguard train sft --config C.yaml [key=value ...] [--dry-run]`: train a guard model.
+"""`reasonguard train sft|dpo --config C.yaml [key=value ...] [--dry-run]`: train a guard model.
 
 Example:
     reasonguard train sft --config configs/demo-cpu.yaml learning_rate=1e-4 --dry-run
+    reasonguard train dpo --config configs/guardreasoner-hsdpo-3b.yaml --dry-run
 """
 
 from __future__ import annotations
@@ -17,46 +18,73 @@ in output_dir/final. Rerunning the same command resumes from the newest checkpoi
 """
 
 
+_DPO_HELP = """\
+Hard-sample DPO (GuardReasoner stage 2) on the pairs of `reasonguard mine`, starting from an R-SFT
+model (model_name_or_path: its final/ folder). Each pair's DPO loss (sigmoid, beta) plus pref_ftx x
+the chosen output's NLL is multiplied by its sample_weight. Same run directory, resume, logging and
+`key=value` overrides as `train sft`; the reference log-probs are computed once before step 1.
+"""
+
+
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("train", help="train a guard model (sft)")
+    parser = subparsers.add_parser("train", help="train a guard model (sft, dpo)")
     stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    sft = stages.add_parser(
-        "sft",
-        help="reasoning SFT (full, LoRA or QLoRA)",
-        description=_SFT_HELP,
+    for stage, help_text, description in (
+        ("sft", "reasoning SFT (full, LoRA or QLoRA)", _SFT_HELP),
+        ("dpo", "hard-sample DPO on mined pairs (full, LoRA or QLoRA)", _DPO_HELP),
+    ):
+        _add_stage(stages, stage, help_text, description)
+
+
+def _add_stage(stages: Any, stage: str, help_text: str, description: str) -> None:
+    parser = stages.add_parser(
+        stage,
+        help=help_text,
+        description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sft.add_argument("--config", required=True, help="YAML config (see configs/)")
-    sft.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    sft.add_argument(
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="validate the config and print the data plan (rows, steps, batch, max length) "
         "without loading model weights",
     )
-    sft.add_argument(
+    parser.add_argument(
         "--skip-invalid",
         action="store_true",
         help="drop invalid dataset rows (counted in training_info.json) instead of stopping",
     )
-    sft.set_defaults(func=run)
+    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from reasonguard.train.config import load_config
+    from reasonguard.train.config import SFTConfig, load_config
+    from reasonguard.train.dpo import DPOConfig
 
     overrides = list(args.overrides) + (["skip_invalid=true"] if args.skip_invalid else [])
-    config = load_config(args.config, overrides)  # every config error surfaces here, pre-model
-    if args.stage != "sft":
-        raise AssertionError(f"unhandled stage {args.stage}")
+    cls = {"sft": SFTConfig, "dpo": DPOConfig}[args.stage]
+    config = load_config(args.config, overrides, cls=cls)  # config errors surface here, pre-model
     if args.dry_run:
         from reasonguard.train.allocenv import decision
         from reasonguard.train.dryrun import format_plan, plan_sft
 
-        print(format_plan(plan_sft(config)))
+        if args.stage == "dpo":
+            from reasonguard.train.dpo_data import load_pairs, prepare_pairs
+
+            plan = plan_sft(config, prepare_fn=prepare_pairs, records_fn=load_pairs)
+        else:
+            plan = plan_sft(config)
+        print(format_plan(plan))
         allocator = decision()
         settings = " ".join(f"{k}={v}" for k, v in allocator["env"].items() if v is not None)
         print(f"cpu allocator: {allocator['action']}" + (f" ({settings})" if settings else ""))
+        return 0
+    if args.stage == "dpo":
+        from reasonguard.train.dpo import run_dpo
+
+        run_dpo(config)
         return 0
     from reasonguard.train.sft import run_sft
 

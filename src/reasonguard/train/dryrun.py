@@ -70,8 +70,15 @@ def _tokenizer(config: Any, online: bool) -> tuple[Any | None, str]:
     return None, f"{name} (not reachable: no hub access and not in the local cache)"
 
 
-def plan_sft(config: Any) -> dict[str, Any]:
+def plan_sft(
+    config: Any, prepare_fn: Any = prepare, records_fn: Any = load_records
+) -> dict[str, Any]:
     """The data plan of a config: rows, split, max length, batch and step counts, run-dir action.
+
+    Args:
+        config: the run config.
+        prepare_fn, records_fn: how the stage loads its rows (`train.data.prepare` /
+            `load_records` for SFT; `train.dpo_data.prepare_pairs` / `load_pairs` for DPO).
 
     Returns:
         A JSON-ready dict; `estimated` is True when rows come from published sizes.
@@ -109,13 +116,13 @@ def plan_sft(config: Any) -> dict[str, Any]:
             online = hub_reachable()
         tokenizer, tokenizer_note = _tokenizer(c, bool(online))
         if tokenizer is not None:
-            data = prepare(c, tokenizer)
+            data = prepare_fn(c, tokenizer)
             plan.update(
                 rows=data.stats["validation"]["used_rows"], estimated=False, data=data.stats
             )
             train_rows, eval_rows = data.stats["train_rows"], data.stats["eval_rows"]
         else:
-            triples, validation = load_records(c)
+            triples, validation = records_fn(c)
             train, held = split_train_eval(triples, c.eval_split_ratio, c.eval_split_seed)
             plan.update(
                 rows=validation["used_rows"], estimated=False, data={"validation": validation}

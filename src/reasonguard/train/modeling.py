@@ -124,12 +124,20 @@ def load_model(config: Any, bf16: bool, checkpoint: Path | None = None) -> Any:
         "trust_remote_code": config.trust_remote_code,
     }
     base = resolve_model(config.model_name_or_path)
+    start_adapter = base if is_adapter_dir(base) else None
+    if start_adapter is not None:
+        # Stage 2 starting from an R-SFT LoRA output: its base model, plus that adapter below.
+        from reasonguard.infer.hf import base_model_of
+
+        base = resolve_model(base_model_of(Path(start_adapter)))
     if config.finetuning == "full":
         # fp32 master weights even under bf16: autocast runs the matmuls in bf16, the optimizer
         # updates stay exact (what mixed precision means in HF Trainer / DeepSpeed).
         model = AutoModelForCausalLM.from_pretrained(
             str(checkpoint) if checkpoint else base, dtype=torch.float32, **kwargs
         )
+        if start_adapter is not None and checkpoint is None:
+            model = _merged(model, start_adapter)
         _enable_checkpointing(model, config)
         model.to(device())
     else:
@@ -138,6 +146,9 @@ def load_model(config: Any, bf16: bool, checkpoint: Path | None = None) -> Any:
             kwargs["quantization_config"] = _nf4_config(bf16)
             kwargs["device_map"] = {"": 0}
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **kwargs)
+        if start_adapter is not None and init_adapter(config) == "merge":
+            model = _merged(model, start_adapter)
+            start_adapter = None
         if config.finetuning == "qlora":
             from peft import prepare_model_for_kbit_training
 
@@ -149,9 +160,27 @@ def load_model(config: Any, bf16: bool, checkpoint: Path | None = None) -> Any:
         else:
             _enable_checkpointing(model, config)
             model.to(device())
-        model = _with_adapters(model, config, checkpoint)
+        model = _with_adapters(model, config, checkpoint or start_adapter)
     model.config.use_cache = False  # a KV cache is useless in training and costs memory
     return model
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether a local folder holds a LoRA adapter (not full weights)."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def init_adapter(config: Any) -> str:
+    """How a LoRA run starting from a LoRA output treats that adapter: `continue` training it,
+    or `merge` it into the base and train a fresh adapter (SFT configs have no choice: merge)."""
+    return getattr(config, "init_adapter", "merge")
+
+
+def _merged(model: Any, adapter_dir: str) -> Any:
+    """The base model with a LoRA adapter folded into its weights."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
 
 
 def _enable_checkpointing(model: Any, config: Any) -> None:

@@ -35,7 +35,8 @@ Run directory (`output_dir`) after a finished LoRA / QLoRA run:
       loss_curve.png         train and eval loss against the step
 
 With `finetuning: full`, checkpoints and `final/` hold `config.json generation_config.json
-model.safetensors` (fp32; possibly sharded) instead of the three adapter files. `final/
+model.safetensors` (bf16 when trained with bf16, else fp32; checkpoints always fp32, for exact
+resume; possibly sharded) instead of the three adapter files. `final/
 reasonguard.json` records the prompt format, so inference prompts the model as it was trained.
 
 Testing hook: `debug_nan_at_step=N` makes the loss of step N NaN, to exercise the NaN guard (it
@@ -122,7 +123,14 @@ class SFTResult:
 
 
 class SFTRecipe:
-    """One R-SFT run. Call `setup()`, `train()`, `save()`, then `cleanup()` (see `run_sft`)."""
+    """One R-SFT run. Call `setup()`, `train()`, `save()`, then `cleanup()` (see `run_sft`).
+
+    Stage 2 (`reasonguard.train.dpo.DPORecipe`) reuses the loop, checkpoints, logging and run
+    record, overriding the hooks `_prepare_data`, `_after_model_loaded`, `_train_step`,
+    `evaluate`, `_micro_batches` and `_loss_description`.
+    """
+
+    stage = STAGE
 
     def __init__(self, config: SFTConfig) -> None:
         self.config = config
@@ -133,7 +141,7 @@ class SFTRecipe:
         self.tokenizer: Any = None
         self.data: SFTData | None = None
         self.tensorboard: monitor.TensorBoard | None = None
-        self.status: dict[str, Any] = monitor.base_status(self.run_dir, STAGE)
+        self.status: dict[str, Any] = monitor.base_status(self.run_dir, self.stage)
         self.timings: dict[str, float] = {
             "setup_seconds": 0.0,
             "eval_seconds": 0.0,
@@ -162,7 +170,7 @@ class SFTRecipe:
         _quiet_libraries()
         _seed_everything(c.seed)
         self.tokenizer = load_training_tokenizer(c)
-        self.data = prepare(c, self.tokenizer)
+        self.data = self._prepare_data()
         self.samples_per_step = c.samples_per_step
         self.pack_budget = c.pack_tokens or self.data.max_length
         self.steps_per_epoch = steps_per_epoch(len(self.data.train), self.samples_per_step)
@@ -181,6 +189,7 @@ class SFTRecipe:
         self.model = load_model(c, self.bf16, checkpoint=self.resume_from)
         self.optimizer = build_optimizer(self.model, c)
         self.scheduler = build_scheduler(self.optimizer, c, self.total_steps)
+        self._after_model_loaded()
         self.state = self._fresh_state()
         if self.resume_from is not None:
             # Last: loading the model may draw random numbers; the saved RNG state wins.
@@ -212,6 +221,16 @@ class SFTRecipe:
             checkpoints=self._checkpoint_names(),
         )
         monitor.write_status(self.run_dir, self.status)
+
+    def _prepare_data(self) -> Any:
+        """Load, validate, split and encode the run's rows (`data.train` / `data.eval` lists)."""
+        return prepare(self.config, self.tokenizer)
+
+    def _after_model_loaded(self) -> None:
+        """Called once the model, optimizer and scheduler exist, before any resumed state loads."""
+
+    def _loss_description(self) -> str:
+        return "token-normalised cross-entropy over output tokens, per optimizer step"
 
     def _resume_checkpoint(self) -> Path | None:
         """The checkpoint to continue from, per `resume`; None for a fresh run."""
@@ -269,7 +288,7 @@ class SFTRecipe:
             self.config,
             path,
             header=f"# Resolved config of this run; rerun with:\n"
-            f"#   reasonguard train sft --config {path}",
+            f"#   reasonguard train {self.stage} --config {path}",
         )
 
     def _fresh_state(self) -> dict[str, Any]:
@@ -320,7 +339,7 @@ class SFTRecipe:
         bar = tqdm(
             total=self.total_steps,
             initial=step,
-            desc="sft",
+            desc=self.stage,
             unit="step",
             dynamic_ncols=True,
             disable=None,
@@ -452,6 +471,8 @@ class SFTRecipe:
             "tokens_seen": s["tokens_seen"],
             "elapsed_seconds": round(meter.elapsed(), 2),
         }
+        extra = self._extra_log_fields()
+        event.update(extra)
         self.metrics.append(event)
         self.tensorboard.scalars(
             {
@@ -460,6 +481,7 @@ class SFTRecipe:
                 "train/grad_norm": grad_norm,
                 "train/tokens_per_second": tokens_per_second,
                 "train/epoch": epoch,
+                **{f"train/{k}": v for k, v in extra.items()},
             },
             step,
         )
@@ -481,6 +503,10 @@ class SFTRecipe:
             gpu_memory=monitor.gpu_memory(),
         )
         monitor.write_status(self.run_dir, self.status)
+
+    def _extra_log_fields(self) -> dict[str, float]:
+        """More numbers for each log event (stage-specific; none for SFT)."""
+        return {}
 
     def _eval_due(self, step: int, epoch_end: bool) -> bool:
         c = self.config
@@ -570,19 +596,26 @@ class SFTRecipe:
         tmp = self.run_dir / f".{FINAL_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         eos_ids = end_of_turn_ids(self.tokenizer)
-        generation_config = getattr(self.model, "generation_config", None)
-        if self.config.finetuning == "full" and generation_config is not None:
+        model, finetuning, base_model = self._saved_model()
+        generation_config = getattr(model, "generation_config", None)
+        if finetuning == "full" and generation_config is not None:
             # Generation must stop at the end-of-turn token the model was trained to emit.
             generation_config.eos_token_id = eos_ids
             generation_config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.save_pretrained(tmp)
+        if finetuning == "full" and self.bf16:
+            import torch
+
+            # Training is over: the fp32 master weights were for exact updates; the model is
+            # used (and was trained) in bf16, and half the size on disk.
+            model = model.to(torch.bfloat16)
+        model.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
         write_guard_config(
             tmp,
             prompt_format=self.config.prompt_format,
-            base_model=self.config.model_name_or_path,
-            finetuning=self.config.finetuning,
-            stage=STAGE,
+            base_model=base_model,
+            finetuning=finetuning,
+            stage=self.stage,
             max_length=self.data.max_length,
             eos_token_ids=eos_ids,
             chat_template=self.config.chat_template,
@@ -591,6 +624,11 @@ class SFTRecipe:
         tmp.rename(final)
         self.final_dir = final
         return final
+
+    def _saved_model(self) -> tuple[Any, str, str]:
+        """(model to save, finetuning to record, base model to record)."""
+        c = self.config
+        return self.model, c.finetuning, c.model_name_or_path
 
     # ------------------------------------------------------------------------------ cleanup
 
@@ -631,7 +669,7 @@ class SFTRecipe:
         model = self.model
         final = self.run_dir / FINAL_DIR
         return {
-            "stage": STAGE,
+            "stage": self.stage,
             "reasonguard_version": __version__,
             "outcome": outcome,
             "message": message,
@@ -660,7 +698,7 @@ class SFTRecipe:
                 "device": str(getattr(self, "device", "")) or None,
                 "gradient_checkpointing": c.gradient_checkpointing,
                 "cpu_allocator": allocator_decision(),
-                "loss": "token-normalised cross-entropy over output tokens, per optimizer step",
+                "loss": self._loss_description(),
             },
             **environment_info(),
             "timings": {
@@ -695,7 +733,11 @@ def run_sft(config: SFTConfig) -> SFTResult:
     Raises:
         UserError: bad data or config, a machine that cannot run it, NaN loss, out of memory.
     """
-    recipe = SFTRecipe(config)
+    return run_recipe(SFTRecipe(config))
+
+
+def run_recipe(recipe: SFTRecipe) -> SFTResult:
+    """Set up, train, save and record one run of any stage (see `run_sft`)."""
     try:
         recipe.setup()
         if recipe.finished_before:
