@@ -1,0 +1,76 @@
+"""`reasonguard hsdpo --config P.yaml [key=value ...] [--dry-run] [--export-configs DIR]`.
+
+Runs GuardReasoner stage 2 end to end (diversity R-SFT models, k-sample generation, mining, DPO);
+see `reasonguard.hsdpo.pipeline`.
+
+Example:
+    reasonguard hsdpo --config configs/hsdpo/guardreasoner-3b.yaml --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+_HELP = """\
+Hard-sample DPO, the whole stage, resumable: (1) the main R-SFT model, (2) one diversity R-SFT
+model per left-out source, (3) k sampled outputs per training prompt from the models REFERENCE.md
+§6 assigns to each source, (4) mining and merging the hard samples, (5) weighted DPO from the main
+model. It prints the plan first; a stage whose output is complete is skipped, so rerunning the
+same command after a crash continues where it stopped.
+"""
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "hsdpo",
+        help="hard-sample DPO pipeline (diversity models, sampling, mining, DPO)",
+        description=_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="pipeline YAML (see configs/hsdpo/)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    parser.add_argument(
+        "--export-configs",
+        metavar="DIR",
+        help="write the resolved R-SFT configs of the main and diversity models and the DPO "
+        "config to DIR (to run or inspect stages by hand), then stop",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from reasonguard.hsdpo.pipeline import Pipeline, load_pipeline_config, run_pipeline
+
+    config = load_pipeline_config(args.config, args.overrides)
+    if args.export_configs:
+        from reasonguard.train.config import save_config
+
+        pipeline = Pipeline(config)
+        out = Path(args.export_configs)
+        out.mkdir(parents=True, exist_ok=True)
+        written = [
+            save_config(
+                pipeline.main_sft,
+                out / "rsft-main.yaml",
+                header=f"# reasonguard train sft --config {out / 'rsft-main.yaml'}",
+            )
+        ]
+        for source, sft in pipeline.diversity.items():
+            path = out / f"rsft-no-{source}.yaml"
+            written.append(
+                save_config(sft, path, header=f"# reasonguard train sft --config {path}")
+            )
+        path = out / "dpo.yaml"
+        written.append(
+            save_config(
+                pipeline.dpo_config(), path, header=f"# reasonguard train dpo --config {path}"
+            )
+        )
+        for item in written:
+            print(item)
+        return 0
+    run_pipeline(config, dry_run=args.dry_run)
+    return 0

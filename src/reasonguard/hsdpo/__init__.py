@@ -1,0 +1,10 @@
+"""Hard-sample DPO, GuardReasoner's stage 2 (REFERENCE.md §5-6).
+
+- `mine`: hard-sample preference pairs from k sampled outputs per training prompt
+  (`reasonguard mine`);
+- `pipeline`: the whole stage as one resumable pipeline (`reasonguard hsdpo`).
+
+Example:
+    >>> from reasonguard.hsdpo.mine import mine_files
+    >>> mine_files(["generations/main/WildGuardTrainR.jsonl"], "pairs.jsonl")  # doctest: +SKIP
+"""

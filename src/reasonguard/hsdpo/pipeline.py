@@ -1,0 +1,382 @@
+"""`reasonguard hsdpo`: GuardReasoner stage 2 as one resumable pipeline.
+
+Stages (REFERENCE.md §6), each skipped when its output is complete, so a killed pipeline rerun
+with the same command continues where it stopped:
+
+1. the main R-SFT model (`main_model`, or trained from `sft_config`);
+2. the diversity R-SFT models: `sft_config` once per source in `leave_out`, without that source
+   (`diversity_configs`);
+3. k-sample generation on the training prompts (`generation_plan`): the sources not left out by
+   the main model (WildGuard in the paper), each left-out source by the diversity models that
+   trained on it (the two that did not leave it out);
+4. hard-sample mining of every generation file, merged in that order and de-duplicated on the
+   input (`reasonguard.hsdpo.mine`);
+5. weighted DPO (`reasonguard.train.dpo`) from the main model on the merged pairs.
+
+The training and generation stages resume inside themselves too (checkpoints, appended rows).
+
+Layout of `output_dir`:
+
+    OUTPUT_DIR/
+      pipeline.yaml                 the resolved pipeline config
+      rsft-main/                    the main R-SFT run (when trained here)
+      rsft-no-<source>/             one diversity R-SFT run per left-out source
+      generations/<model>/<split>.jsonl   k samples per training prompt
+      pairs.jsonl, pairs.summary.json     the merged hard-sample pairs and their counts
+      dpo/                          the DPO run; dpo/final is the stage-2 model
+
+Example:
+    >>> from reasonguard.hsdpo.pipeline import load_pipeline_config, run_pipeline
+    >>> run_pipeline(load_pipeline_config("configs/hsdpo/guardreasoner-3b.yaml"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from reasonguard.errors import UserError
+from reasonguard.train.config import (
+    SFTConfig,
+    _check_types,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    read_yaml,
+    save_config,
+)
+
+PAPER_LEAVE_OUT = ["AegisTrainR", "BeaverTailsTrainR", "ToxicChatTrainR"]
+MAIN = "main"
+
+
+@dataclass
+class HSDPOConfig:
+    """The settings of the whole stage. Paths are relative to the working directory."""
+
+    sft_config: str = ""
+    """The main R-SFT config (configs/*rsft*.yaml); the diversity models are derived from it."""
+    dpo_config: str = ""
+    """The DPO config (configs/*hsdpo*.yaml); its model and dataset are set by the pipeline."""
+    output_dir: str = "runs/hsdpo"
+    """Where every stage writes (see the module docstring)."""
+    main_model: str | None = None
+    """An existing R-SFT output to use as the main model; null trains `sft_config` here."""
+    sft_overrides: list[str] = field(default_factory=list)
+    """`key=value` overrides for every R-SFT run (main and diversity)."""
+    dpo_overrides: list[str] = field(default_factory=list)
+    """`key=value` overrides for the DPO run."""
+    leave_out: list[str] = field(default_factory=lambda: list(PAPER_LEAVE_OUT))
+    """One diversity model per source here, trained without it (the paper: Aegis, BeaverTails,
+    ToxicChat)."""
+    samples: int = 4
+    """k: sampled outputs per training prompt (the paper: 4)."""
+    temperature: float = 0.7
+    """Sampling temperature (the paper: 0.7)."""
+    top_p: float = 0.95
+    """Nucleus sampling mass (the paper: 0.95)."""
+    max_new_tokens: int = 2048
+    """Token budget per sampled output (the paper: 2048)."""
+    seed: int = 0
+    """Base sampling seed."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """Generation backend."""
+    batch_size: int = 16
+    """Prompts generated together (HF backend)."""
+    generation_limit: int | None = None
+    """Sample only the first N prompts of each split (null: all of them)."""
+    max_norm: float = 0.2
+    """Sample weights are min-max scaled to [1 - max_norm, 1 + max_norm] per generation file."""
+    skip_invalid: bool = False
+    """Count and skip invalid generation rows when mining instead of stopping."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for key in ("sft_config", "dpo_config"):
+            if not getattr(self, key):
+                raise UserError(f"config key {key!r}: required (a path to a YAML config)")
+        for key in ("samples", "max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                raise UserError(f"config key {key!r}: must be at least 1, got {getattr(self, key)}")
+        if self.samples < 2:
+            raise UserError(
+                "config key 'samples': mining needs at least 2 outputs per prompt (the paper: 4)"
+            )
+        if self.temperature <= 0:
+            raise UserError(
+                "config key 'temperature': must be positive: k greedy outputs would all be equal"
+            )
+        if not 0 <= self.max_norm < 1:
+            raise UserError(f"config key 'max_norm': must be in [0, 1), got {self.max_norm}")
+        if len(set(self.leave_out)) != len(self.leave_out):
+            raise UserError("config key 'leave_out': a source is named twice")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_pipeline_config(path: str | Path, overrides: Sequence[str] = ()) -> HSDPOConfig:
+    """Read and validate a pipeline config (`key=value` overrides applied on top)."""
+    data = apply_overrides(read_yaml(path), overrides)
+    return config_from_dict(data, HSDPOConfig, source=str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+
+
+def main_sft_config(p: HSDPOConfig) -> SFTConfig:
+    out = str(Path(p.output_dir) / "rsft-main")
+    return load_config(p.sft_config, [*p.sft_overrides, f"output_dir={out}"])
+
+
+def source_splits(sft: SFTConfig) -> list[str]:
+    """The splits the R-SFT config trains on (loading the source when it names none)."""
+    if sft.splits:
+        return list(sft.splits)
+    from reasonguard.data.sources import load_source
+    from reasonguard.train.data import PUBLISHED_ROWS
+
+    if sft.dataset in PUBLISHED_ROWS and not Path(sft.dataset).exists():
+        return list(PUBLISHED_ROWS[sft.dataset])  # no need to download it to name its splits
+
+    return list(load_source(sft.dataset))
+
+
+def diversity_configs(p: HSDPOConfig, splits: Sequence[str]) -> dict[str, SFTConfig]:
+    """One R-SFT config per left-out source: the main config without that source.
+
+    Raises:
+        UserError: a left-out source that is not one of the splits.
+    """
+    configs = {}
+    for source in p.leave_out:
+        if source not in splits:
+            raise UserError(
+                f"config key 'leave_out': {source!r} is not a split of the R-SFT data "
+                f"({', '.join(splits)})"
+            )
+        kept = [s for s in splits if s != source]
+        out = str(Path(p.output_dir) / f"rsft-no-{source}")
+        configs[source] = load_config(
+            p.sft_config, [*p.sft_overrides, f"splits=[{', '.join(kept)}]", f"output_dir={out}"]
+        )
+    return configs
+
+
+def generation_plan(p: HSDPOConfig, splits: Sequence[str]) -> list[tuple[str, str]]:
+    """(model name, split) generation jobs in mining-merge order: the main model on every
+    split not left out, then each left-out split by each diversity model that trained on it."""
+    plan = [(MAIN, s) for s in splits if s not in p.leave_out]
+    for split in p.leave_out:
+        plan += [(f"no-{other}", split) for other in p.leave_out if other != split]
+    return plan
+
+
+@dataclass
+class Stage:
+    name: str
+    done: bool
+    detail: str
+    run: Callable[[], Any]
+
+
+class Pipeline:
+    """The stages of one pipeline config, in order (see the module docstring)."""
+
+    def __init__(self, config: HSDPOConfig) -> None:
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.main_sft = main_sft_config(config)
+        self.splits = source_splits(self.main_sft)
+        self.diversity = diversity_configs(config, self.splits)
+        self.jobs = generation_plan(config, self.splits)
+
+    # -------------------------------------------------------------- paths
+
+    def model_dir(self, name: str) -> Path:
+        if name == MAIN:
+            if self.config.main_model:
+                return Path(self.config.main_model)
+            return Path(self.main_sft.output_dir) / "final"
+        return Path(self.diversity[name.removeprefix("no-")].output_dir) / "final"
+
+    def generation_file(self, name: str, split: str) -> Path:
+        return self.out / "generations" / name / f"{split}.jsonl"
+
+    @property
+    def pairs_file(self) -> Path:
+        return self.out / "pairs.jsonl"
+
+    def dpo_config(self) -> Any:
+        from reasonguard.train.dpo import DPOConfig
+
+        overrides = [
+            *self.config.dpo_overrides,
+            f"model_name_or_path={self.model_dir(MAIN)}",
+            f"dataset={self.pairs_file}",
+            f"output_dir={self.out / 'dpo'}",
+        ]
+        return load_config(self.config.dpo_config, overrides, cls=DPOConfig)
+
+    # -------------------------------------------------------------- stages
+
+    def stages(self) -> list[Stage]:
+        from reasonguard.train.sft import _finished
+
+        stages = []
+        if not self.config.main_model:
+            run_dir = Path(self.main_sft.output_dir)
+            stages.append(
+                Stage(
+                    "R-SFT main model",
+                    _finished(run_dir),
+                    f"{self.main_sft.model_name_or_path} on {', '.join(self.splits)} -> {run_dir}",
+                    lambda: self._train_sft(self.main_sft),
+                )
+            )
+        for source, sft in self.diversity.items():
+            run_dir = Path(sft.output_dir)
+            stages.append(
+                Stage(
+                    f"R-SFT without {source}",
+                    _finished(run_dir),
+                    f"on {', '.join(sft.splits or [])} -> {run_dir}",
+                    lambda sft=sft: self._train_sft(sft),
+                )
+            )
+        for name in dict.fromkeys(n for n, _ in self.jobs):
+            splits = [s for n, s in self.jobs if n == name]
+            done = all(self._generation_done(name, s) for s in splits)
+            stages.append(
+                Stage(
+                    f"generate k={self.config.samples} with {name}",
+                    done,
+                    f"{', '.join(splits)} -> {self.out / 'generations' / name}",
+                    lambda name=name, splits=splits: self._generate(name, splits),
+                )
+            )
+        stages.append(
+            Stage(
+                "mine hard samples",
+                self.pairs_file.is_file(),
+                f"{len(self.jobs)} generation files -> {self.pairs_file}",
+                self._mine,
+            )
+        )
+        dpo = self.dpo_config()
+        stages.append(
+            Stage(
+                "HS-DPO",
+                _finished(Path(dpo.output_dir)),
+                f"{dpo.finetuning} from {dpo.model_name_or_path} -> {dpo.output_dir}",
+                lambda: self._train_dpo(self.dpo_config()),
+            )
+        )
+        return stages
+
+    def _train_sft(self, sft: SFTConfig) -> None:
+        from reasonguard.train.sft import run_sft
+
+        run_sft(sft)
+
+    def _generation_done(self, name: str, split: str) -> bool:
+        """Whether a generation file holds a row for every prompt it should (by row count;
+        `run_jobs` checks the rows themselves when it resumes)."""
+        path = self.generation_file(name, split)
+        if not path.is_file():
+            return False
+        with path.open("rb") as f:
+            rows = sum(1 for line in f if line.strip())
+        return rows >= self._prompt_count(split)
+
+    def _prompt_count(self, split: str) -> int:
+        if not hasattr(self, "_counts"):
+            from reasonguard.data.sources import load_source
+
+            loaded = load_source(self.main_sft.dataset, self.splits)
+            self._counts = {s: len(rows) for s, rows in loaded.items()}
+        n = self._counts[split]
+        limit = self.config.generation_limit
+        return n if limit is None else min(n, limit)
+
+    def _generate(self, name: str, splits: list[str]) -> None:
+        from reasonguard.infer.generate import Decoding, data_jobs, run_jobs
+
+        c = self.config
+        decoding = Decoding(
+            samples=c.samples,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            max_new_tokens=c.max_new_tokens,
+            seed=c.seed,
+        )
+        run_jobs(
+            str(self.model_dir(name)),
+            data_jobs(self.main_sft.dataset, splits),
+            self.out / "generations" / name,
+            decoding,
+            backend=c.backend,
+            limit=c.generation_limit,
+            batch_size=c.batch_size,
+        )
+
+    def _mine(self) -> None:
+        from reasonguard.hsdpo.mine import mine_files
+
+        files = [self.generation_file(name, split) for name, split in self.jobs]
+        mine_files(
+            files,
+            self.pairs_file,
+            max_norm=self.config.max_norm,
+            skip_invalid=self.config.skip_invalid,
+        )
+        if not self.pairs_file.stat().st_size:
+            self.pairs_file.unlink()  # not "done": a rerun with other settings mines again
+            raise UserError(
+                f"mining found no hard samples in {len(files)} generation files (counts in "
+                f"{self.pairs_file.with_suffix('.summary.json')}): nothing to train DPO on. "
+                "Check that the models write answer blocks; more samples or a higher "
+                "temperature give more disagreement"
+            )
+
+    def _train_dpo(self, dpo: Any) -> None:
+        from reasonguard.train.dpo import run_dpo
+
+        run_dpo(dpo)
+
+
+def format_plan(stages: Sequence[Stage]) -> str:
+    lines = ["HS-DPO pipeline:"]
+    for i, stage in enumerate(stages, start=1):
+        mark = "done, skipped" if stage.done else "to run"
+        lines.append(f"  {i}. {stage.name} [{mark}]\n       {stage.detail}")
+    return "\n".join(lines)
+
+
+def run_pipeline(config: HSDPOConfig, dry_run: bool = False) -> Pipeline:
+    """Print the plan, then run every stage whose output is not complete yet."""
+    pipeline = Pipeline(config)
+    stages = pipeline.stages()
+    print(format_plan(stages))
+    if dry_run:
+        return pipeline
+    pipeline.out.mkdir(parents=True, exist_ok=True)
+    save_config(
+        config,
+        pipeline.out / "pipeline.yaml",
+        header="# Resolved pipeline config; rerun with:\n"
+        f"#   reasonguard hsdpo --config {pipeline.out / 'pipeline.yaml'}",
+    )
+    for i, stage in enumerate(stages, start=1):
+        if stage.done:
+            print(f"[{i}/{len(stages)}] {stage.name}: done before, skipped", file=sys.stderr)
+            continue
+        print(f"[{i}/{len(stages)}] {stage.name}: {stage.detail}", file=sys.stderr)
+        stage.run()
+    print(f"stage-2 model: {pipeline.out / 'dpo' / 'final'}")
+    return pipeline
