@@ -111,7 +111,7 @@ def _generate(args: argparse.Namespace, out: Path) -> Path:
 
 
 # Options that only make sense when generating (their defaults are falsy).
-_GENERATION_ONLY = ("benchmarks", "scores", "threads", "batch_size", "device")
+_GENERATION_ONLY = ("benchmarks", "scores", "threads", "batch_size", "device", "data_parallel")
 
 
 def run(args: argparse.Namespace) -> int:

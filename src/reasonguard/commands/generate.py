@@ -4,7 +4,8 @@ Example:
     reasonguard generate --model runs/sft/final --benchmarks all \\
         --benchmark-dir ../shared/data/benchmarks --out runs/preds --batch-size 16
     reasonguard generate --model runs/sft/final --data yueliu1999/GuardReasonerTrain \\
-        --samples 4 --temperature 0.7 --top-p 0.95 --out runs/samples --backend vllm
+        --samples 4 --temperature 0.7 --top-p 0.95 --out runs/samples --backend vllm \\
+        --data-parallel 4
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
         help="benchmarks, hf only: also store each answer's label probabilities (an extra "
         "forward pass per row); `evaluate` then adds AUPRC and a threshold sweep",
     )
+    p.add_argument(
+        "--data-parallel",
+        type=int,
+        metavar="N",
+        help="split the inputs across N worker processes, each with its own model (on CUDA one "
+        "GPU each, on CPU cores/N threads each), merged in input order; the same outputs as one "
+        "process, resumable per shard (default 1)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -98,6 +107,7 @@ def run_generation(args: argparse.Namespace, jobs: list, out: str) -> dict[str, 
         limit=args.limit,
         progress=not args.no_progress,
         scores=args.scores,
+        data_parallel=1 if args.data_parallel is None else args.data_parallel,
         **backend_options(args),
     )
 

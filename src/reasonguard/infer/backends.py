@@ -73,7 +73,8 @@ class Backend:
 
     def window_size(self) -> int:
         """Prompts per `generate` call in resumable generation: several batches, so sorting by
-        length has something to sort, few enough that a restart redoes little."""
+        length has something to sort, few enough that a restart redoes little. Known before
+        loading through `planned_window_size`."""
         return self.batch_size * 4
 
     def build_prompt(self, input_text: str, instruction: str | None = None) -> str:
@@ -148,6 +149,24 @@ def check_sampling(temperature: float, top_p: float, num_samples: int, max_new_t
         )
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+
+
+def planned_window_size(backend: str, batch_size: int | None = None) -> int:
+    """The `window_size` the backend will have once loaded, without loading a model:
+    data-parallel shards begin on multiples of it (a worker checks that its model agrees).
+
+    Raises:
+        UserError: a batch size below 1.
+    """
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if backend == "vllm":
+        from reasonguard.infer.vllm import DEFAULT_BATCH_SIZE as VLLM_BATCH
+
+        return batch_size or VLLM_BATCH  # VLLMBackend.window_size: one call per window
+    from reasonguard.infer.hf import DEFAULT_BATCH_SIZE as HF_BATCH
+
+    return (batch_size or HF_BATCH) * 4  # Backend.window_size
 
 
 def resolve_prompt_format(model_path: str | os.PathLike[str], given: str | None) -> str:

@@ -18,6 +18,10 @@ with the same command regenerates the window it stopped in and writes only the r
 the file ends with exactly one row per input, and (same batch size) the very rows an
 uninterrupted run writes: each window is the same batch computation with the same seed.
 
+`data_parallel=N` (`--data-parallel N`) splits each job's inputs across N worker processes on
+window boundaries and merges their outputs in input order (see `parallel.py`); the files are
+the same as one process writes.
+
 Example:
     >>> from reasonguard.infer.generate import Decoding, benchmark_jobs, run_jobs
     >>> jobs = benchmark_jobs(["AegisSafetyTest"], "../shared/data/benchmarks")
@@ -222,6 +226,7 @@ def run_jobs(
     progress: bool = True,
     log: Callable[[str], Any] | None = None,
     scores: bool = False,
+    data_parallel: int = 1,
     **backend_options: Any,
 ) -> dict[str, int]:
     """Generate every job's outputs under `out_dir`, resuming whatever is already there.
@@ -241,6 +246,8 @@ def run_jobs(
         log: where one-line summaries go (default: stderr).
         scores: benchmark jobs, HF backend: store the label probabilities of each `predict`
             (see the module docstring); fixed for the life of `out_dir` like `decoding`.
+        data_parallel: worker processes, each with its own model (one GPU each on CUDA); the
+            outputs are the same for any number (see `parallel.run_data_parallel`).
         **backend_options: `batch_size`, `device`, `tensor_parallel_size`, ...
 
     Returns:
@@ -259,6 +266,8 @@ def run_jobs(
         raise UserError("--scores needs --backend hf (vLLM gives no label probabilities)")
     if scores and any(job.kind != "benchmark" for job in jobs):
         raise UserError("--scores goes with benchmarks, not training data")
+    if data_parallel < 1:
+        raise UserError(f"--data-parallel must be at least 1, got {data_parallel}")
     params = {
         "model": str(model),
         "prompt_format": resolve_prompt_format(resolve_model(model), prompt_format),
@@ -267,6 +276,22 @@ def run_jobs(
     }
     if scores:
         params["scores"] = True  # only when on: folders written before the option still resume
+    if data_parallel > 1:
+        from reasonguard.infer.parallel import run_data_parallel
+
+        return run_data_parallel(
+            model,
+            jobs,
+            out_dir,
+            decoding,
+            params,
+            workers=data_parallel,
+            limit=limit,
+            progress=progress,
+            log=say,
+            scores=scores,
+            backend_options=backend_options,
+        )
     state = RunState(out_dir, params)
     counts: dict[str, int] = {}
     loaded: Backend | None = None
@@ -368,7 +393,14 @@ def _generate_job(
     decoding: Decoding,
     progress: bool,
     scores: bool = False,
+    offset: int = 0,
 ) -> None:
+    """Generate rows `done`..`total` of `job` into `out`.
+
+    `offset` is the position of `job.records[0]` in the whole input, for a data-parallel shard
+    (a multiple of the window size): seeds follow the global position, so a shard's rows equal
+    the rows one process generates for those inputs.
+    """
     from tqdm.auto import tqdm
 
     window = backend.window_size()
@@ -396,7 +428,7 @@ def _generate_job(
                 temperature=decoding.temperature,
                 top_p=decoding.top_p,
                 num_samples=decoding.samples,
-                seed=decoding.seed + start,
+                seed=decoding.seed + offset + start,
                 on_batch=writer,
             )
             if writer.cursor != stop:  # a backend that skipped its callback: a bug

@@ -28,14 +28,17 @@ from reasonguard.models import end_of_turn_ids, load_tokenizer
 DEFAULT_BATCH_SIZE = 256  # prompts handed to vLLM per call; its scheduler batches inside
 
 
+MISSING = (
+    "the vllm backend needs the `vllm` package (CUDA GPU): pip install 'reasonguard[vllm]', "
+    "or use --backend hf"
+)
+
+
 def _import_vllm() -> Any:
     try:
         import vllm
     except ImportError:
-        raise UserError(
-            "the vllm backend needs the `vllm` package (CUDA GPU): pip install 'reasonguard[vllm]', "
-            "or use --backend hf"
-        ) from None
+        raise UserError(MISSING) from None
     return vllm
 
 
