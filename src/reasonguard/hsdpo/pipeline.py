@@ -87,6 +87,8 @@ class HSDPOConfig:
     """Generation backend."""
     batch_size: int = 16
     """Prompts generated together (HF backend)."""
+    data_parallel: int = 1
+    """Generation worker processes (one per GPU; see `reasonguard generate --data-parallel`)."""
     generation_limit: int | None = None
     """Sample only the first N prompts of each split (null: all of them)."""
     max_norm: float = 0.2
@@ -99,7 +101,7 @@ class HSDPOConfig:
         for key in ("sft_config", "dpo_config"):
             if not getattr(self, key):
                 raise UserError(f"config key {key!r}: required (a path to a YAML config)")
-        for key in ("samples", "max_new_tokens", "batch_size"):
+        for key in ("samples", "max_new_tokens", "batch_size", "data_parallel"):
             if getattr(self, key) < 1:
                 raise UserError(f"config key {key!r}: must be at least 1, got {getattr(self, key)}")
         if self.samples < 2:
@@ -322,6 +324,7 @@ class Pipeline:
             decoding,
             backend=c.backend,
             limit=c.generation_limit,
+            data_parallel=c.data_parallel,
             batch_size=c.batch_size,
         )
 

@@ -1,0 +1,159 @@
+"""`reasonguard plan`: the shipped configs plan offline, and the estimates move the right way.
+
+The plan is a model, so these tests pin its shape, not its numbers: memory falls from full to
+LoRA to QLoRA and with checkpointing, time falls with a faster GPU and scales as 1 / the given
+tokens/s. The architecture arithmetic is checked against the public parameter counts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from reasonguard.train.config import load_config
+from reasonguard.train.plan import (
+    GPUS,
+    KNOWN_ARCHITECTURES,
+    TARGETS,
+    memory_estimate,
+    model_architecture,
+    plan_training,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo-cpu.yaml"
+EXP19 = REPO / "configs" / "exp19-qlora-3b-instruct.yaml"
+CPU_FLOPS = 50e9  # a fixed CPU matmul rate, so tests other than the CLI one time nothing
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on CI: the hub dataset and the gated Llama tokenizer are unreachable.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _plan(path: Path, overrides: list[str] = (), **kwargs):
+    return plan_training(load_config(path, list(overrides)), **kwargs)
+
+
+def test_exp19_plans_offline_on_4090(cli) -> None:
+    code, out, err = cli("plan", "--config", EXP19, "--gpu", "4090")
+    assert code == 0, err
+    assert "about " in out and " hours" in out
+    assert "ESTIMATED" in out  # rows and lengths from published statistics
+    assert "NVIDIA GeForce RTX 4090" in out
+    assert "987 per epoch, 2,961 in all" in out  # the same steps as `train sft --dry-run`
+    assert "WARNING" not in out  # QLoRA with checkpointing fits 24 GB
+
+
+def test_demo_plans_on_cpu_with_a_timed_matmul(cli, tmp_path: Path) -> None:
+    out_file = tmp_path / "plan.json"
+    code, out, err = cli("plan", "--config", DEMO, "--gpu", "cpu", "--json", out_file)
+    assert code == 0, err
+    assert "about " in out and "minutes" in out
+    assert "matmul measured at" in out
+    plan = json.loads(out_file.read_text())
+    assert plan["target"] == "cpu" and not plan["data"]["estimated"]
+    assert plan["throughput"]["matmul_flops"] > 1e8
+    assert plan["data"]["train_rows"] == 81 and plan["steps"]["total"] == 11
+    # Real token lengths of the 81 sample rows (300-400 tokens each, SmolLM2 tokenizer).
+    assert 81 * 250 < plan["data"]["tokens_per_epoch"] < 81 * 450
+    assert 0 < plan["time"]["total_seconds"] < 3600
+
+
+def test_memory_falls_from_full_to_lora_to_qlora() -> None:
+    totals = {}
+    for mode in ("full", "lora", "qlora"):
+        plan = _plan(EXP19, [f"finetuning={mode}"], gpu="h100")
+        totals[mode] = plan["memory"]["with_checkpointing"]
+        assert (
+            plan["memory"]["with_checkpointing"]["activations"]
+            < (plan["memory"]["without_checkpointing"]["activations"])
+        )
+    assert totals["qlora"]["weights"] < totals["lora"]["weights"] < totals["full"]["weights"]
+    assert totals["qlora"]["total"] < totals["lora"]["total"] < totals["full"]["total"]
+
+
+def test_checkpointing_and_micro_batch_lower_activations() -> None:
+    arch = KNOWN_ARCHITECTURES["meta-llama/Llama-3.2-3B"]
+    config = load_config(EXP19)
+
+    def activations(tokens: int, ckpt: bool) -> float:
+        return memory_estimate(arch, config, True, tokens, tokens // 2, ckpt, True)["activations"]
+
+    assert activations(2048, True) < activations(2048, False) / 5
+    assert activations(1024, False) == pytest.approx(activations(2048, False) / 2)
+
+
+def test_time_scales_inversely_with_tokens_per_second() -> None:
+    slow = _plan(DEMO, gpu="cpu", tokens_per_second=100.0)
+    fast = _plan(DEMO, gpu="cpu", tokens_per_second=400.0)
+    assert slow["time"]["total_seconds"] == pytest.approx(4 * fast["time"]["total_seconds"])
+    assert slow["throughput"]["source"] == "given"
+
+
+def test_more_tflops_means_less_time() -> None:
+    by_gpu = {gpu: _plan(EXP19, gpu=gpu)["time"]["total_seconds"] for gpu in GPUS}
+    order = sorted(GPUS, key=lambda g: GPUS[g].bf16_tflops)  # slowest first
+    assert [by_gpu[g] for g in order] == sorted(by_gpu.values(), reverse=True)
+    cpu = _plan(DEMO, gpu="cpu", cpu_flops=CPU_FLOPS)["time"]["total_seconds"]
+    assert _plan(DEMO, gpu="cpu", cpu_flops=4 * CPU_FLOPS)["time"]["total_seconds"] == (
+        pytest.approx(cpu / 4)
+    )
+
+
+def test_too_big_for_the_gpu_warns_and_names_what_fits(cli) -> None:
+    too_big = ["finetuning=full", "gradient_checkpointing=false", "optim=adamw_torch"]
+    code, out, _ = cli("plan", "--config", EXP19, "--gpu", "4070ti-super", *too_big)
+    assert code == 0
+    warning = next(line for line in out.splitlines() if line.startswith("WARNING"))
+    assert "exceeds the 16.0 GiB" in warning
+    assert "gradient_checkpointing=true finetuning=lora" in warning
+    # The first suggestion, applied, fits and keeps the 128 rows per optimizer step.
+    first = _plan(EXP19, too_big, gpu="4070ti-super")["memory"]["would_fit"][0]["overrides"]
+    fixed = _plan(EXP19, [*too_big, *first], gpu="4070ti-super")
+    assert fixed["memory"]["fits"] and "would_fit" not in fixed["memory"]
+    assert fixed["config"]["samples_per_step"] == 128
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gpu", "v100"], "--gpu 'v100' is not known; choose one of: h100, a100"),
+        (["--gpu", "4090", "--tokens-per-second", "0"], "must be a positive number"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(cli, args: list[str], message: str) -> None:
+    code, out, err = cli("plan", "--config", EXP19, *args)
+    assert code == 2 and out == ""
+    assert message in err
+
+
+def test_cli_choices_match_the_library() -> None:
+    from reasonguard.commands.plan import GPU_CHOICES
+
+    assert tuple(GPU_CHOICES) == TARGETS
+
+
+def test_architectures_match_public_parameter_counts() -> None:
+    """Llama-3.2-3B: 3.21B params, 24.3M LoRA r=16 params on all seven projections (peft's
+    count); Llama-3.1-8B: 8.03B; SmolLM2-135M: 134.5M, as its config.json from the offline alias
+    gives it too."""
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    llama3b = model_architecture("meta-llama/Llama-3.2-3B-Instruct")
+    assert llama3b.total_params == pytest.approx(3.2128e9, rel=1e-3)
+    assert llama3b.lora_params(16, modules) == 24_313_856
+    assert model_architecture("meta-llama/Llama-3.1-8B").total_params == pytest.approx(
+        8.0301e9, rel=1e-3
+    )
+    smol = model_architecture("smollm2")  # the cached folder's config.json
+    assert smol.total_params == pytest.approx(134.5e6, rel=1e-3)
+    assert smol.total_params == KNOWN_ARCHITECTURES["HuggingFaceTB/SmolLM2-135M"].total_params
+
+
+def test_unknown_hub_model_offline_is_a_user_error(cli) -> None:
+    code, _, err = cli("plan", "--config", EXP19, "--gpu", "h100", "model_name_or_path=acme/x-7b")
+    assert code == 2
+    assert "no local config.json and no hub access" in err
