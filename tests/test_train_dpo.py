@@ -320,3 +320,20 @@ def test_dpo_cli_end_to_end_in_a_subprocess(tmp_path, rsft_adapter) -> None:
     assert done.returncode == 0, done.stderr
     assert "final model:" in done.stdout
     assert (Path(config.output_dir) / "final" / "reasonguard.json").is_file()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_a_continued_adapter_takes_the_configs_lora_dropout(tmp_path, rsft_adapter, dropout):
+    from torch import nn
+
+    from reasonguard.train.modeling import load_model
+
+    model = load_model(dpo_config(tmp_path, rsft_adapter, lora_dropout=dropout), bf16=False)
+    layers = [m.lora_dropout["default"] for m in model.modules() if hasattr(m, "lora_dropout")]
+    assert layers
+    for layer in layers:
+        if dropout:
+            assert isinstance(layer, nn.Dropout) and layer.p == dropout
+        else:
+            assert isinstance(layer, nn.Identity)
+    assert model.peft_config["default"].lora_dropout == dropout

@@ -95,9 +95,11 @@ def test_the_step_loss_is_the_per_token_mean_over_all_its_rows(recipe: SFTRecipe
     assert loss == pytest.approx(total / n_labels, rel=1e-5)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "reasonguard_packed"])
 def test_no_token_attends_across_a_sample_boundary(recipe: SFTRecipe, attn: str) -> None:
     model = recipe.model
+    configured = model.base_model.model.config._attn_implementation
+    assert configured == "reasonguard_packed"  # what a packed run trains with
     model.base_model.model.config._attn_implementation = attn
     a, b = recipe.data.train[0], recipe.data.train[1]
     batch = collate_packed([a, b])
@@ -112,7 +114,29 @@ def test_no_token_attends_across_a_sample_boundary(recipe: SFTRecipe, attn: str)
             perturbed = model(input_ids=changed, **kw).logits[0]
             alone = model(input_ids=batch["input_ids"][:, len(a) :], use_cache=False).logits[0]
     finally:
-        model.base_model.model.config._attn_implementation = recipe.config.attn_implementation
+        model.base_model.model.config._attn_implementation = configured
     assert not torch.allclose(base[: len(a)], perturbed[: len(a)])  # A's logits did change
     torch.testing.assert_close(base[len(a) :], perturbed[len(a) :], rtol=0, atol=1e-5)
     torch.testing.assert_close(base[len(a) :], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_per_sample_attention_equals_the_block_diagonal_mask(recipe: SFTRecipe) -> None:
+    """Packed attention run per sample gives the logits and gradients of SDPA with the
+    block-diagonal mask transformers builds for a packed row."""
+    model = recipe.model
+    config = model.base_model.model.config
+    batch = collate_packed(recipe.data.train[:3])
+    results = {}
+    for attn in ("sdpa", "reasonguard_packed"):
+        config._attn_implementation = attn
+        model.zero_grad(set_to_none=True)
+        loss = recipe.loss_fn(model, batch)
+        loss.backward()
+        results[attn] = (float(loss), _grads(model))
+    model.zero_grad(set_to_none=True)
+    assert config._attn_implementation == "reasonguard_packed"
+    assert results["sdpa"][0] == pytest.approx(results["reasonguard_packed"][0], rel=1e-6)
+    for name, grad in results["sdpa"][1].items():
+        torch.testing.assert_close(
+            grad, results["reasonguard_packed"][1][name], rtol=1e-5, atol=1e-6, msg=name
+        )

@@ -3,6 +3,7 @@
 Example:
     reasonguard train sft --config configs/demo-cpu.yaml learning_rate=1e-4 --dry-run
     reasonguard train dpo --config configs/guardreasoner-hsdpo-3b.yaml --dry-run
+    reasonguard train sft --config configs/demo-cpu.yaml --num-processes 2 --cpu
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ Reasoning SFT (GuardReasoner stage 1). Settings come from the YAML config; `key=
 (YAML values: 5e-5, true, [a, b], null) apply on top. The run directory (output_dir) receives
 checkpoints, TensorBoard logs, status.json, training_info.json, loss_curve.png and the final model
 in output_dir/final. Rerunning the same command resumes from the newest checkpoint (resume: auto).
+Several GPUs: `--num-processes N` (or `accelerate launch -m reasonguard train sft ...`); the rows
+per optimizer step stay effective_batch_size, so the optimizer steps do not depend on N.
 """
 
 
@@ -56,31 +59,59 @@ def _add_stage(stages: Any, stage: str, help_text: str, description: str) -> Non
         action="store_true",
         help="drop invalid dataset rows (counted in training_info.json) instead of stopping",
     )
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        metavar="N",
+        help="train in N data-parallel processes, one per GPU: relaunches this command under "
+        "`accelerate launch --multi_gpu --num_processes N`; with --dry-run, plans for N processes",
+    )
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="CPU processes (gloo) even where GPUs exist, e.g. --num-processes 2 --cpu in CI",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    from reasonguard.errors import UserError
     from reasonguard.train.config import SFTConfig, load_config
+    from reasonguard.train.distributed import Processes, launch
     from reasonguard.train.dpo import DPOConfig
 
     overrides = list(args.overrides) + (["skip_invalid=true"] if args.skip_invalid else [])
     cls = {"sft": SFTConfig, "dpo": DPOConfig}[args.stage]
     config = load_config(args.config, overrides, cls=cls)  # config errors surface here, pre-model
+    processes = args.num_processes
+    if processes is not None and processes < 1:
+        raise UserError(f"--num-processes must be at least 1, got {processes}")
+    if args.cpu:
+        os.environ["ACCELERATE_USE_CPU"] = "true"  # read by training's device choice
     if args.dry_run:
         from reasonguard.train.allocenv import decision
         from reasonguard.train.dryrun import format_plan, plan_sft
 
+        world = processes or Processes.from_env().world_size
+
         if args.stage == "dpo":
             from reasonguard.train.dpo_data import load_pairs, prepare_pairs
 
-            plan = plan_sft(config, prepare_fn=prepare_pairs, records_fn=load_pairs)
+            plan = plan_sft(
+                config, prepare_fn=prepare_pairs, records_fn=load_pairs, world_size=world
+            )
         else:
-            plan = plan_sft(config)
+            plan = plan_sft(config, world_size=world)
         print(format_plan(plan))
         allocator = decision()
         settings = " ".join(f"{k}={v}" for k, v in allocator["env"].items() if v is not None)
         print(f"cpu allocator: {allocator['action']}" + (f" ({settings})" if settings else ""))
         return 0
+    if processes is not None and processes > 1:
+        argv = ["train", args.stage, "--config", args.config, *overrides]
+        return launch(argv, processes, cpu=args.cpu)
     if args.stage == "dpo":
         from reasonguard.train.dpo import run_dpo
 

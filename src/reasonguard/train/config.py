@@ -96,7 +96,8 @@ class SFTConfig:
     per_device_eval_batch_size: int = 4
     """Rows per forward pass during evaluation."""
     gradient_accumulation_steps: int = 1
-    """Micro-batches per optimizer step (derived when `effective_batch_size` is set)."""
+    """Micro-batches per optimizer step on each process (derived when `effective_batch_size` is
+    set; without it a step holds per_device_train_batch_size x this x processes rows)."""
     effective_batch_size: int | None = None
     """Rows per optimizer step over all processes; when set, `gradient_accumulation_steps` is
     derived from it, so a recipe keeps its batch on any number of GPUs."""
@@ -186,8 +187,25 @@ class SFTConfig:
 
     @property
     def samples_per_step(self) -> int:
-        """Rows per optimizer step (the effective batch)."""
+        """Rows per optimizer step (the effective batch) of a single-process run."""
         return self.per_device_train_batch_size * self.accumulation_steps
+
+    def rows_per_step(self, world_size: int = 1) -> int:
+        """Rows per optimizer step over all `world_size` processes.
+
+        `effective_batch_size` when set: the same on any number of processes, so the optimizer
+        steps are those of one process. Otherwise Hugging Face's rule: per_device_train_batch_size
+        x gradient_accumulation_steps x world_size.
+        """
+        if self.effective_batch_size is not None:
+            return self.effective_batch_size
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size
+
+    def accumulation_for(self, world_size: int = 1) -> int:
+        """Micro-batches of `per_device_train_batch_size` rows per optimizer step on each of
+        `world_size` processes (rounded up when the step's rows do not split evenly)."""
+        per_pass = self.per_device_train_batch_size * world_size
+        return -(-self.rows_per_step(world_size) // per_pass)
 
 
 def field_names(cls: type = SFTConfig) -> list[str]:

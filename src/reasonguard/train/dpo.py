@@ -21,6 +21,11 @@ adapter is trained on top (`init_adapter: merge`; `final/` then holds the merged
 an adapter on a merged model has no base on disk). QLoRA can only continue (merging into 4-bit
 weights loses precision).
 
+With several processes (`reasonguard.train.distributed`) each rank computes the reference
+log-probs of its share of the pairs, the shares are summed into the full tensors on every rank,
+and rank 0 writes the file; on resume rank 0 reads it and every rank receives its content. Each
+step's loss is divided by the step's pair count over all ranks.
+
 A packed micro-batch holds whole pairs, its budget twice `pack_tokens` (or `max_length`) since
 a pair is two sequences. The prompt format must be the one the R-SFT model was trained with
 (checked against its `reasonguard.json`).
@@ -115,46 +120,63 @@ class DPORecipe(SFTRecipe):
     def _after_model_loaded(self) -> None:
         """Attach the reference log-probs to every pair: read them back (resume) or compute
         them now with the untouched starting model."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
 
         path = self.run_dir / REFERENCE_FILE
         groups = {"train": self.data.train, "eval": self.data.eval}
+        # Rank 0 reads the file (or finds none) and every rank gets its content.
+        tensors = self.dist.decide(lambda: self._saved_reference(path, groups))
+        if tensors is None:
+            t0 = time.perf_counter()
+            tensors = {}
+            for name, pairs in groups.items():
+                tensors[f"{name}_chosen"], tensors[f"{name}_rejected"] = self._policy_logps(pairs)
+            if self.dist.is_main:
+                tmp = path.with_suffix(".tmp")
+                save_file(tensors, str(tmp))
+                tmp.rename(path)
+            self.timings["reference_seconds"] = time.perf_counter() - t0
+        for name, pairs in groups.items():
+            chosen, rejected = tensors[f"{name}_chosen"], tensors[f"{name}_rejected"]
+            for pair, c, r in zip(pairs, chosen.tolist(), rejected.tolist(), strict=True):
+                pair.reference_chosen, pair.reference_rejected = c, r
+
+    def _saved_reference(self, path: Path, groups: dict[str, list[PairExample]]) -> dict | None:
+        """The reference log-probs saved in the run dir, or None when they are still to compute.
+
+        Raises:
+            UserError: the file holds another number of pairs, or it is missing on resume.
+        """
+        from safetensors.torch import load_file
+
         if path.is_file():
             saved = load_file(str(path))
             for name, pairs in groups.items():
-                chosen, rejected = saved[f"{name}_chosen"], saved[f"{name}_rejected"]
-                if len(chosen) != len(pairs):
+                if len(saved[f"{name}_chosen"]) != len(pairs):
                     raise UserError(
-                        f"{path} holds reference log-probs of {len(chosen)} {name} pairs, the data "
-                        f"now has {len(pairs)}: the pairs changed; use a new output_dir"
+                        f"{path} holds reference log-probs of {len(saved[f'{name}_chosen'])} "
+                        f"{name} pairs, the data now has {len(pairs)}: the pairs changed; use a "
+                        "new output_dir"
                     )
-                for pair, c, r in zip(pairs, chosen.tolist(), rejected.tolist(), strict=True):
-                    pair.reference_chosen, pair.reference_rejected = c, r
-            return
+            return saved
         if self.resume_from is not None:
             raise UserError(
                 f"cannot resume {self.run_dir}: {REFERENCE_FILE} is missing, and the reference "
                 "log-probs cannot be recomputed from trained weights; start a new output_dir"
             )
-        t0 = time.perf_counter()
-        tensors = {}
-        for name, pairs in groups.items():
-            chosen, rejected = self._policy_logps(pairs)
-            for pair, c, r in zip(pairs, chosen.tolist(), rejected.tolist(), strict=True):
-                pair.reference_chosen, pair.reference_rejected = c, r
-            tensors[f"{name}_chosen"], tensors[f"{name}_rejected"] = chosen, rejected
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        tmp.rename(path)
-        self.timings["reference_seconds"] = time.perf_counter() - t0
+        return None
 
     def _policy_logps(self, pairs: list[PairExample]) -> tuple[Any, Any]:
-        """Summed log-probs of chosen and rejected outputs under the current model (eval mode)."""
+        """Summed log-probs of chosen and rejected outputs under the current model (eval mode).
+
+        With several processes each rank computes every world_size-th pair (by length) and
+        the zero-filled shares are summed, so every rank returns all values."""
         import torch
 
         size = self.config.per_device_eval_batch_size
         chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]), reverse=True)
+        order = order[self.dist.rank :: self.dist.world_size]
         self.model.eval()
         with torch.no_grad():
             for start in range(0, len(order), size):
@@ -164,7 +186,7 @@ class DPORecipe(SFTRecipe):
                 chosen[index] = sums[:n].cpu()
                 rejected[index] = sums[n:].cpu()
         self.model.train()
-        return chosen, rejected
+        return self.dist.all_sum_tensor(chosen), self.dist.all_sum_tensor(rejected)
 
     def _logps(self, pairs: list[PairExample]) -> tuple[Any, Any]:
         batch = collate_pairs(pairs, self.config.packing, self.tokenizer.pad_token_id)
@@ -199,22 +221,27 @@ class DPORecipe(SFTRecipe):
         """Forward/backward over one optimizer step's pairs; returns (loss, labels, tokens).
 
         Each micro-batch's summed pair losses are divided by the step's pair count, so the
-        accumulated gradient is that of the mean over the step's pairs.
+        accumulated gradient is that of the mean over the step's pairs. With several processes
+        each rank runs its share of the pairs, divided by the whole step's pair count.
         """
         import torch
 
         n_pairs = len(rows)
         n_labels = sum(r.num_labels for r in rows)
         n_tokens = sum(len(r) for r in rows)
+        mine = self.dist.shard(rows)
         while True:
             try:
                 total, right, margin = 0.0, 0, 0.0
-                for chunk in self._micro_batches(rows):
+                for chunk in self._micro_batches(mine):
                     losses, margins = self._loss(chunk)
                     (losses.sum() / n_pairs).backward()
                     total += float(losses.detach().sum())
                     right += int((margins > 0).sum())
                     margin += float(margins.sum())
+                if self.dist.enabled:
+                    total, right, margin = self.dist.all_sum([total, right, margin])
+                    right = round(right)
                 loss = total / n_pairs
                 if self.config.debug_nan_at_step == step:
                     loss = float("nan")
@@ -239,10 +266,11 @@ class DPORecipe(SFTRecipe):
 
     def evaluate(self) -> float:
         """The training objective (weighted DPO + SFT term) averaged over the held-out pairs;
-        also sets `last_eval_reward_accuracy` (share of pairs whose margin is positive)."""
+        also sets `last_eval_reward_accuracy` (share of pairs whose margin is positive). Each
+        rank evaluates its share."""
         import torch
 
-        pairs = sorted(self.data.eval, key=len, reverse=True)
+        pairs = self.dist.shard(sorted(self.data.eval, key=len, reverse=True))
         size = self.config.per_device_eval_batch_size
         total, right = 0.0, 0
         self.model.eval()
@@ -252,9 +280,11 @@ class DPORecipe(SFTRecipe):
                 total += float(losses.sum())
                 right += int((margins > 0).sum())
         self.model.train()
-        self.last_eval_reward_accuracy = right / len(pairs)
+        total, right = self.dist.all_sum([total, right])
+        n = len(self.data.eval)
+        self.last_eval_reward_accuracy = right / n
         self.status["eval_reward_accuracy"] = self.last_eval_reward_accuracy
-        return total / len(pairs)
+        return total / n
 
     def _loss_description(self) -> str:
         c = self.config

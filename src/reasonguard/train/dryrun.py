@@ -71,7 +71,7 @@ def _tokenizer(config: Any, online: bool) -> tuple[Any | None, str]:
 
 
 def plan_sft(
-    config: Any, prepare_fn: Any = prepare, records_fn: Any = load_records
+    config: Any, prepare_fn: Any = prepare, records_fn: Any = load_records, world_size: int = 1
 ) -> dict[str, Any]:
     """The data plan of a config: rows, split, max length, batch and step counts, run-dir action.
 
@@ -79,6 +79,7 @@ def plan_sft(
         config: the run config.
         prepare_fn, records_fn: how the stage loads its rows (`train.data.prepare` /
             `load_records` for SFT; `train.dpo_data.prepare_pairs` / `load_pairs` for DPO).
+        world_size: the number of training processes to plan for.
 
     Returns:
         A JSON-ready dict; `estimated` is True when rows come from published sizes.
@@ -131,10 +132,11 @@ def plan_sft(
     plan["tokenizer"] = tokenizer_note
     plan.update(train_rows=train_rows, eval_rows=eval_rows)
     plan["max_length"], plan["max_length_source"] = _max_length(c, plan)
-    per_step = c.samples_per_step
+    per_step = c.rows_per_step(world_size)
     plan.update(
+        processes=world_size,
         micro_batch_size=c.per_device_train_batch_size,
-        gradient_accumulation_steps=c.accumulation_steps,
+        gradient_accumulation_steps=c.accumulation_for(world_size),
         samples_per_step=per_step,
         steps_per_epoch=steps_per_epoch(train_rows, per_step),
         total_steps=total_steps(train_rows, per_step, c.num_train_epochs, c.max_steps),
@@ -216,7 +218,9 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"(eval_split_ratio {c['eval_split_ratio']}, seed {c['eval_split_seed']})",
         f"max length     {plan['max_length'] if plan['max_length'] else '?'} ({plan['max_length_source']})",
         f"batch          {plan['micro_batch_size']} rows x {plan['gradient_accumulation_steps']} "
-        f"accumulation = {plan['samples_per_step']} rows per optimizer step"
+        f"accumulation"
+        + (f" x {plan['processes']} processes" if plan.get("processes", 1) > 1 else "")
+        + f" = {plan['samples_per_step']} rows per optimizer step"
         + (
             f"; packed into {c['pack_tokens'] or plan['max_length'] or 'max_length'}-token "
             "micro-batches"

@@ -25,9 +25,12 @@ BNB_OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_bnb_8bit")
 
 
 def cuda_available() -> bool:
+    """A CUDA GPU is usable and the launcher did not ask for CPU processes (`--cpu`)."""
     import torch
 
-    return torch.cuda.is_available()
+    from reasonguard.train.distributed import forced_cpu
+
+    return torch.cuda.is_available() and not forced_cpu()
 
 
 def environment_problems(config: Any) -> list[str]:
@@ -83,9 +86,10 @@ def use_bf16(config: Any) -> bool:
 
 
 def device() -> Any:
+    """CUDA (the current device: each training process sets its own) or CPU."""
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if cuda_available() else "cpu")
 
 
 def load_training_tokenizer(config: Any) -> Any:
@@ -144,7 +148,7 @@ def load_model(config: Any, bf16: bool, checkpoint: Path | None = None) -> Any:
         dtype = torch.bfloat16 if bf16 else torch.float32
         if config.finetuning == "qlora":
             kwargs["quantization_config"] = _nf4_config(bf16)
-            kwargs["device_map"] = {"": 0}
+            kwargs["device_map"] = {"": torch.cuda.current_device()}  # this process's GPU
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **kwargs)
         if start_adapter is not None and init_adapter(config) == "merge":
             model = _merged(model, start_adapter)
@@ -162,6 +166,12 @@ def load_model(config: Any, bf16: bool, checkpoint: Path | None = None) -> Any:
             model.to(device())
         model = _with_adapters(model, config, checkpoint or start_adapter)
     model.config.use_cache = False  # a KV cache is useless in training and costs memory
+    if config.packing:
+        from reasonguard.train.packed_attention import use_packed_attention
+
+        # Per-sample attention inside packed rows (train/packed_attention.py): the SDPA path's
+        # block-diagonal mask over the whole row costs up to several times the attention work.
+        use_packed_attention(model)
     return model
 
 
@@ -210,7 +220,9 @@ def _with_adapters(model: Any, config: Any, checkpoint: Path | None) -> Any:
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if checkpoint is not None:
-        return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
+        model = PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
+        _set_lora_dropout(model, config.lora_dropout)
+        return model
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -222,6 +234,20 @@ def _with_adapters(model: Any, config: Any, checkpoint: Path | None) -> Any:
         return get_peft_model(model, lora)
     except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
         raise UserError(f"config key 'lora_target_modules': {exc}") from exc
+
+
+def _set_lora_dropout(model: Any, p: float) -> None:
+    """Use the config's LoRA dropout on a loaded adapter (peft keeps the value saved with it,
+    e.g. the R-SFT run's, when stage 2 continues that adapter)."""
+    from torch import nn
+
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, nn.ModuleDict):
+            for key in list(dropouts.keys()):
+                dropouts[key] = nn.Dropout(p) if p > 0 else nn.Identity()
+    for adapter in getattr(model, "peft_config", {}).values():
+        adapter.lora_dropout = p
 
 
 def parameter_counts(model: Any) -> dict[str, int]:

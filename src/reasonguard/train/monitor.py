@@ -217,19 +217,30 @@ def gpu_memory() -> dict[str, float] | None:
         "allocated_gib": round(torch.cuda.memory_allocated() / gib, 2),
         "reserved_gib": round(torch.cuda.memory_reserved() / gib, 2),
         "max_allocated_gib": round(torch.cuda.max_memory_allocated() / gib, 2),
-        "total_gib": round(torch.cuda.get_device_properties(0).total_memory / gib, 2),
+        "total_gib": round(
+            torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / gib, 2
+        ),
     }
 
 
 class MetricsLog:
-    """Append-only `metrics.jsonl`; on resume, events after the resumed step are dropped."""
+    """Append-only `metrics.jsonl`; on resume, events after the resumed step are dropped.
 
-    def __init__(self, run_dir: str | os.PathLike[str], resume_step: int = 0) -> None:
+    `enabled=False` (every process but the first of a multi-process run) writes nothing.
+    """
+
+    def __init__(
+        self, run_dir: str | os.PathLike[str], resume_step: int = 0, enabled: bool = True
+    ) -> None:
         self.path = Path(run_dir) / METRICS_FILE
-        kept = [e for e in read_metrics(self.path) if e.get("step", 0) <= resume_step]
-        self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        self.enabled = enabled
+        if enabled:
+            kept = [e for e in read_metrics(self.path) if e.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
 
     def append(self, event: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as handle:
             handle.write(json.dumps(event) + "\n")
 

@@ -39,6 +39,11 @@ model.safetensors` (bf16 when trained with bf16, else fp32; checkpoints always f
 resume; possibly sharded) instead of the three adapter files. `final/
 reasonguard.json` records the prompt format, so inference prompts the model as it was trained.
 
+Several processes (one per GPU, or `--num-processes N --cpu`): see `reasonguard.train.distributed`.
+Each rank trains on its share of every step's rows, the loss is normalised by the whole step's
+label count and the gradients are summed across ranks before clipping, so the optimizer steps
+are those of one process; only rank 0 logs and writes files.
+
 Testing hook: `debug_nan_at_step=N` makes the loss of step N NaN, to exercise the NaN guard (it
 stops before that update and leaves the last checkpoint untouched).
 
@@ -75,6 +80,7 @@ from reasonguard.train.data import (
     steps_per_epoch,
     total_steps,
 )
+from reasonguard.train.distributed import Processes, mixed_precision_note, step_seed
 from reasonguard.train.modeling import (
     build_optimizer,
     build_scheduler,
@@ -135,6 +141,7 @@ class SFTRecipe:
     def __init__(self, config: SFTConfig) -> None:
         self.config = config
         self.run_dir = Path(config.output_dir)
+        self.dist = Processes.from_env()  # one process unless started by a launcher
         self.loss_fn = labelled_loss_sum  # an attribute so tests can inject failures
         self.finished_before = False
         self.model: Any = None
@@ -164,27 +171,37 @@ class SFTRecipe:
         problems = environment_problems(c)
         if problems:
             raise UserError("this machine cannot run this config: " + "; ".join(problems))
-        self.resume_from = self._resume_checkpoint()
+        self.dist.start()  # joins the process group under a launcher; checks the launch
+        # Rank 0 decides and every rank follows (they must resume from the same checkpoint).
+        self.resume_from, self.finished_before = self.dist.decide(
+            lambda: (self._resume_checkpoint(), self.finished_before)
+        )
         if self.finished_before:
             return
         _quiet_libraries()
         _seed_everything(c.seed)
         self.tokenizer = load_training_tokenizer(c)
         self.data = self._prepare_data()
-        self.samples_per_step = c.samples_per_step
+        self.samples_per_step = c.rows_per_step(self.dist.world_size)
         self.pack_budget = c.pack_tokens or self.data.max_length
         self.steps_per_epoch = steps_per_epoch(len(self.data.train), self.samples_per_step)
         self.total_steps = total_steps(
             len(self.data.train), self.samples_per_step, c.num_train_epochs, c.max_steps
         )
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_partial_checkpoints(self.run_dir)
-        self._write_config()
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_partial_checkpoints(self.run_dir)
+            self._write_config()
         # A status before the (possibly minutes-long) model load, for `runs status`.
         self.status.update(state="loading model", step=None, total_steps=self.total_steps)
-        monitor.write_status(self.run_dir, self.status)
+        self._write_status()
         self.bf16 = use_bf16(c)
+        if self.dist.enabled:
+            self._check_world_size()
+            note = mixed_precision_note(self.bf16)
+            if note:
+                self._warn(note)
         self.device = device()
         self.model = load_model(c, self.bf16, checkpoint=self.resume_from)
         self.optimizer = build_optimizer(self.model, c)
@@ -195,7 +212,7 @@ class SFTRecipe:
             # Last: loading the model may draw random numbers; the saved RNG state wins.
             saved = ckpt.load_training_state(self.resume_from, self.optimizer, self.scheduler)
             self._adopt_state(saved)
-            print(
+            self._print(
                 f"resuming from {self.resume_from} (step {self.state['step']}/{self.total_steps})"
             )
         self.state["resumed_from"] = self.state.get("resumed_from", []) + (
@@ -203,10 +220,10 @@ class SFTRecipe:
         )
         self.micro_batch = self.state["micro_batch_size"]
         self.last_checkpoint = ckpt.latest_checkpoint(self.run_dir)
-        self.metrics = monitor.MetricsLog(self.run_dir, self.state["step"])
+        self.metrics = monitor.MetricsLog(self.run_dir, self.state["step"], self.dist.is_main)
         self.tensorboard = monitor.TensorBoard(
             self.run_dir,
-            c.report_to == "tensorboard",
+            c.report_to == "tensorboard" and self.dist.is_main,
             purge_step=self.state["step"] + 1 if self.resume_from else None,
         )
         self.plateau = monitor.PlateauWatch(
@@ -220,7 +237,17 @@ class SFTRecipe:
             num_train_epochs=self.total_steps / self.steps_per_epoch,
             checkpoints=self._checkpoint_names(),
         )
-        monitor.write_status(self.run_dir, self.status)
+        self._write_status()
+        # Every rank starts from rank 0's weights (equal already: same seed, same files).
+        self.dist.broadcast_parameters([p for p in self.model.parameters() if p.requires_grad])
+
+    def _check_world_size(self) -> None:
+        n, world = self.samples_per_step, self.dist.world_size
+        if n < world:
+            self._warn(
+                f"{world} processes share steps of {n} rows: {world - n} of them have no row to "
+                "train on (raise effective_batch_size, or use fewer processes)"
+            )
 
     def _prepare_data(self) -> Any:
         """Load, validate, split and encode the run's rows (`data.train` / `data.eval` lists)."""
@@ -342,7 +369,7 @@ class SFTRecipe:
             desc=self.stage,
             unit="step",
             dynamic_ncols=True,
-            disable=None,
+            disable=None if self.dist.is_main else True,
         )
         self.model.train()
         try:
@@ -354,8 +381,11 @@ class SFTRecipe:
                         break
                     rows = [data.train[i] for i in indices]
                     t0 = time.perf_counter()
+                    if self.dist.enabled:  # each rank its own dropout masks, replayed on resume
+                        torch.manual_seed(step_seed(c.seed, step + 1, self.dist.rank))
                     loss, n_labels, n_tokens = self._train_step(rows, step + 1)
                     monitor.check_finite(loss, step + 1, self.last_checkpoint)
+                    self.dist.sum_gradients(params)  # several processes: the whole step's gradient
                     # max_norm=inf measures the norm without clipping.
                     norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm or float("inf"))
                     monitor.check_finite(
@@ -388,24 +418,27 @@ class SFTRecipe:
 
         The loss of every micro-batch is its summed token loss divided by the label count of
         the whole step, so the accumulated gradient is that of the per-token mean over the step
-        however the rows are cut into micro-batches.
+        however the rows are cut into micro-batches. With several processes each rank runs its
+        share of `rows` (all ranks get the whole step's rows, so the count is the global one);
+        the caller sums the gradients, the loss returned is the whole step's.
         """
         import torch
 
         n_labels = sum(r.num_labels for r in rows)
         n_tokens = sum(len(r) for r in rows)
+        mine = self.dist.shard(rows)
         pad = self.tokenizer.pad_token_id
         while True:
             try:
                 total = torch.zeros((), device=self.device)
-                for chunk in self._micro_batches(rows):
+                for chunk in self._micro_batches(mine):
                     tensors = collate_packed(chunk) if self.config.packing else collate(chunk, pad)
                     batch = {k: v.to(self.device) for k, v in tensors.items()}
                     with self._autocast():
                         loss_sum = self.loss_fn(self.model, batch)
                     (loss_sum / n_labels).backward()
                     total += loss_sum.detach()
-                loss = total.item() / n_labels
+                loss = self.dist.all_sum([total.item()])[0] / n_labels
                 if self.config.debug_nan_at_step == step:
                     loss = float("nan")
                 return loss, n_labels, n_tokens
@@ -438,7 +471,8 @@ class SFTRecipe:
         self.state["micro_batch_size"] = self.micro_batch
         self._warn(
             f"CUDA out of memory: retrying the step with micro-batch {self.micro_batch} "
-            f"(the effective batch stays {self.samples_per_step} rows)"
+            f"(the effective batch stays {self.samples_per_step} rows)",
+            every_rank=True,
         )
 
     def _autocast(self) -> Any:
@@ -472,6 +506,8 @@ class SFTRecipe:
             "elapsed_seconds": round(meter.elapsed(), 2),
         }
         extra = self._extra_log_fields()
+        if not self.dist.is_main:
+            return
         event.update(extra)
         self.metrics.append(event)
         self.tensorboard.scalars(
@@ -502,7 +538,7 @@ class SFTRecipe:
             micro_batch_size=self.micro_batch,
             gpu_memory=monitor.gpu_memory(),
         )
-        monitor.write_status(self.run_dir, self.status)
+        self._write_status()
 
     def _extra_log_fields(self) -> dict[str, float]:
         """More numbers for each log event (stage-specific; none for SFT)."""
@@ -522,10 +558,10 @@ class SFTRecipe:
         return by_steps or (strategy in ("epoch", "both") and epoch_end)
 
     def evaluate(self) -> float:
-        """Mean loss per output token over the held-out rows (dropout off)."""
+        """Mean loss per output token over the held-out rows (dropout off; each rank its share)."""
         import torch
 
-        rows = sorted(self.data.eval, key=len, reverse=True)
+        rows = self.dist.shard(sorted(self.data.eval, key=len, reverse=True))
         size = self.config.per_device_eval_batch_size
         total, count = 0.0, 0
         pad = self.tokenizer.pad_token_id
@@ -538,6 +574,7 @@ class SFTRecipe:
                     total += float(self.loss_fn(self.model, batch))
                 count += sum(r.num_labels for r in chunk)
         self.model.train()
+        total, count = self.dist.all_sum([total, count])
         return total / count
 
     def _evaluate(self, step: int, bar: Any | None) -> None:
@@ -548,6 +585,8 @@ class SFTRecipe:
         s["last_eval_loss"], s["last_eval_step"] = eval_loss, step
         warning = self.plateau.update(eval_loss)
         s["best_eval_loss"], s["evals_since_best"] = self.plateau.best, self.plateau.since_best
+        if not self.dist.is_main:
+            return
         self.metrics.append(
             {"step": step, "epoch": round(step / self.steps_per_epoch, 4), "eval_loss": eval_loss}
         )
@@ -557,9 +596,14 @@ class SFTRecipe:
         if warning:
             self._warn(warning)
         self.status.update(eval_loss=eval_loss, best_eval_loss=self.plateau.best)
-        monitor.write_status(self.run_dir, self.status)
+        self._write_status()
 
     def _save_checkpoint(self, step: int) -> None:
+        """Rank 0 writes the checkpoint; every rank holds the same weights and optimizer state
+        (the step's gradient all_reduce already synchronised them, so no barrier is needed)."""
+        if not self.dist.is_main:
+            self.last_checkpoint = self.run_dir / f"{ckpt.PREFIX}{step}"
+            return
         t0 = time.perf_counter()
         state = {**self.state, "epoch": step / self.steps_per_epoch, "saved_at": monitor.now_iso()}
         self.last_checkpoint = ckpt.save_checkpoint(
@@ -573,15 +617,27 @@ class SFTRecipe:
         )
         self.timings["checkpoint_seconds"] += time.perf_counter() - t0
         self.status["checkpoints"] = self._checkpoint_names()
-        monitor.write_status(self.run_dir, self.status)
+        self._write_status()
 
     def _checkpoint_names(self) -> list[str]:
         return [p.name for p in ckpt.list_checkpoints(self.run_dir)]
 
-    def _warn(self, message: str) -> None:
+    def _warn(self, message: str, every_rank: bool = False) -> None:
+        """Record a warning; print it on rank 0 (and on any rank for a rank-local event)."""
         self.warnings.append(message)
         self.status.setdefault("warnings", []).append(message)
-        print(f"warning: {message}", file=sys.stderr)
+        if self.dist.is_main:
+            print(f"warning: {message}", file=sys.stderr)
+        elif every_rank:
+            print(f"warning (rank {self.dist.rank}): {message}", file=sys.stderr)
+
+    def _print(self, message: str) -> None:
+        if self.dist.is_main:
+            print(message)
+
+    def _write_status(self) -> None:
+        if self.dist.is_main:
+            monitor.write_status(self.run_dir, self.status)
 
     # ------------------------------------------------------------------------------ save
 
@@ -593,6 +649,9 @@ class SFTRecipe:
         from reasonguard.models import end_of_turn_ids, write_guard_config
 
         final = self.run_dir / FINAL_DIR
+        self.final_dir = final
+        if not self.dist.is_main:
+            return final
         tmp = self.run_dir / f".{FINAL_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         eos_ids = end_of_turn_ids(self.tokenizer)
@@ -639,7 +698,7 @@ class SFTRecipe:
         """
         if self.tensorboard is not None:
             self.tensorboard.close()
-        if self.data is None:  # stopped before the data loaded: nothing worth recording
+        if self.data is None or not self.dist.is_main:  # nothing to record, or not rank 0's job
             return
         if error is None:
             outcome, message = "finished", None
@@ -680,13 +739,15 @@ class SFTRecipe:
                 "samples_per_step": self.samples_per_step,
                 "micro_batch_size": c.per_device_train_batch_size,
                 "micro_batch_size_used": getattr(self, "micro_batch", None),
-                "gradient_accumulation_steps": c.accumulation_steps,
+                "gradient_accumulation_steps": c.accumulation_for(self.dist.world_size),
                 "steps_per_epoch": self.steps_per_epoch,
                 "total_steps": self.total_steps,
                 "warmup_steps": warmup_steps(c, self.total_steps),
                 "max_length": self.data.max_length,
                 "packing": c.packing,
                 "pack_tokens": getattr(self, "pack_budget", None) if c.packing else None,
+                "processes": self.dist.world_size,
+                "distributed_backend": self.dist.backend,
             },
             "data": self.data.stats,
             "model": {
@@ -741,9 +802,10 @@ def run_recipe(recipe: SFTRecipe) -> SFTResult:
     try:
         recipe.setup()
         if recipe.finished_before:
-            print(
+            recipe._print(
                 f"{recipe.run_dir} already holds this finished run; its model: {recipe.run_dir / FINAL_DIR}"
             )
+            recipe.dist.stop()
             return _result_of_finished(recipe.run_dir)
         recipe.train()
         recipe.save()
@@ -752,11 +814,14 @@ def run_recipe(recipe: SFTRecipe) -> SFTResult:
             recipe.cleanup(exc)
         except Exception as cleanup_error:  # never hide the error that stopped training
             print(f"warning: could not record the stopped run: {cleanup_error}", file=sys.stderr)
+        recipe.dist.stop()
         raise
     recipe.cleanup()
+    recipe.dist.barrier()  # no process reports success before rank 0 has written final/
+    recipe.dist.stop()
     s = recipe.state
-    print(f"final model: {recipe.final_dir}")
-    print(f"run info:    {recipe.run_dir / INFO_FILE}")
+    recipe._print(f"final model: {recipe.final_dir}")
+    recipe._print(f"run info:    {recipe.run_dir / INFO_FILE}")
     return SFTResult(
         recipe.run_dir, recipe.final_dir, s["step"], s["last_train_loss"], s["last_eval_loss"]
     )
