@@ -57,7 +57,8 @@ def test_demo_plans_on_cpu_with_a_timed_matmul(cli, tmp_path: Path) -> None:
     plan = json.loads(out_file.read_text())
     assert plan["target"] == "cpu" and not plan["data"]["estimated"]
     assert plan["throughput"]["matmul_flops"] > 1e8
-    assert plan["data"]["train_rows"] == 81 and plan["steps"]["total"] == 11
+    # 81 rows in 8-row steps: 11 per epoch, times the config's epochs.
+    assert plan["data"]["train_rows"] == 81 and plan["steps"]["total"] == 11 * 2
     # Real token lengths of the 81 sample rows (300-400 tokens each, SmolLM2 tokenizer).
     assert 81 * 250 < plan["data"]["tokens_per_epoch"] < 81 * 450
     assert 0 < plan["time"]["total_seconds"] < 3600
