@@ -100,7 +100,11 @@ def run(args: argparse.Namespace) -> int:
             from reasonguard.train.dpo_data import load_pairs, prepare_pairs
 
             plan = plan_sft(
-                config, prepare_fn=prepare_pairs, records_fn=load_pairs, world_size=world
+                config,
+                prepare_fn=prepare_pairs,
+                records_fn=load_pairs,
+                world_size=world,
+                stage="dpo",
             )
         else:
             plan = plan_sft(config, world_size=world)

@@ -59,7 +59,13 @@ class SFTConfig:
     # ---------------------------------------------------------------- fine-tuning method
     finetuning: Literal["full", "lora", "qlora"] = "lora"
     """`full`: every weight; `lora`: adapters on a frozen base; `qlora`: adapters on a 4-bit NF4
-    base (double quantisation, bf16 compute; needs CUDA and bitsandbytes)."""
+    base (double quantisation, bf16 compute; needs CUDA and bitsandbytes), unless
+    `qlora_fallback_to_lora` decides that a bf16 base fits."""
+    qlora_fallback_to_lora: Literal["auto", "never"] = "auto"
+    """With `finetuning: qlora`: `auto` trains bf16 LoRA instead (no dequantisation of every
+    weight in every matmul: faster) when the memory estimate of the bf16 LoRA run is at most 80%
+    of the GPU's memory; `never` always keeps the NF4 base. The choice is logged in
+    training_info.json (`model.decisions.quantization`)."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 16
@@ -128,8 +134,17 @@ class SFTConfig:
     bf16: bool | Literal["auto"] = "auto"
     """bf16 autocast (frozen LoRA base weights stored in bf16, full fine-tuning keeps fp32
     master weights); `auto`: on when the CUDA GPU supports it, off on CPU."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    gradient_checkpointing: bool | Literal["auto"] = False
+    """Recompute activations in the backward pass: less memory, ~30% more compute. `auto`: on
+    only when the memory estimate of `reasonguard plan` without it exceeds the CUDA device's
+    memory; off on CPU (memory is plentiful there)."""
+    use_liger_kernel: bool | Literal["auto"] = "auto"
+    """Liger-Kernel's fused linear cross-entropy for the SFT loss (the LM head and the loss in
+    chunks, never the full logits). `auto`: on with CUDA when `liger_kernel` is installed;
+    `true` fails before the model loads without them. DPO's log-probs keep the plain head."""
+    torch_compile: bool = False
+    """Compile the decoder with `torch.compile` (opt-in: the first steps pay the compile time,
+    and packed rows of varying length recompile)."""
     auto_micro_batch: bool = False
     """On CUDA out-of-memory, halve the micro-batch (the effective batch stays) and retry."""
     packing: bool = True
@@ -410,9 +425,11 @@ def _type_name(annotation: Any) -> str:
 def _type_message(name: str, value: Any, annotation: Any) -> str:
     literals = _literal_values(annotation)
     if literals and isinstance(value, str):
+        members = typing.get_args(annotation) if typing.get_origin(annotation) else ()
+        booleans = ["true/false"] if bool in members else []
         return (
             f"config key {name!r}: {value!r} is not allowed; allowed values: "
-            f"{', '.join(str(v) for v in literals)}"
+            f"{', '.join(booleans + [str(v) for v in literals])}"
         )
     return f"config key {name!r}: expected {_type_name(annotation)}, got {value!r}"
 

@@ -93,6 +93,7 @@ class DPORecipe(SFTRecipe):
     """One HS-DPO run: the SFT loop with pairs, reference log-probs and the weighted DPO loss."""
 
     stage = "dpo"
+    liger_loss = False  # per-sequence log-probs (`dpo_loss.sequence_logps`), not a summed loss
 
     def __init__(self, config: DPOConfig) -> None:
         super().__init__(config)
@@ -208,6 +209,9 @@ class DPORecipe(SFTRecipe):
         return weighted_dpo_losses(
             sums[:n], sums[n:], ref_c, ref_r, counts[:n], weights, c.beta, c.pref_ftx
         )
+
+    def _pack_budget_tokens(self) -> int:
+        return 2 * self.pack_budget  # a pair is two sequences
 
     def _micro_batches(self, rows: list[Any]) -> list[list[Any]]:
         from reasonguard.train.data import micro_batches, pack

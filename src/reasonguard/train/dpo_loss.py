@@ -31,8 +31,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from reasonguard.data.tokenize import IGNORE_INDEX
-
 
 def weighted_dpo_losses(
     policy_chosen: Any,
@@ -82,16 +80,11 @@ def sequence_logps(model: Any, batch: dict[str, Any], num_sequences: int) -> tup
     """
     import torch
 
-    hidden = model.get_decoder()(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-    ).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    token_logps = torch.log_softmax(logits, dim=-1).gather(1, targets[keep][:, None])[:, 0]
+    from reasonguard.train.modeling import labelled_hidden
+
+    inputs, targets, keep = labelled_hidden(model, batch)
+    logits = model.get_output_embeddings()(inputs).float()
+    token_logps = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
     owners = batch["sequence_ids"][:, 1:][keep]
     sums = torch.zeros(num_sequences, dtype=torch.float32, device=token_logps.device)
     counts = torch.zeros(num_sequences, dtype=torch.float32, device=token_logps.device)

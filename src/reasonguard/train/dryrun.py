@@ -71,7 +71,11 @@ def _tokenizer(config: Any, online: bool) -> tuple[Any | None, str]:
 
 
 def plan_sft(
-    config: Any, prepare_fn: Any = prepare, records_fn: Any = load_records, world_size: int = 1
+    config: Any,
+    prepare_fn: Any = prepare,
+    records_fn: Any = load_records,
+    world_size: int = 1,
+    stage: str = "sft",
 ) -> dict[str, Any]:
     """The data plan of a config: rows, split, max length, batch and step counts, run-dir action.
 
@@ -80,6 +84,7 @@ def plan_sft(
         prepare_fn, records_fn: how the stage loads its rows (`train.data.prepare` /
             `load_records` for SFT; `train.dpo_data.prepare_pairs` / `load_pairs` for DPO).
         world_size: the number of training processes to plan for.
+        stage: `sft` or `dpo` (DPO packs pairs and does not use the fused liger loss).
 
     Returns:
         A JSON-ready dict; `estimated` is True when rows come from published sizes.
@@ -89,6 +94,7 @@ def plan_sft(
             without the chat template the prompt format needs.
     """
     c = config
+    data = None
     online = None  # probed lazily: a fully local config never touches the network
     plan: dict[str, Any] = {"config": c.to_dict(), "problems": environment_problems(c), "notes": []}
     if not _is_local(c.dataset):
@@ -143,7 +149,26 @@ def plan_sft(
     )
     plan["warmup_steps"] = warmup_steps(c, plan["total_steps"])
     plan["run_dir"] = _run_dir_action(c)
+    if not plan["problems"]:
+        plan["decisions"] = _decisions(c, data, plan["max_length"], stage)
     return plan
+
+
+def _decisions(c: Any, data: Any, max_length: int | None, stage: str) -> dict[str, Any]:
+    """The run's decisions on this machine (`train.decisions`), as far as they can be made
+    without weights: the memory estimate needs the tokenized rows (on CUDA only)."""
+    from reasonguard.train.decisions import resolve
+    from reasonguard.train.modeling import use_bf16
+
+    lengths = labels = None
+    if data is not None:
+        lengths = [len(r) for r in data.train]
+        labels = [r.num_labels for r in data.train]
+    budget = (c.pack_tokens or data.max_length) if data is not None else None
+    if budget is not None and stage == "dpo":
+        budget *= 2  # a pair is two sequences
+    decided = resolve(c, use_bf16(c), lengths, labels, budget, stage_supports_liger=stage == "sft")
+    return {name: d.to_dict() for name, d in decided.items()}
 
 
 def _max_length(c: Any, plan: dict[str, Any]) -> tuple[int | None, str]:
@@ -232,6 +257,11 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"eval / save    {eval_when}; checkpoints {save_when}" + (f", keep {keep}" if keep else ""),
         f"run dir        {plan['run_dir']}",
     ]
+    for name, d in (plan.get("decisions") or {}).items():
+        if name == "cpu_allocator":  # the CLI prints it on its own line
+            continue
+        value = ("on" if d["value"] else "off") if isinstance(d["value"], bool) else d["value"]
+        lines.append(f"decision       {name}: {value}; {d['reason']}")
     for note in plan["notes"]:
         lines.append(f"note           {note}")
     for problem in plan["problems"]:

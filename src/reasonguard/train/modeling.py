@@ -3,7 +3,9 @@
 `environment_problems` runs before anything is loaded, so a QLoRA config on a CPU machine fails
 in a second with a message instead of after a model download. `labelled_loss_sum` computes the LM
 head and the cross-entropy only at positions that carry a label (about half the tokens of a guard
-record are prompt), which is also the hook where packing and fused kernels plug in (issue 5).
+record are prompt); `liger_labelled_loss_sum` does the same with liger-kernel's fused linear
+cross-entropy on CUDA (chosen by `train.decisions`). `load_model` expects a config whose `auto`
+values are resolved (`train.decisions.effective_config`).
 
 Example:
     >>> from reasonguard.train.config import SFTConfig
@@ -61,6 +63,17 @@ def environment_problems(config: Any) -> list[str]:
 
         if not torch.cuda.is_bf16_supported():
             problems.append("bf16: true, but this GPU has no bf16 support; use bf16: false")
+    if config.use_liger_kernel is True:
+        if not cuda:
+            problems.append(
+                "use_liger_kernel: true needs a CUDA GPU (liger-kernel is a Triton GPU kernel); "
+                "use use_liger_kernel: auto or false on this machine"
+            )
+        elif importlib.util.find_spec("liger_kernel") is None:
+            problems.append(
+                "use_liger_kernel: true needs the liger_kernel package: pip install liger-kernel "
+                "(or use_liger_kernel: auto)"
+            )
     if config.attn_implementation == "flash_attention_2" and (
         not cuda or importlib.util.find_spec("flash_attn") is None
     ):
@@ -158,7 +171,7 @@ def load_model(config: Any, bf16: bool, checkpoint: Path | None = None) -> Any:
 
             model = prepare_model_for_kbit_training(
                 model,
-                use_gradient_checkpointing=config.gradient_checkpointing,
+                use_gradient_checkpointing=config.gradient_checkpointing is True,
                 gradient_checkpointing_kwargs={"use_reentrant": False},
             )
         else:
@@ -172,6 +185,10 @@ def load_model(config: Any, bf16: bool, checkpoint: Path | None = None) -> Any:
         # Per-sample attention inside packed rows (train/packed_attention.py): the SDPA path's
         # block-diagonal mask over the whole row costs up to several times the attention work.
         use_packed_attention(model)
+    if config.torch_compile:
+        # In place (nn.Module.compile), so the peft wrapper and the loss keep calling the same
+        # module; compiled lazily on the first forward pass.
+        model.get_decoder().compile()
     return model
 
 
@@ -194,7 +211,7 @@ def _merged(model: Any, adapter_dir: str) -> Any:
 
 
 def _enable_checkpointing(model: Any, config: Any) -> None:
-    if not config.gradient_checkpointing:
+    if config.gradient_checkpointing is not True:  # `auto` is resolved before (train.decisions)
         return
     # Non-reentrant checkpointing works with frozen inputs (LoRA) without extra hooks.
     kwargs = {"use_reentrant": False}
@@ -313,22 +330,19 @@ def build_scheduler(optimizer: Any, config: Any, num_steps: int) -> Any:
     )
 
 
-def labelled_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
-    """Sum of the next-token cross-entropy over labelled positions only.
+def labelled_hidden(model: Any, batch: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """The decoder's last hidden states at the positions that predict a label.
 
-    The decoder runs on every token, but the LM head (vocab x hidden, the largest matmul of a
-    small model) and the softmax run only where a label exists. The caller divides by the
-    number of labelled tokens of the whole optimizer step (token-normalised accumulation).
+    The decoder runs on every token; the LM head (vocab x hidden, the largest matmul of a
+    small model) is left to the caller, to run only where a label exists.
 
     Args:
         model: a causal LM (plain or peft-wrapped) exposing `get_decoder` / `get_output_embeddings`.
         batch: `input_ids`, `labels`, and optionally `attention_mask` / `position_ids`, on device.
 
     Returns:
-        A scalar tensor (fp32).
+        (hidden states [n, hidden], their target ids [n], the [rows, len - 1] mask they came from).
     """
-    import torch.nn.functional as F
-
     hidden = model.get_decoder()(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
@@ -337,5 +351,40 @@ def labelled_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
     ).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return hidden[:, :-1][keep], targets[keep], keep
+
+
+def labelled_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
+    """Sum of the next-token cross-entropy over labelled positions only (the LM head and the
+    softmax run only there; see `labelled_hidden`). The caller divides by the number of
+    labelled tokens of the whole optimizer step (token-normalised accumulation).
+
+    Returns:
+        A scalar tensor (fp32).
+    """
+    import torch.nn.functional as F
+
+    inputs, targets, _ = labelled_hidden(model, batch)
+    logits = model.get_output_embeddings()(inputs)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def liger_labelled_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
+    """`labelled_loss_sum` with Liger-Kernel's fused linear cross-entropy (CUDA only).
+
+    The LM head and the cross-entropy run together in chunks over the labelled positions, so
+    the `labels x vocab` logits and their gradient are never held in memory at once. Same
+    value as `labelled_loss_sum` up to bf16 rounding.
+    """
+    import torch
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    inputs, targets, _ = labelled_hidden(model, batch)
+    head = model.get_output_embeddings()
+    if inputs.dtype != head.weight.dtype and not torch.is_autocast_enabled(inputs.device.type):
+        inputs = inputs.to(head.weight.dtype)
+    loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = loss_fn(head.weight, inputs, targets, getattr(head, "bias", None))
+    if isinstance(loss, tuple):  # versions that can also return the z-loss
+        loss = loss[0]
+    return loss.float()

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from reasonguard.errors import UserError
+from reasonguard.train.decisions import checkpointing_decision, quantization_decision
 
 GIB = 1024**3
 
@@ -477,6 +478,50 @@ def memory_estimate(
     }
 
 
+def _both_memories(
+    arch: Architecture, config: Any, bf16: bool, profile: dict[str, Any], on_gpu: bool
+) -> dict[str, dict[str, float]]:
+    """`memory_estimate` of the largest micro-batch of `profile`, without and with checkpointing."""
+    return {
+        key: memory_estimate(
+            arch,
+            config,
+            bf16,
+            profile["max_micro_tokens"],
+            profile["max_micro_label_tokens"],
+            ckpt,
+            on_gpu,
+        )
+        for key, ckpt in (("without_checkpointing", False), ("with_checkpointing", True))
+    }
+
+
+def run_memory(
+    config: Any,
+    lengths: list[int],
+    label_counts: list[int],
+    budget: int | None,
+    bf16: bool,
+    on_gpu: bool,
+) -> dict[str, dict[str, float]]:
+    """Memory estimates (`without_checkpointing` / `with_checkpointing`, by component, bytes) of a
+    run whose training rows have these lengths: what `train.decisions` decides `auto` with.
+
+    Args:
+        config: the run config (its model, fine-tuning mode, batching).
+        lengths, label_counts: tokens and labelled tokens of each training row.
+        budget: tokens of one packed micro-batch (None: the longest row).
+        bf16, on_gpu: the precision and device of the run.
+
+    Raises:
+        UserError: the model's shapes cannot be found (`model_architecture`).
+    """
+    arch = model_architecture(config.model_name_or_path)
+    flash = config.attn_implementation == "flash_attention_2" and on_gpu
+    profile = token_profile(lengths, label_counts, config, budget or max(lengths), flash)
+    return _both_memories(arch, config, bf16, profile, on_gpu)
+
+
 def _lora_modules(modules: list[str]) -> list[str]:
     from reasonguard.train.config import LLAMA_TARGET_MODULES
 
@@ -626,28 +671,28 @@ def plan_training(
     label_share = profile["label_tokens"] / profile["real_tokens"]
 
     # Memory: both checkpointing choices; the config's choice decides which one is "the" run.
-    memory = {
-        key: memory_estimate(
-            arch,
-            c,
-            bf16,
-            profile["max_micro_tokens"],
-            profile["max_micro_label_tokens"],
-            ckpt,
-            on_gpu,
-        )
-        for key, ckpt in (("without_checkpointing", False), ("with_checkpointing", True))
-    }
+    memory = _both_memories(arch, c, bf16, profile, on_gpu)
     capacity = GPUS[target].memory_gib * GIB if on_gpu else _ram_bytes()
     setting = c.gradient_checkpointing
     if setting == "auto":
-        checkpointing = memory["without_checkpointing"]["total"] > capacity
-        notes.append(
-            "gradient_checkpointing auto: "
-            + ("on (the run does not fit without it)" if checkpointing else "off (it fits)")
+        # The training run's own rule (train/decisions.py): on a GPU, on only when it must be.
+        decided = checkpointing_decision(
+            setting, memory["without_checkpointing"]["total"], capacity if on_gpu else None
         )
+        checkpointing = bool(decided.value)
+        notes.append(f"gradient_checkpointing {decided.reason}")
     else:
         checkpointing = bool(setting)
+    if c.finetuning == "qlora" and on_gpu and c.qlora_fallback_to_lora == "auto":
+        import dataclasses
+
+        lora = _both_memories(arch, dataclasses.replace(c, finetuning="lora"), True, profile, True)
+        key = "with_checkpointing" if setting is True else "without_checkpointing"
+        decided = quantization_decision("qlora", "auto", lora[key]["total"], capacity, bf16)
+        notes.append(
+            f"qlora_fallback_to_lora {decided.reason}"
+            + (" (this plan's numbers are for NF4)" if decided.value == "bf16" else "")
+        )
     chosen = memory["with_checkpointing" if checkpointing else "without_checkpointing"]
 
     # FLOPs of the whole run (training steps plus the held-out evaluations).

@@ -31,7 +31,9 @@ Run directory (`output_dir`) after a finished LoRA / QLoRA run:
                              chat_template.jinja reasonguard.json tokenizer.json
                              tokenizer_config.json
       training_info.json     config, data stats, git commit, versions, hardware, timings,
-                             tokens seen, final train / eval loss
+                             tokens seen, final train / eval loss, and the run's decisions
+                             (`model.decisions`: checkpointing, quantization, liger, compile,
+                             attention, bf16, CPU allocator; see `train.decisions`)
       loss_curve.png         train and eval loss against the step
 
 With `finetuning: full`, checkpoints and `final/` hold `config.json generation_config.json
@@ -80,6 +82,7 @@ from reasonguard.train.data import (
     steps_per_epoch,
     total_steps,
 )
+from reasonguard.train.decisions import effective_config, format_decisions, resolve
 from reasonguard.train.distributed import Processes, mixed_precision_note, step_seed
 from reasonguard.train.modeling import (
     build_optimizer,
@@ -87,6 +90,7 @@ from reasonguard.train.modeling import (
     device,
     environment_problems,
     labelled_loss_sum,
+    liger_labelled_loss_sum,
     load_model,
     load_training_tokenizer,
     parameter_counts,
@@ -137,6 +141,7 @@ class SFTRecipe:
     """
 
     stage = STAGE
+    liger_loss = True  # the stage's loss can use liger-kernel's fused linear cross-entropy
 
     def __init__(self, config: SFTConfig) -> None:
         self.config = config
@@ -203,7 +208,13 @@ class SFTRecipe:
             if note:
                 self._warn(note)
         self.device = device()
-        self.model = load_model(c, self.bf16, checkpoint=self.resume_from)
+        # Every `auto` decided once, before the weights load (rank 0 decides for all ranks).
+        self.decisions = self.dist.decide(self._decide)
+        self._print("decisions:\n" + "\n".join(format_decisions(self.decisions)))
+        self.run_config = effective_config(c, self.decisions)
+        if self.decisions["liger"].value and self.loss_fn is labelled_loss_sum:
+            self.loss_fn = liger_labelled_loss_sum
+        self.model = load_model(self.run_config, self.bf16, checkpoint=self.resume_from)
         self.optimizer = build_optimizer(self.model, c)
         self.scheduler = build_scheduler(self.optimizer, c, self.total_steps)
         self._after_model_loaded()
@@ -240,6 +251,22 @@ class SFTRecipe:
         self._write_status()
         # Every rank starts from rank 0's weights (equal already: same seed, same files).
         self.dist.broadcast_parameters([p for p in self.model.parameters() if p.requires_grad])
+
+    def _decide(self) -> dict[str, Any]:
+        """The run's decisions (`train.decisions.resolve`) from its training rows' lengths."""
+        rows = self.data.train
+        return resolve(
+            self.config,
+            self.bf16,
+            [len(r) for r in rows],
+            [r.num_labels for r in rows],
+            self._pack_budget_tokens(),
+            stage_supports_liger=self.liger_loss,
+        )
+
+    def _pack_budget_tokens(self) -> int:
+        """Tokens of one packed micro-batch (for the memory estimate)."""
+        return self.pack_budget
 
     def _check_world_size(self) -> None:
         n, world = self.samples_per_step, self.dist.world_size
@@ -463,7 +490,7 @@ class SFTRecipe:
             torch.cuda.empty_cache()
         c = self.config
         message = monitor.oom_message(
-            self.micro_batch, self.data.max_length, c.gradient_checkpointing
+            self.micro_batch, self.data.max_length, self.run_config.gradient_checkpointing
         )
         if not c.auto_micro_batch or self.micro_batch == 1:
             raise UserError(message)
@@ -726,6 +753,8 @@ class SFTRecipe:
 
         c, s = self.config, self.state if hasattr(self, "state") else {}
         model = self.model
+        run_config = getattr(self, "run_config", None)
+        decisions = getattr(self, "decisions", None)
         final = self.run_dir / FINAL_DIR
         return {
             "stage": self.stage,
@@ -757,8 +786,13 @@ class SFTRecipe:
                 "parameters": parameter_counts(model) if model is not None else None,
                 "bf16": getattr(self, "bf16", None),
                 "device": str(getattr(self, "device", "")) or None,
-                "gradient_checkpointing": c.gradient_checkpointing,
+                "gradient_checkpointing": (
+                    run_config.gradient_checkpointing if run_config else c.gradient_checkpointing
+                ),
                 "cpu_allocator": allocator_decision(),
+                "decisions": (
+                    {k: d.to_dict() for k, d in decisions.items()} if decisions else None
+                ),
                 "loss": self._loss_description(),
             },
             **environment_info(),
