@@ -157,7 +157,16 @@ def check_record(record: Any) -> tuple[str, str] | None:
     instruction = record.get("instruction")
     if instruction is not None and not isinstance(instruction, str):
         return "instruction", f"expected a string, got {type(instruction).__name__}"
-    for name in ("input", "output"):
+    problem = check_texts(record, ("input", "output"))
+    if problem:
+        return problem
+    return _check_output(record["output"])
+
+
+def check_texts(record: Mapping[str, Any], names: Sequence[str]) -> tuple[str, str] | None:
+    """The first problem as `(field, message)` among required non-empty string fields `names`
+    (which include `input`), then the guard layout of `input`; None when all are fine."""
+    for name in names:
         problem = _check_text(record, name)
         if problem:
             return name, problem
@@ -165,7 +174,7 @@ def check_record(record: Any) -> tuple[str, str] | None:
         split_input(record["input"])
     except ValueError:
         return "input", f"not in the guard input layout {_INPUT_HINT}"
-    return _check_output(record["output"])
+    return None
 
 
 def _check_text(record: Mapping[str, Any], name: str) -> str | None:

@@ -23,9 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from reasonguard.data.validate import InvalidRow, ValidationReport, _check_text
+from reasonguard.data.validate import InvalidRow, ValidationReport, check_texts
 from reasonguard.errors import UserError
-from reasonguard.format import split_input
 from reasonguard.train.data import Example, encode, p95, split_train_eval
 
 
@@ -70,14 +69,9 @@ def check_pair(record: Any) -> tuple[str, str] | None:
             "record",
             f"expected an object with input/chosen/rejected, got {type(record).__name__}",
         )
-    for name in ("input", "chosen", "rejected"):
-        problem = _check_text(record, name)
-        if problem:
-            return name, problem
-    try:
-        split_input(record["input"])
-    except ValueError:
-        return "input", "not in the guard input layout 'Human user:\\n...\\n\\nAI assistant:\\n...'"
+    problem = check_texts(record, ("input", "chosen", "rejected"))
+    if problem:
+        return problem
     if record["chosen"].strip() == record["rejected"].strip():
         return "rejected", "equals `chosen`: a pair needs two different outputs"
     weight = record.get("sample_weight", 1.0)
