@@ -9,7 +9,9 @@ base via bitsandbytes), it times, alternating A B A B like the CPU bench on the 
 - A, the seed's Exp 19 step: micro-batches of 2 rows in data order padded to the longest, loss
   over every token, gradient checkpointing on;
 - B, reasonguard's default: the step's rows packed best-fit into `--max-length` rows with
-  per-sample attention, LM head and loss only at label positions, no checkpointing.
+  per-sample attention, LM head and loss only at label positions, no checkpointing;
+
+both under bf16 autocast (the step functions are the CPU bench's, `train_throughput.step_a/b`).
 
 It reports real tokens/s of each, B/A, peak GPU memory per phase, and MFU: model FLOPs
 (`plan.flops_per_token` for the computed tokens + `plan.lm_head_flops` for the label tokens, the
@@ -92,62 +94,6 @@ def build_model(mode: str, workdir: Path):
     return model, a
 
 
-def set_checkpointing(model, on: bool) -> None:
-    base = model.get_base_model()
-    if on:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
-    else:
-        base.gradient_checkpointing_disable()
-
-
-def step_a(model, rows, pad: int) -> tuple[int, int]:
-    """The seed's step on the GPU; returns (real, computed) tokens."""
-    import torch
-
-    from reasonguard.train.data import collate
-
-    pairs = [rows[i : i + 2] for i in range(0, len(rows), 2)]
-    real = computed = 0
-    for pair in pairs:
-        batch = {k: v.cuda() for k, v in collate(pair, pad).items()}
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                labels=labels,
-                use_cache=False,
-            )
-        (out.loss / len(pairs)).backward()
-        real += int(batch["attention_mask"].sum())
-        computed += batch["input_ids"].numel()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-    model.zero_grad(set_to_none=True)
-    return real, computed
-
-
-def step_b(model, rows, budget: int) -> tuple[int, int]:
-    """reasonguard's step on the GPU; returns (real, computed) tokens."""
-    import torch
-
-    from reasonguard.train.data import collate_packed, pack
-    from reasonguard.train.modeling import labelled_loss_sum
-
-    n_labels = sum(r.num_labels for r in rows)
-    real = computed = 0
-    for group in pack(rows, budget):
-        batch = {k: v.cuda() for k, v in collate_packed(group).items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = labelled_loss_sum(model, batch)
-        (loss / n_labels).backward()
-        real += sum(len(r) for r in group)
-        computed += batch["input_ids"].numel()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-    model.zero_grad(set_to_none=True)
-    return real, computed
-
-
 def peak_tflops(device_name: str, override: float | None) -> tuple[float | None, str]:
     from reasonguard.train.plan import GPUS
 
@@ -192,7 +138,7 @@ def main() -> int:
     sys.path.insert(0, str(REPO / "bench"))
     from reasonguard.models import LLAMA3_CHAT_TEMPLATE, load_tokenizer
     from reasonguard.train.data import encode
-    from train_throughput import corpus
+    from train_throughput import corpus, set_checkpointing, step_a, step_b
 
     tokenizer = load_tokenizer("llama3-tokenizer")
     tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
@@ -230,9 +176,9 @@ def main() -> int:
                     real = computed = 0
                     for step in steps[:1] if round_ == 0 else steps:
                         r, c = (
-                            step_a(model, step, tokenizer.pad_token_id)
+                            step_a(model, step, tokenizer.pad_token_id, "cuda")
                             if name == "a"
-                            else step_b(model, step, args.max_length)
+                            else step_b(model, step, args.max_length, "cuda")
                         )
                         real, computed = real + r, computed + c
                     torch.cuda.synchronize()

@@ -101,7 +101,23 @@ def set_checkpointing(model, on: bool) -> None:
         base.gradient_checkpointing_disable()
 
 
-def step_a(model, rows, pad: int) -> tuple[int, int]:
+def on_device(batch: dict, device: str | None) -> dict:
+    """The batch's tensors on `device` (unchanged for None: the CPU bench)."""
+    return batch if device is None else {k: v.to(device) for k, v in batch.items()}
+
+
+def autocast(device: str | None):
+    """bf16 autocast on CUDA (the GPU bench); nothing on CPU (fp32, as `train` runs there)."""
+    import contextlib
+
+    import torch
+
+    if device == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def step_a(model, rows, pad: int, device: str | None = None) -> tuple[int, int]:
     """The seed's step: pairs in data order, padded, loss over all tokens; (real, computed)."""
     import torch
 
@@ -110,14 +126,15 @@ def step_a(model, rows, pad: int) -> tuple[int, int]:
     pairs = [rows[i : i + 2] for i in range(0, len(rows), 2)]
     real = computed = 0
     for pair in pairs:
-        batch = collate(pair, pad)
+        batch = on_device(collate(pair, pad), device)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=labels,
-            use_cache=False,
-        )
+        with autocast(device):
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=labels,
+                use_cache=False,
+            )
         (out.loss / len(pairs)).backward()
         real += int(batch["attention_mask"].sum())
         computed += batch["input_ids"].numel()
@@ -127,7 +144,7 @@ def step_a(model, rows, pad: int) -> tuple[int, int]:
     return real, computed
 
 
-def step_b(model, rows, budget: int) -> tuple[int, int]:
+def step_b(model, rows, budget: int, device: str | None = None) -> tuple[int, int]:
     """reasonguard's step: packed rows, labelled-only loss, per-token normalisation."""
     import torch
 
@@ -137,8 +154,10 @@ def step_b(model, rows, budget: int) -> tuple[int, int]:
     n_labels = sum(r.num_labels for r in rows)
     real = computed = 0
     for group in pack(rows, budget):
-        batch = collate_packed(group)
-        (labelled_loss_sum(model, batch) / n_labels).backward()
+        batch = on_device(collate_packed(group), device)
+        with autocast(device):
+            loss = labelled_loss_sum(model, batch)
+        (loss / n_labels).backward()
         real += sum(len(r) for r in group)
         computed += batch["input_ids"].numel()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
