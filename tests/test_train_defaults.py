@@ -217,3 +217,22 @@ def test_liger_loss_matches_the_plain_loss_on_cuda(tmp_path: Path) -> None:
     plain = labelled_loss_sum(model, batch)
     fused = liger_labelled_loss_sum(model, batch)
     assert torch.allclose(plain, fused, rtol=1e-4)
+
+
+def test_the_saved_model_records_the_finetuning_trained_not_the_configured(
+    tmp_path: Path, no_cuda: None
+) -> None:
+    """After `qlora_fallback_to_lora` switched a run to bf16 LoRA, reasonguard.json must say
+    lora (the adapter sits on a full-precision base). Simulated on CPU: the configured value is
+    set to qlora after setup, while the run config (what was trained) says lora."""
+    import dataclasses
+
+    from reasonguard.models import read_guard_config
+    from reasonguard.train.sft import SFTRecipe
+
+    recipe = SFTRecipe(tiny_config(tmp_path, max_steps=1, eval_strategy="no"))
+    recipe.setup()
+    assert recipe.run_config.finetuning == "lora"
+    recipe.config = dataclasses.replace(recipe.config, finetuning="qlora", bf16=True)
+    final = recipe.save()
+    assert read_guard_config(final)["finetuning"] == "lora"

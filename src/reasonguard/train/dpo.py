@@ -310,7 +310,7 @@ class DPORecipe(SFTRecipe):
         from reasonguard.models import read_guard_config, resolve_model
         from reasonguard.train.modeling import is_adapter_dir
 
-        c = self.config
+        c = getattr(self, "run_config", None) or self.config  # qlora may have become lora
         start = resolve_model(c.model_name_or_path)
         if c.finetuning == "full":
             return self.model, "full", c.model_name_or_path

@@ -712,8 +712,9 @@ class SFTRecipe:
         return final
 
     def _saved_model(self) -> tuple[Any, str, str]:
-        """(model to save, finetuning to record, base model to record)."""
-        c = self.config
+        """(model to save, finetuning to record, base model to record). The finetuning is the
+        one trained (`lora` when `qlora_fallback_to_lora` chose a bf16 base), not the configured."""
+        c = getattr(self, "run_config", None) or self.config
         return self.model, c.finetuning, c.model_name_or_path
 
     # ------------------------------------------------------------------------------ cleanup
