@@ -164,6 +164,8 @@ def test_bad_pipeline_configs_are_refused(tmp_path) -> None:
         Pipeline(load_pipeline_config(write_pipeline(tmp_path, Path("m"), data, leave_out=["Z"])))
     with pytest.raises(UserError, match="'samples'"):
         HSDPOConfig(sft_config="a.yaml", dpo_config="b.yaml", samples=1)
+    with pytest.raises(UserError, match="'tensor_parallel_size': needs backend: vllm"):
+        HSDPOConfig(sft_config="a.yaml", dpo_config="b.yaml", tensor_parallel_size=2)
     with pytest.raises(UserError, match="unknown config key 'sample'"):
         load_pipeline_config(write_pipeline(tmp_path, Path("m"), data, sample=3))
 

@@ -89,6 +89,8 @@ class HSDPOConfig:
     """Prompts generated together (HF backend)."""
     data_parallel: int = 1
     """Generation worker processes (one per GPU; see `reasonguard generate --data-parallel`)."""
+    tensor_parallel_size: int = 1
+    """vLLM: GPUs per engine, for models too large for one GPU."""
     generation_limit: int | None = None
     """Sample only the first N prompts of each split (null: all of them)."""
     max_norm: float = 0.2
@@ -101,7 +103,13 @@ class HSDPOConfig:
         for key in ("sft_config", "dpo_config"):
             if not getattr(self, key):
                 raise UserError(f"config key {key!r}: required (a path to a YAML config)")
-        for key in ("samples", "max_new_tokens", "batch_size", "data_parallel"):
+        for key in (
+            "samples",
+            "max_new_tokens",
+            "batch_size",
+            "data_parallel",
+            "tensor_parallel_size",
+        ):
             if getattr(self, key) < 1:
                 raise UserError(f"config key {key!r}: must be at least 1, got {getattr(self, key)}")
         if self.samples < 2:
@@ -114,6 +122,8 @@ class HSDPOConfig:
             )
         if not 0 <= self.max_norm < 1:
             raise UserError(f"config key 'max_norm': must be in [0, 1), got {self.max_norm}")
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise UserError("config key 'tensor_parallel_size': needs backend: vllm")
         if len(set(self.leave_out)) != len(self.leave_out):
             raise UserError("config key 'leave_out': a source is named twice")
 
@@ -326,6 +336,7 @@ class Pipeline:
             limit=c.generation_limit,
             data_parallel=c.data_parallel,
             batch_size=c.batch_size,
+            **({"tensor_parallel_size": c.tensor_parallel_size} if c.backend == "vllm" else {}),
         )
 
     def _mine(self) -> None:
