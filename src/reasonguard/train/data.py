@@ -308,7 +308,27 @@ def prepare(config: Any, tokenizer: Any) -> SFTData:
         raise UserError(
             f"no training row keeps an output token within max_length {max_length}; raise it"
         )
-    stats = {
+    stats = split_stats(config, validation, cut, held, train, held_out, max_length, length_source)
+    return SFTData(train=train, eval=held_out, max_length=max_length, stats=stats)
+
+
+def split_stats(
+    config: Any,
+    validation: dict[str, Any],
+    cut: Sequence[Any],
+    held: Sequence[Any],
+    train: Sequence[Any],
+    held_out: Sequence[Any],
+    max_length: int,
+    length_source: str,
+) -> dict[str, Any]:
+    """The data facts of training_info.json, for SFT rows or DPO pairs alike.
+
+    `cut` / `held` are the encoded train / eval items before the ones without labels were
+    dropped, `train` / `held_out` after; items have `len()`, `num_labels`, `truncated`, `split`
+    and `row`.
+    """
+    return {
         "source": config.dataset,
         "validation": validation,
         "train_rows": len(train),
@@ -318,12 +338,11 @@ def prepare(config: Any, tokenizer: Any) -> SFTData:
         "eval_row_ids": [[e.split, e.row] for e in held_out],
         "max_length": max_length,
         "max_length_source": length_source,
-        "truncated_rows": sum(e.truncated for e in cut + held),
+        "truncated_rows": sum(e.truncated for e in [*cut, *held]),
         "dropped_rows_without_labels": len(cut) - len(train) + len(held) - len(held_out),
         "train_tokens_per_epoch": sum(len(e) for e in train),
         "train_label_tokens_per_epoch": sum(e.num_labels for e in train),
     }
-    return SFTData(train=train, eval=held_out, max_length=max_length, stats=stats)
 
 
 def _truncate(example: Example, max_length: int) -> Example:

@@ -25,7 +25,7 @@ from typing import Any
 
 from reasonguard.data.validate import InvalidRow, ValidationReport, check_texts
 from reasonguard.errors import UserError
-from reasonguard.train.data import Example, encode, p95, split_train_eval
+from reasonguard.train.data import Example, encode, p95, split_stats, split_train_eval
 
 
 @dataclass
@@ -150,14 +150,18 @@ def prepare_pairs(config: Any, tokenizer: Any) -> PairData:
         triples, config.eval_split_ratio, config.eval_split_seed
     )
     if config.max_length == "auto":
-        lengths = _pair_lengths(triples, tokenizer, config.prompt_format)
-        p95_tokens = p95(lengths)
+        # Encode every pair once, uncut; the length rule reads it, then each pair is cut.
+        full = _encode_pairs(triples, tokenizer, config.prompt_format, None)
+        p95_tokens = p95([max(len(p.chosen), len(p.rejected)) for p in full])
         max_length = auto_max_length(p95_tokens)
         length_source = f"auto: p95 {p95_tokens:.0f} tokens clamped to [1024, 2048]"
+        by_key = {(p.split, p.row): p for p in full}
+        train = [_cut(by_key[(s, r)], max_length) for s, r, _ in train_triples]
+        held = [_cut(by_key[(s, r)], max_length) for s, r, _ in eval_triples]
     else:
         max_length, length_source = config.max_length, "given"
-    train = _encode_pairs(train_triples, tokenizer, config.prompt_format, max_length)
-    held = _encode_pairs(eval_triples, tokenizer, config.prompt_format, max_length)
+        train = _encode_pairs(train_triples, tokenizer, config.prompt_format, max_length)
+        held = _encode_pairs(eval_triples, tokenizer, config.prompt_format, max_length)
     kept_train = [p for p in train if p.chosen.num_labels and p.rejected.num_labels]
     kept_eval = [p for p in held if p.chosen.num_labels and p.rejected.num_labels]
     if not kept_train:
@@ -165,25 +169,13 @@ def prepare_pairs(config: Any, tokenizer: Any) -> PairData:
             f"no training pair keeps output tokens within max_length {max_length}; raise it"
         )
     weights = [p.weight for p in kept_train]
-    stats = {
-        "source": config.dataset,
-        "validation": validation,
-        "train_rows": len(kept_train),
-        "eval_rows": len(kept_eval),
-        "eval_split_ratio": config.eval_split_ratio,
-        "eval_split_seed": config.eval_split_seed,
-        "eval_row_ids": [[p.split, p.row] for p in kept_eval],
-        "max_length": max_length,
-        "max_length_source": length_source,
-        "truncated_rows": sum(p.truncated for p in train + held),
-        "dropped_rows_without_labels": len(train) - len(kept_train) + len(held) - len(kept_eval),
-        "train_tokens_per_epoch": sum(len(p) for p in kept_train),
-        "train_label_tokens_per_epoch": sum(p.num_labels for p in kept_train),
-        "sample_weight": {
-            "min": min(weights),
-            "max": max(weights),
-            "mean": sum(weights) / len(weights),
-        },
+    stats = split_stats(
+        config, validation, train, held, kept_train, kept_eval, max_length, length_source
+    )
+    stats["sample_weight"] = {
+        "min": min(weights),
+        "max": max(weights),
+        "mean": sum(weights) / len(weights),
     }
     return PairData(train=kept_train, eval=kept_eval, max_length=max_length, stats=stats)
 
@@ -194,15 +186,16 @@ def _sides(triples: Sequence[tuple[str, int, dict]]) -> tuple[list, list]:
     return chosen, rejected
 
 
-def _pair_lengths(triples: Sequence[tuple[str, int, dict]], tokenizer: Any, fmt: str) -> list[int]:
-    chosen, rejected = _sides(triples)
-    a = encode(chosen, tokenizer, fmt, None)
-    b = encode(rejected, tokenizer, fmt, None)
-    return [max(len(x), len(y)) for x, y in zip(a, b, strict=True)]
+def _cut(pair: PairExample, max_length: int) -> PairExample:
+    """The pair with both sequences cut to `max_length` tokens (flagged when cut)."""
+    from reasonguard.train.data import _truncate
+
+    chosen, rejected = _truncate(pair.chosen, max_length), _truncate(pair.rejected, max_length)
+    return PairExample(chosen, rejected, pair.weight, pair.split, pair.row)
 
 
 def _encode_pairs(
-    triples: Sequence[tuple[str, int, dict]], tokenizer: Any, fmt: str, max_length: int
+    triples: Sequence[tuple[str, int, dict]], tokenizer: Any, fmt: str, max_length: int | None
 ) -> list[PairExample]:
     chosen, rejected = _sides(triples)
     a = encode(chosen, tokenizer, fmt, max_length)
