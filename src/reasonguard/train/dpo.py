@@ -39,7 +39,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,7 @@ from reasonguard.errors import UserError
 from reasonguard.train.config import SFTConfig
 from reasonguard.train.dpo_data import PairData, PairExample, collate_pairs, prepare_pairs
 from reasonguard.train.dpo_loss import sequence_logps, weighted_dpo_losses
-from reasonguard.train.sft import FINAL_DIR, INFO_FILE, SFTRecipe, SFTResult
+from reasonguard.train.sft import SFTRecipe, SFTResult
 
 REFERENCE_FILE = "reference_logps.safetensors"
 
@@ -344,12 +343,3 @@ def run_dpo(config: DPOConfig) -> SFTResult:
     from reasonguard.train.sft import run_recipe
 
     return run_recipe(DPORecipe(config))
-
-
-def finished_info(run_dir: str | Path) -> dict[str, Any] | None:
-    """training_info.json of a finished run in `run_dir`, or None."""
-    path = Path(run_dir) / INFO_FILE
-    if not (Path(run_dir) / FINAL_DIR).is_dir() or not path.is_file():
-        return None
-    info = json.loads(path.read_text())
-    return info if info.get("outcome") == "finished" else None
