@@ -4,6 +4,7 @@ Example:
     reasonguard train sft --config configs/demo-cpu.yaml learning_rate=1e-4 --dry-run
     reasonguard train dpo --config configs/guardreasoner-hsdpo-3b.yaml --dry-run
     reasonguard train sft --config configs/demo-cpu.yaml --num-processes 2 --cpu
+    reasonguard train sft --config configs/guardreasoner-rsft-8b.yaml --num-processes 4 --sharding zero3
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ Reasoning SFT (GuardReasoner stage 1). Settings come from the YAML config; `key=
 (YAML values: 5e-5, true, [a, b], null) apply on top. The run directory (output_dir) receives
 checkpoints, TensorBoard logs, status.json, training_info.json, loss_curve.png and the final model
 in output_dir/final. Rerunning the same command resumes from the newest checkpoint (resume: auto).
-Several GPUs: `--num-processes N` (or `accelerate launch -m reasonguard train sft ...`); the rows
-per optimizer step stay effective_batch_size, so the optimizer steps do not depend on N.
+Several GPUs: `--num-processes N [--sharding fsdp|zero2|zero3]` (or `accelerate launch
+--config_file configs/accelerate/X.yaml -m reasonguard train sft ...`); the rows per optimizer
+step stay effective_batch_size, so the optimizer steps do not depend on N.
 """
 
 
@@ -65,6 +67,14 @@ def _add_stage(stages: Any, stage: str, help_text: str, description: str) -> Non
         metavar="N",
         help="train in N data-parallel processes, one per GPU: relaunches this command under "
         "`accelerate launch --multi_gpu --num_processes N`; with --dry-run, plans for N processes",
+    )
+    parser.add_argument(
+        "--sharding",
+        choices=("ddp", "fsdp", "zero2", "zero3"),
+        default="ddp",
+        help="with --num-processes: ddp = a full replica per process (default); fsdp = PyTorch "
+        "FSDP2, zero2 / zero3 = DeepSpeed ZeRO stage 2 / 3 (parameters, gradients and optimizer "
+        "state sharded: full fine-tuning of models one GPU cannot hold)",
     )
     parser.add_argument(
         "--cpu",
@@ -115,7 +125,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if processes is not None and processes > 1:
         argv = ["train", args.stage, "--config", args.config, *overrides]
-        return launch(argv, processes, cpu=args.cpu)
+        return launch(argv, processes, cpu=args.cpu, sharding=args.sharding)
+    if args.sharding != "ddp":
+        raise UserError(
+            f"--sharding {args.sharding} needs --num-processes N (N >= 2); under a launcher "
+            "the launcher's config chooses (configs/accelerate/*.yaml)"
+        )
     if args.stage == "dpo":
         from reasonguard.train.dpo import run_dpo
 

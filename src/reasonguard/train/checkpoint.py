@@ -66,10 +66,11 @@ def save_checkpoint(
     run_dir: str | os.PathLike[str],
     step: int,
     save_model: Callable[[Path], None],
-    optimizer: Any,
+    optimizer_state: dict[str, Any] | None,
     scheduler: Any,
     state: dict[str, Any],
     keep: int | None = None,
+    folders: dict[str, Path] | None = None,
 ) -> Path:
     """Write `RUN_DIR/checkpoint-<step>` atomically, then prune to the newest `keep`.
 
@@ -77,10 +78,13 @@ def save_checkpoint(
         run_dir: the run directory.
         step: the optimizer step just completed.
         save_model: writes the model (or adapter) into the folder it is given.
-        optimizer: its `state_dict()` is saved.
+        optimizer_state: the optimizer's state dict (by position from a plain optimizer, by
+            parameter name from a sharded one: `state["optimizer_format"]` says which); None
+            when the optimizer state is in `folders` (DeepSpeed's own files).
         scheduler: its `state_dict()` is saved.
         state: JSON-serialisable trainer state (step, epoch, counters, histories).
         keep: how many checkpoints to keep (None: all).
+        folders: finished folders (written by every rank) to move into the checkpoint, by name.
 
     Returns:
         The checkpoint folder.
@@ -93,7 +97,10 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+    for name, folder in (folders or {}).items():
+        shutil.move(str(folder), str(tmp / name))
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(capture_rng_state(), tmp / "rng_state.pt")
     # The state file goes last: its presence is what marks a checkpoint complete.
@@ -107,13 +114,20 @@ def save_checkpoint(
     return final
 
 
-def load_training_state(checkpoint: str | os.PathLike[str], optimizer: Any, scheduler: Any) -> dict:
-    """Restore optimizer, scheduler and RNG state from a checkpoint; return its trainer state."""
+def read_optimizer_state(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
+    """The optimizer state dict saved in a checkpoint."""
+    import torch
+
+    # weights_only=False: optimizer state holds plain Python containers written by us.
+    return torch.load(Path(checkpoint) / "optimizer.pt", weights_only=False)
+
+
+def load_training_state(checkpoint: str | os.PathLike[str], scheduler: Any) -> dict:
+    """Restore scheduler and RNG state from a checkpoint; return its trainer state (the
+    optimizer state is the caller's: `read_optimizer_state`, loaded by its sharding)."""
     import torch
 
     path = Path(checkpoint)
-    # weights_only=False: optimizer state holds plain Python containers written by us.
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     restore_rng_state(torch.load(path / "rng_state.pt", weights_only=False))
     return json.loads((path / STATE_FILE).read_text())

@@ -29,7 +29,7 @@ same number of backward passes, while packed micro-batches differ in number betw
 rank can get no row at all in an epoch's short last step. One all_reduce after the accumulation
 is what DDP does with `no_sync` on all but the last micro-batch, minus DDP's overlap of that
 communication with the last backward (small for LoRA gradients; for full fine-tuning of a big
-model, ZeRO / FSDP would be the tool, and they are not implemented here: see `start`).
+model, FSDP or DeepSpeed ZeRO shard the state instead: `train.sharding`, `train.zero`).
 
 Random numbers (dropout): all ranks seed alike, so new LoRA weights start equal (and rank 0's are
 broadcast anyway). With several processes the torch generator is then reseeded before every
@@ -92,27 +92,9 @@ def _first_int(environ: Mapping[str, str], names: Sequence[str]) -> int | None:
 
 
 def unsupported_launch(environ: Mapping[str, str] | None = None) -> str | None:
-    """Why this launch cannot train correctly, or None.
-
-    DeepSpeed and FSDP shard parameters, gradients and optimizer state across ranks; this loop
-    holds a full replica on every rank and sums gradients itself, so under them it would either
-    fail deep inside or train on unsharded replicas while the user believes they are sharded.
-    """
+    """Why this launch cannot train correctly, or None (`accelerate launch --cpu` asked for
+    several processes, and starts one)."""
     env = os.environ if environ is None else environ
-    missing = (
-        "reasonguard's training loop implements data parallelism only (a full replica per "
-        "process, gradients summed across processes); it has no {what} integration: no "
-        "sharded parameters / gradients / optimizer state, no sharded checkpoint format and no "
-        "gather of the sharded weights for saving. Launch with configs/accelerate/ddp.yaml "
-        "(or `reasonguard train ... --num-processes N`), and use finetuning: lora or qlora "
-        "when full fine-tuning does not fit one GPU"
-    )
-    if _true(env.get("ACCELERATE_USE_DEEPSPEED")):
-        return "launched with DeepSpeed (ACCELERATE_USE_DEEPSPEED), but " + missing.format(
-            what="DeepSpeed ZeRO"
-        )
-    if _true(env.get("ACCELERATE_USE_FSDP")):
-        return "launched with FSDP (ACCELERATE_USE_FSDP), but " + missing.format(what="FSDP")
     if (
         forced_cpu(env)
         and env.get("MASTER_ADDR")
@@ -176,8 +158,7 @@ class Processes:
         gloo on CPU); a single process only gets the checks.
 
         Raises:
-            UserError: a DeepSpeed / FSDP launch, or `accelerate launch --cpu` asked for several
-                processes (it starts one).
+            UserError: `accelerate launch --cpu` asked for several processes (it starts one).
         """
         problem = unsupported_launch()
         if problem:
@@ -246,6 +227,18 @@ class Processes:
         tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
         tensor = tensor.to(self._comm_device())
         dist.all_reduce(tensor)
+        return tensor.cpu().tolist()
+
+    def all_max(self, values: Sequence[float]) -> list[float]:
+        """Each value's maximum over the ranks (float64); one process gets them unchanged."""
+        if not self.enabled:
+            return list(values)
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        tensor = tensor.to(self._comm_device())
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.cpu().tolist()
 
     def all_sum_tensor(self, tensor: Any) -> Any:
@@ -373,22 +366,37 @@ def mixed_precision_note(bf16: bool, environ: Mapping[str, str] | None = None) -
 # `reasonguard train ... --num-processes N`
 
 
+# `--sharding` of `reasonguard train`: the accelerate launch options of each strategy (the same
+# settings as configs/accelerate/*.yaml, which an installed package does not ship).
+SHARDING_LAUNCH_OPTIONS = {
+    "ddp": ["--multi_gpu"],
+    "fsdp": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_reshard_after_forward", "true"],
+    "zero2": ["--use_deepspeed", "--zero_stage", "2"],
+    "zero3": ["--use_deepspeed", "--zero_stage", "3", "--zero3_save_16bit_model", "true"],
+}
+
+
 def launch_command(
-    argv: Sequence[str], num_processes: int, cpu: bool, environ: Mapping[str, str] | None = None
+    argv: Sequence[str],
+    num_processes: int,
+    cpu: bool,
+    environ: Mapping[str, str] | None = None,
+    sharding: str = "ddp",
 ) -> tuple[list[str], dict[str, str]]:
     """The `accelerate launch` command (and its environment) that runs `reasonguard *argv` in
-    `num_processes` processes on this machine.
+    `num_processes` processes on this machine, data parallel (`ddp`) or sharded (`fsdp`,
+    `zero2`, `zero3`: see train.sharding).
 
-    `--multi_gpu` is what makes accelerate start several processes (through torchrun); with
-    `cpu` the GPUs are hidden and the processes use gloo (accelerate's own `--cpu` would start
-    one process).
+    `--multi_gpu` (or a sharding option) is what makes accelerate start several processes
+    (through torchrun); with `cpu` the GPUs are hidden and the processes use gloo (accelerate's
+    own `--cpu` would start one process).
     """
     env = dict(os.environ if environ is None else environ)
     command = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--multi_gpu",
+        *SHARDING_LAUNCH_OPTIONS[sharding],
         "--num_processes",
         str(num_processes),
         "--num_machines",
@@ -410,7 +418,7 @@ def launch_command(
     return command, env
 
 
-def launch(argv: Sequence[str], num_processes: int, cpu: bool) -> int:
+def launch(argv: Sequence[str], num_processes: int, cpu: bool, sharding: str = "ddp") -> int:
     """Run `reasonguard *argv` in `num_processes` processes; the launcher's exit status.
 
     Raises:
@@ -431,7 +439,7 @@ def launch(argv: Sequence[str], num_processes: int, cpu: bool) -> int:
                 f"{gpus}: use --num-processes {gpus}, or add --cpu for CPU processes"
             )
         cpu = gpus == 0
-    command, env = launch_command(argv, num_processes, cpu)
+    command, env = launch_command(argv, num_processes, cpu, sharding=sharding)
     shown = " ".join(command[2:]).replace("accelerate.commands.launch", "accelerate launch", 1)
     print(f"launching {num_processes} {'CPU ' if cpu else ''}processes: {shown}", file=sys.stderr)
     return subprocess.run(command, env=env, check=False).returncode

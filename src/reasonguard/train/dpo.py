@@ -177,10 +177,13 @@ class DPORecipe(SFTRecipe):
         chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]), reverse=True)
         order = order[self.dist.rank :: self.dist.world_size]
+        chunks = [order[start : start + size] for start in range(0, len(order), size)]
         self.model.eval()
         with torch.no_grad():
-            for start in range(0, len(order), size):
-                index = order[start : start + size]
+            for index in self._aligned(chunks):
+                if index is None:  # sharded parameters: a pass that adds nothing
+                    self._logps([min(pairs, key=len)])
+                    continue
                 sums, _ = self._logps([pairs[i] for i in index])
                 n = len(index)
                 chosen[index] = sums[:n].cpu()
@@ -192,7 +195,9 @@ class DPORecipe(SFTRecipe):
         batch = collate_pairs(pairs, self.config.packing, self.tokenizer.pad_token_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with self._autocast():
-            return sequence_logps(self.model, batch, 2 * len(pairs))
+            return self.sharding.forward(
+                lambda model, b: sequence_logps(model, b, 2 * len(pairs)), batch
+            )
 
     def _loss(self, pairs: list[PairExample]) -> tuple[Any, Any]:
         """Per-pair weighted losses and margins of some pairs under the current model."""
@@ -236,9 +241,12 @@ class DPORecipe(SFTRecipe):
         while True:
             try:
                 total, right, margin = 0.0, 0, 0.0
-                for chunk in self._micro_batches(mine):
+                for chunk in self._aligned(self._micro_batches(mine), backward=True):
+                    if chunk is None:  # sharded parameters: a pass that adds nothing
+                        self.sharding.backward(self._loss([min(rows, key=len)])[0].sum() * 0.0)
+                        continue
                     losses, margins = self._loss(chunk)
-                    (losses.sum() / n_pairs).backward()
+                    self.sharding.backward(losses.sum() / n_pairs)
                     total += float(losses.detach().sum())
                     right += int((margins > 0).sum())
                     margin += float(margins.sum())
@@ -275,11 +283,15 @@ class DPORecipe(SFTRecipe):
 
         pairs = self.dist.shard(sorted(self.data.eval, key=len, reverse=True))
         size = self.config.per_device_eval_batch_size
+        chunks = [pairs[start : start + size] for start in range(0, len(pairs), size)]
         total, right = 0.0, 0
         self.model.eval()
         with torch.no_grad():
-            for start in range(0, len(pairs), size):
-                losses, margins = self._loss(pairs[start : start + size])
+            for chunk in self._aligned(chunks):
+                if chunk is None:  # sharded parameters: a pass that adds nothing
+                    self._loss([min(self.data.eval, key=len)])
+                    continue
+                losses, margins = self._loss(chunk)
                 total += float(losses.sum())
                 right += int((margins > 0).sum())
         self.model.train()
@@ -302,6 +314,14 @@ class DPORecipe(SFTRecipe):
         return f"HS-DPO {c.model_name_or_path} ({c.finetuning}, beta {c.beta})"
 
     # ------------------------------------------------------------------------------ save
+
+    def _merges_adapter_on_save(self) -> bool:
+        from reasonguard.models import resolve_model
+        from reasonguard.train.modeling import is_adapter_dir
+
+        c = getattr(self, "run_config", None) or self.config
+        start = resolve_model(c.model_name_or_path)
+        return c.finetuning != "full" and is_adapter_dir(start) and c.init_adapter == "merge"
 
     def _saved_model(self) -> tuple[Any, str, str]:
         """(model to save, finetuning to record, base model to record)."""

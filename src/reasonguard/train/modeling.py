@@ -268,9 +268,14 @@ def _set_lora_dropout(model: Any, p: float) -> None:
 
 
 def parameter_counts(model: Any) -> dict[str, int]:
-    """Trainable and total parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """Trainable and total parameter counts (whole tensors, also when sharded: a DTensor's
+    numel is global, a ZeRO-3 parameter's local data is empty and `ds_numel` holds its size)."""
+
+    def size(p: Any) -> int:
+        return getattr(p, "ds_numel", None) or p.numel()
+
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(size(p) for p in model.parameters())
     return {"trainable": trainable, "total": total}
 
 

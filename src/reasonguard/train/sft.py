@@ -60,9 +60,11 @@ Example:
 from __future__ import annotations
 
 import gc
+import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,8 @@ from reasonguard.train.modeling import (
     use_bf16,
     warmup_steps,
 )
+from reasonguard.train.sharding import make_sharding
+from reasonguard.train.zero import SHARDS_DIR
 
 STAGE = "sft"
 CONFIG_FILE = "config.yaml"
@@ -214,14 +218,21 @@ class SFTRecipe:
         self.run_config = effective_config(c, self.decisions)
         if self.decisions["liger"].value and self.loss_fn is labelled_loss_sum:
             self.loss_fn = liger_labelled_loss_sum
+        self.sharding = make_sharding(self.dist)
+        self.sharding.check(self.run_config, {"merges_adapter": self._merges_adapter_on_save()})
         self.model = load_model(self.run_config, self.bf16, checkpoint=self.resume_from)
+        # Every rank starts from rank 0's weights (equal already: same seed, same files).
+        self.dist.broadcast_parameters([p for p in self.model.parameters() if p.requires_grad])
+        self.model = self.sharding.wrap(self.model, self.bf16)
         self.optimizer = build_optimizer(self.model, c)
         self.scheduler = build_scheduler(self.optimizer, c, self.total_steps)
+        self.optimizer = self.sharding.attach_optimizer(self.optimizer, self.scheduler, c)
         self._after_model_loaded()
         self.state = self._fresh_state()
         if self.resume_from is not None:
+            self._load_optimizer(self.resume_from)
             # Last: loading the model may draw random numbers; the saved RNG state wins.
-            saved = ckpt.load_training_state(self.resume_from, self.optimizer, self.scheduler)
+            saved = ckpt.load_training_state(self.resume_from, self.scheduler)
             self._adopt_state(saved)
             self._print(
                 f"resuming from {self.resume_from} (step {self.state['step']}/{self.total_steps})"
@@ -249,8 +260,14 @@ class SFTRecipe:
             checkpoints=self._checkpoint_names(),
         )
         self._write_status()
-        # Every rank starts from rank 0's weights (equal already: same seed, same files).
-        self.dist.broadcast_parameters([p for p in self.model.parameters() if p.requires_grad])
+
+    def _merges_adapter_on_save(self) -> bool:
+        """Whether save() folds an adapter into the base (needs the whole model in one place)."""
+        return False
+
+    def _load_optimizer(self, checkpoint: Path) -> None:
+        fmt = ckpt.read_trainer_state(checkpoint).get("optimizer_format")
+        self.sharding.load_optimizer(checkpoint, fmt)
 
     def _decide(self) -> dict[str, Any]:
         """The run's decisions (`train.decisions.resolve`) from its training rows' lengths."""
@@ -412,16 +429,13 @@ class SFTRecipe:
                         torch.manual_seed(step_seed(c.seed, step + 1, self.dist.rank))
                     loss, n_labels, n_tokens = self._train_step(rows, step + 1)
                     monitor.check_finite(loss, step + 1, self.last_checkpoint)
-                    self.dist.sum_gradients(params)  # several processes: the whole step's gradient
-                    # max_norm=inf measures the norm without clipping.
-                    norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm or float("inf"))
-                    monitor.check_finite(
-                        float(norm), step + 1, self.last_checkpoint, "gradient norm"
-                    )
+                    # Several processes: summed into the whole step's gradient; then clipped.
+                    norm = self.sharding.finish_gradients(params, c.max_grad_norm)
+                    monitor.check_finite(norm, step + 1, self.last_checkpoint, "gradient norm")
                     lr = self.scheduler.get_last_lr()[0]
-                    self.optimizer.step()
+                    self.sharding.optimizer_step()
                     self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.sharding.zero_grad()
                     step += 1
                     self._count(step, loss, n_labels, n_tokens)
                     meter.update(step, n_tokens, time.perf_counter() - t0)
@@ -429,7 +443,7 @@ class SFTRecipe:
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{meter.tokens_per_second():,.0f}")
                     epoch_end = step % self.steps_per_epoch == 0
                     if step == 1 or step % c.logging_steps == 0 or step == self.total_steps:
-                        self._log(step, lr, float(norm), meter, bar)
+                        self._log(step, lr, norm, meter, bar)
                     if self._eval_due(step, epoch_end):
                         self._evaluate(step, bar)
                     if self._save_due(step, epoch_end):
@@ -454,16 +468,15 @@ class SFTRecipe:
         n_labels = sum(r.num_labels for r in rows)
         n_tokens = sum(len(r) for r in rows)
         mine = self.dist.shard(rows)
-        pad = self.tokenizer.pad_token_id
         while True:
             try:
                 total = torch.zeros((), device=self.device)
-                for chunk in self._micro_batches(mine):
-                    tensors = collate_packed(chunk) if self.config.packing else collate(chunk, pad)
-                    batch = {k: v.to(self.device) for k, v in tensors.items()}
-                    with self._autocast():
-                        loss_sum = self.loss_fn(self.model, batch)
-                    (loss_sum / n_labels).backward()
+                for chunk in self._aligned(self._micro_batches(mine), backward=True):
+                    if chunk is None:  # sharded parameters: a pass that adds nothing
+                        self.sharding.backward(self._rows_loss([min(rows, key=len)]) * 0.0)
+                        continue
+                    loss_sum = self._rows_loss(chunk)
+                    self.sharding.backward(loss_sum / n_labels)
                     total += loss_sum.detach()
                 loss = self.dist.all_sum([total.item()])[0] / n_labels
                 if self.config.debug_nan_at_step == step:
@@ -472,6 +485,23 @@ class SFTRecipe:
             except torch.cuda.OutOfMemoryError:
                 pass  # leave the except block first so the failed step's tensors can be freed
             self._shrink_micro_batch()
+
+    def _rows_loss(self, rows: list[Any], packed: bool | None = None) -> Any:
+        """Summed token loss of some rows (one forward pass, packed when the config packs)."""
+        packed = self.config.packing if packed is None else packed
+        tensors = collate_packed(rows) if packed else collate(rows, self.tokenizer.pad_token_id)
+        batch = {k: v.to(self.device) for k, v in tensors.items()}
+        with self._autocast():
+            return self.sharding.forward(self.loss_fn, batch)
+
+    def _aligned(self, chunks: Sequence[Any], backward: bool = False) -> list[Any]:
+        """`chunks`, then None for every pass this rank must run idle: with sharded parameters
+        (FSDP, ZeRO) every forward/backward gathers or reduces them collectively, so all ranks
+        run as many passes as the busiest one."""
+        total = self.sharding.agree_count(len(chunks))
+        if backward:
+            self.sharding.expect_backwards(total)
+        return [*chunks, *([None] * (total - len(chunks)))]
 
     def _micro_batches(self, rows: list[Any]) -> list[list[Any]]:
         """One step's rows grouped into micro-batches: packed into the token budget (the budget
@@ -590,15 +620,15 @@ class SFTRecipe:
 
         rows = self.dist.shard(sorted(self.data.eval, key=len, reverse=True))
         size = self.config.per_device_eval_batch_size
+        chunks = [rows[start : start + size] for start in range(0, len(rows), size)]
         total, count = 0.0, 0
-        pad = self.tokenizer.pad_token_id
         self.model.eval()
         with torch.no_grad():
-            for start in range(0, len(rows), size):
-                chunk = rows[start : start + size]
-                batch = {k: v.to(self.device) for k, v in collate(chunk, pad).items()}
-                with self._autocast():
-                    total += float(self.loss_fn(self.model, batch))
+            for chunk in self._aligned(chunks):
+                if chunk is None:  # sharded parameters: a pass that adds nothing
+                    self._rows_loss([min(self.data.eval, key=len)], packed=False)
+                    continue
+                total += float(self._rows_loss(chunk, packed=False))
                 count += sum(r.num_labels for r in chunk)
         self.model.train()
         total, count = self.dist.all_sum([total, count])
@@ -626,21 +656,38 @@ class SFTRecipe:
         self._write_status()
 
     def _save_checkpoint(self, step: int) -> None:
-        """Rank 0 writes the checkpoint; every rank holds the same weights and optimizer state
-        (the step's gradient all_reduce already synchronised them, so no barrier is needed)."""
+        """Rank 0 writes the checkpoint. Replicated: every rank holds the same weights and
+        optimizer state (the step's gradient all_reduce synchronised them, no barrier needed);
+        sharded: every rank first sends its shards to rank 0."""
+        t0 = time.perf_counter()
+        shards = None
+        if self.sharding.writes_shards:  # every rank writes its part first (DeepSpeed)
+            shards = self.run_dir / f".{ckpt.PREFIX}{step}.shards.tmp"
+            if self.dist.is_main:
+                shutil.rmtree(shards, ignore_errors=True)
+            self.dist.barrier()
+            self.sharding.write_shards(shards)
+            self.dist.barrier()
+        model_state = self.sharding.full_model_state()  # collective when sharded
+        optimizer_state, optimizer_format = self.sharding.full_optimizer_state()
         if not self.dist.is_main:
             self.last_checkpoint = self.run_dir / f"{ckpt.PREFIX}{step}"
             return
-        t0 = time.perf_counter()
-        state = {**self.state, "epoch": step / self.steps_per_epoch, "saved_at": monitor.now_iso()}
+        state = {
+            **self.state,
+            "epoch": step / self.steps_per_epoch,
+            "saved_at": monitor.now_iso(),
+            "optimizer_format": optimizer_format,
+        }
         self.last_checkpoint = ckpt.save_checkpoint(
             self.run_dir,
             step,
-            self.model.save_pretrained,
-            self.optimizer,
+            _model_writer(self.model, model_state),
+            optimizer_state,
             self.scheduler,
             state,
             keep=self.config.save_total_limit,
+            folders={SHARDS_DIR: shards} if shards is not None else None,
         )
         self.timings["checkpoint_seconds"] += time.perf_counter() - t0
         self.status["checkpoints"] = self._checkpoint_names()
@@ -677,6 +724,7 @@ class SFTRecipe:
 
         final = self.run_dir / FINAL_DIR
         self.final_dir = final
+        model_state = self.sharding.full_model_state()  # collective when sharded
         if not self.dist.is_main:
             return final
         tmp = self.run_dir / f".{FINAL_DIR}.tmp"
@@ -693,8 +741,14 @@ class SFTRecipe:
 
             # Training is over: the fp32 master weights were for exact updates; the model is
             # used (and was trained) in bf16, and half the size on disk.
-            model = model.to(torch.bfloat16)
-        model.save_pretrained(tmp)
+            if model_state is None:
+                model = model.to(torch.bfloat16)
+            else:
+                model_state = {
+                    k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                    for k, v in model_state.items()
+                }
+        _model_writer(model, model_state)(tmp)
         self.tokenizer.save_pretrained(tmp)
         write_guard_config(
             tmp,
@@ -778,6 +832,7 @@ class SFTRecipe:
                 "pack_tokens": getattr(self, "pack_budget", None) if c.packing else None,
                 "processes": self.dist.world_size,
                 "distributed_backend": self.dist.backend,
+                "sharding": self.sharding.describe() if hasattr(self, "sharding") else None,
             },
             "data": self.data.stats,
             "model": {
@@ -873,6 +928,14 @@ def _result_of_finished(run_dir: Path) -> SFTResult:
         info["final_train_loss"],
         info["final_eval_loss"],
     )
+
+
+def _model_writer(model: Any, state: dict[str, Any] | None) -> Callable[[Path], None]:
+    """Writes `model` with `save_pretrained` into a folder: its own weights, or `state` (the
+    full state dict a sharded run gathered on rank 0)."""
+    if state is None:
+        return model.save_pretrained
+    return lambda folder: model.save_pretrained(folder, state_dict=state)
 
 
 def _finished(run_dir: Path) -> bool:
