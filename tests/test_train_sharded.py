@@ -104,6 +104,12 @@ def test_fsdp_full_finetune_trains_the_weights_of_one_and_its_checkpoint_resumes
     assert sharding["strategy"] == "fsdp" and sharding["unit_classes"] == ["LlamaDecoderLayer"]
     assert sharding["units"] == 3  # two decoder layers and the loss-running root
     assert info["model"]["parameters"] == one["model"]["parameters"]  # global, not a shard
+    # Each rank holds half of the weights and of the Adam moments (exact halves: even sizes).
+    held, whole = info["memory_per_rank"], one["memory_per_rank"]
+    assert len(held["peak_rss_gib"]) == 2 and min(held["peak_rss_gib"]) > 0
+    for key in ("weights_gib", "optimizer_state_gib"):
+        assert sum(held[key]) == pytest.approx(whole[key][0], abs=2e-3)
+        assert max(held[key]) < 0.6 * whole[key][0]
     final_one, final_two = _weights(single / "final"), _weights(two / "final")
     assert sorted(final_two) == sorted(final_one)  # the tied head stored once, as by one process
     assert _max_difference(final_one, final_two) <= 1e-5

@@ -453,6 +453,33 @@ class SFTRecipe:
             self.state["train_seconds"] += time.perf_counter() - self._train_started
         if data.eval and c.eval_strategy != "no" and self.state["last_eval_step"] != step:
             self._evaluate(step, None)  # the final eval loss of training_info.json
+        self.peak_memory = self._peak_memory_per_rank()
+
+    def _peak_memory_per_rank(self) -> dict[str, list[float] | None]:
+        """Each rank's memory (GiB): its peak resident set and peak CUDA allocation so far, and
+        the model state it holds (weights, optimizer master copies and moments: what sharding
+        divides); collective (every rank sends its own)."""
+        import resource
+
+        import torch
+
+        world, rank = self.dist.world_size, self.dist.rank
+        gib = 1024**3
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib  # KiB on Linux
+        cuda = torch.cuda.max_memory_allocated() / gib if torch.cuda.is_available() else 0.0
+        state = model_state_bytes(self.model, self.optimizer)
+        values = [rss, cuda, state["weights"] / gib, state["optimizer"] / gib]
+        mine = [0.0] * (len(values) * world)
+        for i, value in enumerate(values):
+            mine[i * world + rank] = value
+        every = self.dist.all_sum(mine)
+        column = [[round(v, 3) for v in every[i * world : (i + 1) * world]] for i in range(4)]
+        return {
+            "peak_rss_gib": column[0],
+            "peak_cuda_allocated_gib": column[1] if torch.cuda.is_available() else None,
+            "weights_gib": column[2],
+            "optimizer_state_gib": column[3],
+        }
 
     def _train_step(self, rows: list[Any], step: int) -> tuple[float, int, int]:
         """Forward/backward over one optimizer step's rows; returns (loss, labels, tokens).
@@ -863,6 +890,7 @@ class SFTRecipe:
                 "total": s.get("tokens_seen", 0),
                 "labelled": s.get("label_tokens_seen", 0),
             },
+            "memory_per_rank": getattr(self, "peak_memory", None),
             "final_train_loss": s.get("last_train_loss"),
             "final_eval_loss": s.get("last_eval_loss"),
             "best_eval_loss": s.get("best_eval_loss"),
@@ -928,6 +956,27 @@ def _result_of_finished(run_dir: Path) -> SFTResult:
         info["final_train_loss"],
         info["final_eval_loss"],
     )
+
+
+def model_state_bytes(model: Any, optimizer: Any) -> dict[str, int]:
+    """Bytes of model state this process holds: `weights` (its parameters, or its shards of
+    them) and `optimizer` (master copies the optimizer keeps apart from the model's parameters,
+    as DeepSpeed's fp32 partitions, plus every state tensor: AdamW's moments)."""
+    import torch
+
+    def local(t: Any) -> int:
+        if hasattr(t, "to_local"):  # an FSDP2 DTensor: this rank's shard
+            t = t.to_local()
+        t = getattr(t, "ds_tensor", None) if hasattr(t, "ds_tensor") else t  # ZeRO-3 partition
+        return 0 if t is None else t.numel() * t.element_size()
+
+    own = {id(p) for p in model.parameters()}
+    weights = sum(local(p) for p in model.parameters())
+    masters = sum(local(p) for g in optimizer.param_groups for p in g["params"] if id(p) not in own)
+    moments = sum(
+        local(v) for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)
+    )
+    return {"weights": weights, "optimizer": masters + moments}
 
 
 def _model_writer(model: Any, state: dict[str, Any] | None) -> Callable[[Path], None]:
