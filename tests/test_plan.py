@@ -2,12 +2,14 @@
 
 The plan is a model, so these tests pin its shape, not its numbers: memory falls from full to
 LoRA to QLoRA and with checkpointing, time falls with a faster GPU and scales as 1 / the given
-tokens/s. The architecture arithmetic is checked against the public parameter counts.
+tokens/s; on several GPUs, sharding divides what each strategy shards and time falls with N.
+The architecture arithmetic is checked against the public parameter counts.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,15 +18,20 @@ from reasonguard.train.config import load_config
 from reasonguard.train.plan import (
     GPUS,
     KNOWN_ARCHITECTURES,
+    SCALING_EFFICIENCY,
+    SHARDINGS,
     TARGETS,
     memory_estimate,
     model_architecture,
+    parameter_memory,
     plan_training,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo-cpu.yaml"
 EXP19 = REPO / "configs" / "exp19-qlora-3b-instruct.yaml"
+RSFT_8B = REPO / "configs" / "guardreasoner-rsft-8b.yaml"  # full fine-tuning, 384-row steps
+LLAMA_8B = KNOWN_ARCHITECTURES["meta-llama/Llama-3.1-8B"]
 CPU_FLOPS = 50e9  # a fixed CPU matmul rate, so tests other than the CLI one time nothing
 
 
@@ -124,6 +131,12 @@ def test_too_big_for_the_gpu_warns_and_names_what_fits(cli) -> None:
     [
         (["--gpu", "v100"], "--gpu 'v100' is not known; choose one of: h100, a100"),
         (["--gpu", "4090", "--tokens-per-second", "0"], "must be a positive number"),
+        (["--gpu", "h100", "--sharding", "zero3"], "--sharding zero3 shards over several GPUs"),
+        (["--gpu", "h100", "--num-processes", "0"], "--num-processes must be at least 1"),
+        (["--gpu", "h100", "--num-processes", "2", "--sharding", "zero1"], "choose one of: ddp"),
+        (["--gpu", "cpu", "--num-processes", "2"], "--num-processes N > 1 plans N GPUs"),
+        # exp19 is QLoRA: train refuses it under FSDP / DeepSpeed, so the plan does too.
+        (["--gpu", "h100", "--num-processes", "2", "--sharding", "fsdp"], "qlora cannot be"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(cli, args: list[str], message: str) -> None:
@@ -133,9 +146,10 @@ def test_bad_arguments_exit_2_with_a_message(cli, args: list[str], message: str)
 
 
 def test_cli_choices_match_the_library() -> None:
-    from reasonguard.commands.plan import GPU_CHOICES
+    from reasonguard.commands.plan import GPU_CHOICES, SHARDING_CHOICES
 
     assert tuple(GPU_CHOICES) == TARGETS
+    assert tuple(SHARDING_CHOICES) == SHARDINGS
 
 
 def test_architectures_match_public_parameter_counts() -> None:
@@ -158,3 +172,102 @@ def test_unknown_hub_model_offline_is_a_user_error(cli) -> None:
     code, _, err = cli("plan", "--config", EXP19, "--gpu", "h100", "model_name_or_path=acme/x-7b")
     assert code == 2
     assert "no local config.json and no hub access" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Several GPUs
+
+
+def _state(memory: dict[str, float]) -> float:
+    """Per-GPU bytes of weights, trainable weights and optimizer state."""
+    return memory["weights"] + memory["trainable_and_optimizer"]
+
+
+def test_zero3_on_4_gpus_holds_about_a_quarter_of_a_replica(cli, tmp_path: Path) -> None:
+    out_file = tmp_path / "plan.json"
+    args = ["--gpu", "h100", "--num-processes", 4, "--sharding", "zero3", "--json", out_file]
+    code, out, err = cli("plan", "--config", RSFT_8B, *args)
+    assert code == 0, err
+    assert "on 4 x NVIDIA H100 SXM 80GB (zero3)" in out
+    assert "0.85 zero3 scaling efficiency (ASSUMED, not measured)" in out
+    assert "GiB per GPU = weights" in out and "WARNING" not in out  # fits 80 GB per GPU
+    sharded = json.loads(out_file.read_text())
+    assert sharded["parallel"]["num_processes"] == 4 and sharded["parallel"]["sharding"] == "zero3"
+    assert sharded["parallel"]["scaling_efficiency"] == SCALING_EFFICIENCY["zero3"] == 0.85
+    assert sharded["memory"]["per_gpu_of"] == 4 and sharded["memory"]["fits"]
+    assert sharded["throughput"]["processes"] == 4
+
+    replica = _plan(RSFT_8B, gpu="h100")
+    assert not replica["memory"]["fits"]
+    zero3, ddp = sharded["memory"]["with_checkpointing"], replica["memory"]["with_checkpointing"]
+    # 18 bytes a parameter / 4 (bf16 module, fp32 master, gradient, moments) against the
+    # replica's 22: about a quarter, a little under it.
+    assert 0.75 * _state(ddp) / 4 < _state(zero3) <= _state(ddp) / 4
+    assert zero3["sharding_transient"] > 0  # one block and the embeddings / LM head gathered
+    # Each GPU runs its own micro-batches: activations are one GPU's, as on one GPU.
+    assert zero3["activations"] == pytest.approx(ddp["activations"])
+    assert zero3["total"] < ddp["total"] / 2
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_fsdp_and_zero3_divide_by_n_and_zero2_keeps_weights_whole(mode: str) -> None:
+    config = load_config(RSFT_8B, [f"finetuning={mode}"])
+    ddp = parameter_memory(LLAMA_8B, config, True)
+    for sharding in ("fsdp", "zero3"):
+        two, four = (parameter_memory(LLAMA_8B, config, True, sharding, n) for n in (2, 4))
+        assert _state(four) == pytest.approx(_state(two) / 2)
+        assert two["sharding_transient"] == four["sharding_transient"] > 0
+    zero2 = {n: parameter_memory(LLAMA_8B, config, True, "zero2", n) for n in (2, 4)}
+    # ZeRO-2: the bf16 module stays whole on every GPU, whatever N; the fp32 master weights,
+    # gradients and moments are divided.
+    assert zero2[2]["weights"] == zero2[4]["weights"] >= 2 * LLAMA_8B.total_params
+    assert zero2[4]["trainable_and_optimizer"] == pytest.approx(ddp["trainable_and_optimizer"] / 4)
+
+
+def test_more_gpus_take_less_time_for_the_same_steps() -> None:
+    one = _plan(RSFT_8B, gpu="h100")
+    four = _plan(RSFT_8B, gpu="h100", num_processes=4, sharding="zero3")
+    # effective_batch_size is fixed: the same optimizer steps on any number of GPUs.
+    assert four["steps"] == one["steps"]
+    t1, t4 = one["time"]["total_seconds"], four["time"]["total_seconds"]
+    # / (4 x 0.85), a little more padding: each GPU batches its own share of a step's rows.
+    assert t1 / 4 < t4 < t1 / 3
+    ddp4 = _plan(RSFT_8B, gpu="h100", num_processes=4, sharding="ddp")
+    assert ddp4["time"]["total_seconds"] < t4  # the assumed efficiency: 0.90 against 0.85
+
+
+def test_steps_follow_the_trainer_without_an_effective_batch_size() -> None:
+    """Hugging Face's rule (per device x accumulation x processes): 2 processes take steps of
+    twice the rows, as `train sft --dry-run --num-processes 2` plans them."""
+    from reasonguard.train.dryrun import plan_sft
+
+    config = load_config(EXP19)
+    plan = plan_training(config, gpu="h100", num_processes=2)
+    dry = plan_sft(config, world_size=2)
+    assert plan["config"]["samples_per_step"] == dry["samples_per_step"] == 256
+    assert plan["steps"]["total"] == dry["total_steps"]
+    assert plan["steps"]["total"] < _plan(EXP19, gpu="h100")["steps"]["total"]
+
+
+def test_too_big_for_one_gpu_names_the_processes_that_fit(cli) -> None:
+    code, out, _ = cli("plan", "--config", RSFT_8B, "--gpu", "h100")
+    assert code == 0
+    assert "per GPU" not in out.split("WARNING")[0]  # the one-GPU plan reads as before
+    warning = next(line for line in out.splitlines() if line.startswith("WARNING"))
+    assert "would fit: finetuning=lora" in warning
+    named = re.search(r"fits with --num-processes (\d) --sharding (fsdp|zero3)", warning)
+    assert named, warning
+    # The advice, applied, fits; the next smaller count of (2, 4, 8), if any, does not.
+    n, sharding = int(named[1]), named[2]
+    assert _plan(RSFT_8B, gpu="h100", num_processes=n, sharding=sharding)["memory"]["fits"]
+    if n > 2:
+        smaller = _plan(RSFT_8B, gpu="h100", num_processes=n // 2, sharding=sharding)
+        assert not smaller["memory"]["fits"]
+
+
+def test_too_big_even_sharded_says_so(cli) -> None:
+    # Full fine-tuning of 3B without checkpointing on 16 GB: the activations alone do not fit.
+    too_big = ["finetuning=full", "gradient_checkpointing=false", "optim=adamw_torch"]
+    code, out, _ = cli("plan", "--config", EXP19, "--gpu", "4070ti-super", *too_big)
+    assert code == 0
+    assert "none of --num-processes 2, 4, 8 with --sharding fsdp or zero3 fits" in out

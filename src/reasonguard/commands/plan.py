@@ -1,8 +1,10 @@
-"""`reasonguard plan --config C [--gpu CLASS] [--tokens-per-second X]`: how long and how much
-memory an SFT run will take, before launching it (no model weights loaded).
+"""`reasonguard plan --config C [--gpu CLASS] [--num-processes N --sharding S]
+[--tokens-per-second X]`: how long and how much memory an SFT run will take, before launching
+it (no model weights loaded).
 
 Example:
     reasonguard plan --config configs/exp19-qlora-3b-instruct.yaml --gpu 4090
+    reasonguard plan --config configs/guardreasoner-rsft-8b.yaml --gpu h100 --num-processes 4 --sharding zero3
     reasonguard plan --config configs/demo-cpu.yaml --gpu cpu --json runs/plan-demo.json
 """
 
@@ -19,6 +21,8 @@ from reasonguard.errors import UserError
 
 # Kept in step with reasonguard.train.plan.TARGETS (tests check it), so --help needs no import.
 GPU_CHOICES = ("h100", "a100", "l40s", "4090", "4070ti-super", "cpu")
+# Kept in step with reasonguard.train.plan.SHARDINGS (tests check it) and `train --sharding`.
+SHARDING_CHOICES = ("ddp", "fsdp", "zero2", "zero3")
 
 _HELP = """\
 Tokens per epoch, optimizer steps, a memory estimate (weights, trainable weights and AdamW
@@ -27,6 +31,12 @@ config, from a FLOPs model and an assumed MFU per GPU class (peak TFLOPS from NV
 sheets), or for `cpu` a matmul timed on this machine. Token counts come from the real rows when
 data and tokenizer are local, else from published statistics (marked ESTIMATED). `key=value`
 overrides apply as in `train sft`.
+
+Several GPUs (`--num-processes N --sharding ddp|fsdp|zero2|zero3`, as `train` takes them):
+memory is per GPU (ddp a full replica; zero2 shards the fp32 master weights, gradients and AdamW
+moments; fsdp / zero3 shard the weights too and gather one block at a time); time is the one-GPU
+time / N / an ASSUMED scaling efficiency (0.90 ddp / zero2, 0.85 fsdp / zero3; not measured).
+When a config does not fit, the plan names the fewest GPUs (2, 4 or 8) fsdp / zero3 need.
 """
 
 
@@ -50,8 +60,22 @@ def register(subparsers: Any) -> None:
         type=float,
         default=None,
         metavar="X",
-        help="a measured training rate (real, non-pad tokens/s as `train` logs it); replaces "
-        "the throughput model",
+        help="a measured training rate (real, non-pad tokens/s as `train` logs it, of a run with "
+        "the same --num-processes and --sharding); replaces the throughput model, not scaled",
+    )
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="GPUs of one node, one training process each (default: 1)",
+    )
+    parser.add_argument(
+        "--sharding",
+        default="ddp",
+        metavar="S",
+        help=f"with --num-processes N >= 2: {'|'.join(SHARDING_CHOICES)} (default: ddp, a full "
+        "replica per GPU), as `train --sharding`",
     )
     parser.add_argument("--json", metavar="OUT", default=None, help="also write the plan here")
     parser.set_defaults(func=run)
@@ -63,11 +87,24 @@ def run(args: argparse.Namespace) -> int:
     rate = args.tokens_per_second
     if rate is not None and not (math.isfinite(rate) and rate > 0):
         raise UserError(f"--tokens-per-second must be a positive number, got {rate}")
+    processes, sharding = args.num_processes, args.sharding
+    if processes < 1:
+        raise UserError(f"--num-processes must be at least 1, got {processes}")
+    if sharding not in SHARDING_CHOICES:
+        raise UserError(
+            f"--sharding {sharding!r} is not known; choose one of: {', '.join(SHARDING_CHOICES)}"
+        )
+    if sharding != "ddp" and processes == 1:
+        raise UserError(
+            f"--sharding {sharding} shards over several GPUs: give --num-processes N (N >= 2)"
+        )
     from reasonguard.train.config import load_config
     from reasonguard.train.plan import format_training_plan, plan_training
 
     config = load_config(args.config, list(args.overrides))
-    plan = plan_training(config, gpu=args.gpu, tokens_per_second=rate)
+    plan = plan_training(
+        config, gpu=args.gpu, tokens_per_second=rate, num_processes=processes, sharding=sharding
+    )
     print(format_training_plan(plan))
     if args.json:
         out = Path(args.json)

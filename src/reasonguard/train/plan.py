@@ -11,16 +11,21 @@ The seed's hand-written timeline ("~1,000 steps/epoch at 5.4 min/step, ~270 hour
 2. **Memory** of the largest micro-batch (`memory_estimate`): weights by fine-tuning mode,
    trainable weights + gradients + AdamW state, activations with and without gradient
    checkpointing from the model's layer shapes, the LM head over label positions only (that is
-   what `modeling.labelled_loss_sum` computes), and a runtime allowance.
+   what `modeling.labelled_loss_sum` computes), and a runtime allowance. On several GPUs
+   (`num_processes`, `sharding`: ddp, fsdp, zero2, zero3, as `train` takes them) the estimate
+   is per GPU: each process batches its own share of every step's rows, and the parameters,
+   gradients and optimizer state are replicated or sharded as `parameter_memory` describes.
 3. **Time** from a FLOPs model (`flops_per_token`) divided by the sustained FLOPS of the target:
    peak dense TFLOPS of the GPU class x an assumed MFU per fine-tuning mode (`GPUS`), or, for
    `cpu`, a matmul timed on this machine x `CPU_EFFICIENCY`. `tokens_per_second` replaces the
-   throughput model with a measured rate.
+   throughput model with a measured rate. N GPUs divide the time by N x an assumed scaling
+   efficiency (`SCALING_EFFICIENCY`); the optimizer steps are the trainer's for N processes.
 
 Accuracy: a planning estimate. The MFU values are assumptions from published anchors, not
 measurements of this code on these GPUs (GPU speed is unmeasured, see BENCHMARKS.md); the memory
 model counts the big tensors, ignores small ones and has not been checked against a measured
-peak, so treat it as a rough guide.
+peak, so treat it as a rough guide. Nothing multi-GPU here is measured either: the sharded
+memory follows what FSDP2 and DeepSpeed allocate, the scaling efficiencies are assumptions.
 
 Example:
     >>> from reasonguard.train.config import load_config
@@ -114,6 +119,29 @@ CPU_EFFICIENCY = 0.58
 CUDA_CONTEXT_GIB = 1.0
 ALLOCATOR_SLACK = 0.10
 CPU_RUNTIME_GIB = 1.5
+
+# Several GPUs (`--num-processes N --sharding S`, as `train` takes them; train/sharding.py and
+# train/zero.py implement the strategies).
+SHARDINGS = ("ddp", "fsdp", "zero2", "zero3")
+STRATEGY_TEXT = {
+    "ddp": "data parallel: a full replica of weights, gradients and AdamW state on every GPU",
+    "zero2": "DeepSpeed ZeRO-2: the bf16 weights whole on every GPU; fp32 master weights, "
+    "gradients and AdamW moments sharded",
+    "fsdp": "PyTorch FSDP2: weights, gradients and AdamW state sharded; one block (and the "
+    "embeddings / LM head) gathered at a time",
+    "zero3": "DeepSpeed ZeRO-3: weights, gradients and AdamW state sharded; one block (and the "
+    "embeddings / LM head) gathered at a time",
+}
+# ASSUMED, not measured (no multi-GPU run of this code has been timed): the fraction of N x the
+# one-GPU rate that N GPUs of one node keep after communication. ddp sums the gradients once
+# per optimizer step and ZeRO-2 reduce-scatters them in every backward; FSDP and ZeRO-3 also
+# all-gather every block's weights in every forward and backward, more traffic to hide behind
+# the compute, hence the lower figure. Replace them with measured values when there are some.
+SCALING_EFFICIENCY = {"ddp": 0.90, "zero2": 0.90, "fsdp": 0.85, "zero3": 0.85}
+# DeepSpeed's default reduce_bucket_size (elements): train/zero.py sets none, so it applies.
+DEEPSPEED_REDUCE_BUCKET = 500_000_000
+# The process counts the "does not fit" advice tries with fsdp / zero3 (GPUs of one node).
+SHARDED_PROCESS_COUNTS = (2, 4, 8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,8 +330,22 @@ def _sample_lengths(rows: int, stats: dict[str, float], max_length: int, seed: i
     return np.minimum(np.maximum(lengths.round(), 16), max_length).astype(int)
 
 
+def _rank_shares(rows: list[_Row], world_size: int) -> list[list[_Row]]:
+    """Each rank's share of one step's rows, as `Processes.shard` cuts it: sorted longest first
+    (ties in input order), every world_size-th row from the rank's position."""
+    if world_size == 1:
+        return [rows]
+    ordered = sorted(rows, key=len, reverse=True)
+    return [ordered[rank::world_size] for rank in range(world_size)]
+
+
 def token_profile(
-    lengths: Any, label_counts: Any, config: Any, budget: int, flash_varlen: bool
+    lengths: Any,
+    label_counts: Any,
+    config: Any,
+    budget: int,
+    flash_varlen: bool,
+    world_size: int = 1,
 ) -> dict[str, Any]:
     """Per-epoch token counts and micro-batch sizes of rows with these lengths, batched by the
     trainer's code on the first `SIMULATED_STEPS` steps of epoch 0 (scaled to the epoch).
@@ -314,6 +356,9 @@ def token_profile(
         budget: tokens of one packed micro-batch.
         flash_varlen: attention runs per sample (flash-attention varlen); otherwise the kernel
             gets an explicit mask and computes the whole square of each (padded or packed) row.
+        world_size: training processes; each step's rows (`rows_per_step(world_size)`) are
+            shared out among them and each cuts its share into its own micro-batches. Token
+            counts are summed over the processes; the largest micro-batch is any one's.
 
     Returns:
         `real_tokens`, `label_tokens`, `computed_tokens` (with padding) and `attention_keys`
@@ -323,7 +368,7 @@ def token_profile(
     from reasonguard.train.data import micro_batches, pack, step_plan
 
     rows = [_Row(int(n), int(k)) for n, k in zip(lengths, label_counts, strict=True)]
-    plan = step_plan(len(rows), config.samples_per_step, config.seed, 0)
+    plan = step_plan(len(rows), config.rows_per_step(world_size), config.seed, 0)
     seen = plan[:SIMULATED_STEPS]
     computed = attention = seen_tokens = 0
     largest: list[_Row] = []
@@ -331,10 +376,12 @@ def token_profile(
     for indices in seen:
         step_rows = [rows[i] for i in indices]
         seen_tokens += sum(r.n for r in step_rows)
-        if config.packing:
-            groups = pack(step_rows, budget)
-        else:
-            groups = micro_batches(step_rows, config.per_device_train_batch_size)
+        groups = []
+        for share in _rank_shares(step_rows, world_size):
+            if config.packing:
+                groups += pack(share, budget)
+            else:
+                groups += micro_batches(share, config.per_device_train_batch_size)
         for group in groups:
             if config.packing:
                 width = sum(r.n for r in group)
@@ -412,6 +459,84 @@ def lm_head_flops(arch: Architecture, finetuning: str) -> float:
     return (6.0 if finetuning == "full" else 4.0) * arch.hidden * arch.vocab
 
 
+def parameter_memory(
+    arch: Architecture, config: Any, bf16: bool, sharding: str = "ddp", processes: int = 1
+) -> dict[str, float]:
+    """Bytes per GPU of the parameters, their gradients and the optimizer state, under a
+    multi-GPU strategy (`SHARDINGS`) over `processes` GPUs.
+
+    Returns `weights` (the model's parameters apart from a separate fp32 master copy),
+    `trainable_and_optimizer` (the trainable parameters' fp32 master weight + fp32 gradient +
+    AdamW's two moments, 16 bytes a parameter; 10 with an 8-bit optimizer) and
+    `sharding_transient` (what a strategy holds unsharded for a moment). By strategy:
+
+    - ddp: a full replica on every GPU, the single-GPU figures. Full fine-tuning: fp32 weights
+      plus the bf16 copy autocast keeps; LoRA: the frozen base in the compute dtype; QLoRA:
+      NF4. (Full fine-tuning thus counts its fp32 weight twice, here and in
+      `trainable_and_optimizer`: 22 bytes a parameter where 18 would do; left as the single-GPU
+      plan has always had it.) The gradient all-reduce bucket is left out: it is used after
+      backward has freed the activations.
+    - zero2 (DeepSpeed ZeRO-2): DeepSpeed casts the module to the compute dtype (bf16), and that
+      module (frozen base and trainable weights alike) stays whole on every GPU: `weights`.
+      The fp32 master copy, the fp32 gradient partition and the two moments are sharded:
+      `trainable_and_optimizer` / N. Transient: DeepSpeed's gradient reduce bucket
+      (`DEEPSPEED_REDUCE_BUCKET` elements in the compute dtype).
+    - zero3 (DeepSpeed ZeRO-3): as zero2, but the compute-dtype module is sharded too
+      (`weights` / N). Transient: the reduce bucket, plus the gathered parameters of one
+      transformer block and of the root (embeddings, LM head, final norm), in the compute dtype.
+    - fsdp (FSDP2, `train.sharding.FSDP`): everything / N. The sharded parameters are the
+      weights the optimizer updates in place (no separate master copy), so `weights` holds the
+      fp32 trainable shards (plus the frozen LoRA base's shards in its compute dtype) and
+      `trainable_and_optimizer` the fp32 gradient and the moments only. Transient: one block's
+      and the root's parameters gathered in the compute dtype (the root stays gathered through
+      forward and backward; blocks reshard after forward) and their unsharded gradients before
+      the reduce-scatter.
+
+    Not counted: the prefetch of the next block's parameters, DeepSpeed's ZeRO-3 live-parameter
+    cache beyond one block, the fp32 upcast of a block's gradient for the reduce, and NCCL's
+    own buffers (the runtime allowance covers some of this). QLoRA cannot be sharded (the
+    trainer refuses it under FSDP / DeepSpeed); it is planned as ddp only.
+    """
+    a = 2 if bf16 else 4  # bytes of the compute dtype
+    n = processes
+    mode = config.finetuning
+    modules = _lora_modules(config.lora_target_modules)
+    trainable = arch.total_params if mode == "full" else arch.lora_params(config.lora_r, modules)
+    state = 2 if config.optim in ("paged_adamw_8bit", "adamw_bnb_8bit") else 8
+    optimizer = (4 + 4 + state) * trainable  # fp32 weight, fp32 gradient, moments
+    if sharding == "ddp":
+        if mode == "full":
+            weights = (4 + (2 if bf16 else 0)) * arch.total_params
+        elif mode == "lora":
+            weights = a * arch.total_params
+        else:
+            weights = (0.5 + 1 / 64 + 4 / (64 * 256)) * arch.body_params
+            weights += 4 * (arch.embedding_params + arch.small_params)
+        return {
+            "weights": float(weights),
+            "trainable_and_optimizer": float(optimizer),
+            "sharding_transient": 0.0,
+        }
+    if mode == "qlora":
+        raise UserError(f"finetuning qlora cannot be sharded ({sharding}); plan it with ddp")
+    frozen = arch.total_params if mode == "lora" else 0
+    block = arch.body_params // arch.layers + 2 * arch.hidden  # projections and two norms
+    root = arch.embedding_params + arch.hidden  # embeddings, LM head, final norm
+    bucket = DEEPSPEED_REDUCE_BUCKET * a
+    if sharding == "zero2":
+        weights, transient = a * (frozen + trainable), bucket
+    elif sharding == "zero3":
+        weights, transient = a * (frozen + trainable) / n, bucket + a * (root + block)
+    else:  # fsdp: the fp32 trainable shards are the weights themselves
+        weights, transient = (a * frozen + 4 * trainable) / n, 2 * a * (root + block)
+        optimizer -= 4 * trainable
+    return {
+        "weights": float(weights),
+        "trainable_and_optimizer": float(optimizer / n),
+        "sharding_transient": float(transient),
+    }
+
+
 def memory_estimate(
     arch: Architecture,
     config: Any,
@@ -420,8 +545,11 @@ def memory_estimate(
     micro_label_tokens: int,
     checkpointing: bool,
     on_gpu: bool,
+    sharding: str = "ddp",
+    processes: int = 1,
 ) -> dict[str, float]:
-    """Peak memory in bytes of the largest micro-batch, by component.
+    """Peak memory in bytes of the largest micro-batch, by component, on one GPU (of
+    `processes` under `sharding`; see `parameter_memory` for what each strategy divides).
 
     Weights: full = fp32 master weights (+ a bf16 copy held by autocast); lora = the frozen base
     in bf16 (fp32 without bf16); qlora = NF4 projections at 0.5 byte/param plus their
@@ -434,20 +562,13 @@ def memory_estimate(
     copy and dropout mask; with checkpointing only each layer's input is kept, plus one layer's
     full set during its recomputation. Memory-efficient attention (no scores matrix) is assumed.
     The LM head keeps fp32 logits, log-softmax and their gradient at the label positions.
+    Activations and the LM head are per GPU whatever the strategy: each GPU runs its own
+    micro-batches (`micro_tokens` is one GPU's).
     """
     a = 2 if bf16 else 4  # bytes of an activation (matmul outputs under autocast)
     mode = config.finetuning
-    body, small = arch.body_params, arch.small_params
-    if mode == "full":
-        weights = (4 + (2 if bf16 else 0)) * arch.total_params
-    elif mode == "lora":
-        weights = a * arch.total_params
-    else:
-        weights = (0.5 + 1 / 64 + 4 / (64 * 256)) * body + 4 * (arch.embedding_params + small)
+    params = parameter_memory(arch, config, bf16, sharding, processes)
     modules = _lora_modules(config.lora_target_modules)
-    trainable = arch.total_params if mode == "full" else arch.lora_params(config.lora_r, modules)
-    state = 2 if config.optim in ("paged_adamw_8bit", "adamw_bnb_8bit") else 8
-    optimizer = (4 + 4 + state) * trainable  # weight, gradient, moments
 
     h, i = arch.hidden, arch.intermediate
     per_layer = 2 * (4 * h + a * h) + a * (3 * arch.q_dim + 2 * arch.kv_dim) + a * 4 * i
@@ -463,14 +584,15 @@ def memory_estimate(
         activations = micro_tokens * arch.layers * per_layer
     activations += micro_tokens * 4 * h  # final norm and hidden states
     lm_head = 12 * micro_label_tokens * arch.vocab
-    tensors = weights + optimizer + activations + lm_head
+    tensors = sum(params.values()) + activations + lm_head
     if on_gpu:
         runtime = CUDA_CONTEXT_GIB * GIB + ALLOCATOR_SLACK * tensors
     else:
         runtime = CPU_RUNTIME_GIB * GIB
     return {
-        "weights": float(weights),
-        "trainable_and_optimizer": float(optimizer),
+        "weights": params["weights"],
+        "trainable_and_optimizer": params["trainable_and_optimizer"],
+        "sharding_transient": params["sharding_transient"],
         "activations": float(activations),
         "lm_head": float(lm_head),
         "runtime": float(runtime),
@@ -479,7 +601,13 @@ def memory_estimate(
 
 
 def _both_memories(
-    arch: Architecture, config: Any, bf16: bool, profile: dict[str, Any], on_gpu: bool
+    arch: Architecture,
+    config: Any,
+    bf16: bool,
+    profile: dict[str, Any],
+    on_gpu: bool,
+    sharding: str = "ddp",
+    processes: int = 1,
 ) -> dict[str, dict[str, float]]:
     """`memory_estimate` of the largest micro-batch of `profile`, without and with checkpointing."""
     return {
@@ -491,6 +619,8 @@ def _both_memories(
             profile["max_micro_label_tokens"],
             ckpt,
             on_gpu,
+            sharding,
+            processes,
         )
         for key, ckpt in (("without_checkpointing", False), ("with_checkpointing", True))
     }
@@ -592,6 +722,8 @@ def plan_training(
     gpu: str | None = None,
     tokens_per_second: float | None = None,
     cpu_flops: float | None = None,
+    num_processes: int = 1,
+    sharding: str = "ddp",
 ) -> dict[str, Any]:
     """Tokens, steps, memory and wall time of an SFT config on a GPU class or this CPU.
 
@@ -599,14 +731,20 @@ def plan_training(
         config: a loaded `SFTConfig`.
         gpu: one of `TARGETS`; None means this machine (`this_machine`).
         tokens_per_second: a measured training rate (real, non-pad tokens per second, as
-            `reasonguard train` logs it) that replaces the throughput model.
+            `reasonguard train` logs it: of the whole run, with this `num_processes` and
+            `sharding`) that replaces the throughput model; it is not scaled.
         cpu_flops: the CPU matmul rate to use instead of timing one (tests).
+        num_processes: GPUs (one training process each) of one node.
+        sharding: one of `SHARDINGS` (with one process only `ddp`). Memory is then per GPU
+            (`parameter_memory`); time is the one-GPU time / (N x `SCALING_EFFICIENCY`), the
+            optimizer steps are the trainer's for N processes (`SFTConfig.rows_per_step`).
 
     Returns:
         A JSON-ready dict (see `format_training_plan` for what it holds).
 
     Raises:
-        UserError: an unknown `gpu`, a non-positive `tokens_per_second`, or what `plan_sft` and
+        UserError: an unknown `gpu`, a non-positive `tokens_per_second`, a process count or
+            sharding that cannot run (see `check_parallel`), or what `plan_sft` and
             `model_architecture` raise.
     """
     from reasonguard.train.data import PUBLISHED_P95_TOKENS, prepare
@@ -619,6 +757,8 @@ def plan_training(
         raise UserError(f"--tokens-per-second must be positive, got {tokens_per_second}")
     c = config
     on_gpu = target != "cpu"
+    check_parallel(c, target, num_processes, sharding)
+    n = num_processes
     bf16 = on_gpu if c.bf16 == "auto" else bool(c.bf16)
     arch = model_architecture(c.model_name_or_path)
     modules = _lora_modules(c.lora_target_modules)
@@ -631,7 +771,7 @@ def plan_training(
         captured["data"] = prepare(cfg, tokenizer)
         return captured["data"]
 
-    data_plan = plan_sft(c, prepare_fn=keep)
+    data_plan = plan_sft(c, prepare_fn=keep, world_size=n)
     notes.extend(data_plan["notes"])
     max_length = data_plan["max_length"] or 2048
     budget = c.pack_tokens or max_length
@@ -663,7 +803,12 @@ def plan_training(
         estimated = True
         if c.dataset in PUBLISHED_P95_TOKENS and c.max_length == "auto":
             notes.append("max_length auto decided from the published p95 (ESTIMATED)")
-    profile = token_profile(lengths, labels, c, budget, flash)
+    profile = token_profile(lengths, labels, c, budget, flash, n)
+    if data_plan["samples_per_step"] < n:
+        notes.append(
+            f"{n} processes share steps of {data_plan['samples_per_step']} rows: some have no "
+            "row to train on (raise effective_batch_size, or use fewer processes)"
+        )
 
     steps_epoch = data_plan["steps_per_epoch"]
     total_steps = data_plan["total_steps"]
@@ -671,13 +816,22 @@ def plan_training(
     label_share = profile["label_tokens"] / profile["real_tokens"]
 
     # Memory: both checkpointing choices; the config's choice decides which one is "the" run.
-    memory = _both_memories(arch, c, bf16, profile, on_gpu)
+    memory = _both_memories(arch, c, bf16, profile, on_gpu, sharding, n)
     capacity = GPUS[target].memory_gib * GIB if on_gpu else _ram_bytes()
     setting = c.gradient_checkpointing
     if setting == "auto":
-        # The training run's own rule (train/decisions.py): on a GPU, on only when it must be.
+        # The training run's own rule (train/decisions.py): on a GPU, on only when it must be;
+        # train estimates a single process's replica (`run_memory`), so the plan does too.
+        replica = memory
+        if n > 1:
+            one = token_profile(lengths, labels, c, budget, flash)
+            replica = _both_memories(arch, c, bf16, one, on_gpu)
+            notes.append(
+                "gradient_checkpointing auto is decided from one process's full-replica "
+                "estimate, as train decides it"
+            )
         decided = checkpointing_decision(
-            setting, memory["without_checkpointing"]["total"], capacity if on_gpu else None
+            setting, replica["without_checkpointing"]["total"], capacity if on_gpu else None
         )
         checkpointing = bool(decided.value)
         notes.append(f"gradient_checkpointing {decided.reason}")
@@ -736,10 +890,16 @@ def plan_training(
             "threads": _torch_threads(),
             "efficiency": CPU_EFFICIENCY,
         }
+    # N GPUs share every step's rows (and the evaluations'): the run's tokens are the same,
+    # each GPU computes 1/N of them, at the assumed scaling efficiency. A given rate is
+    # measured on the whole run, so it is not scaled.
+    efficiency = None if throughput["source"] == "given" else scaling_efficiency(sharding, n)
+    speedup = 1.0 if efficiency is None else n * efficiency
     throughput["sustained_flops"] = sustained
-    throughput.setdefault("tokens_per_second", run_tokens * sustained / train_flops)
-    train_seconds = train_flops / sustained
-    eval_seconds = eval_flops / sustained
+    throughput.setdefault("tokens_per_second", run_tokens * sustained * speedup / train_flops)
+    throughput.update(processes=n, scaling_efficiency=efficiency)
+    train_seconds = train_flops / (sustained * speedup)
+    eval_seconds = eval_flops / (sustained * speedup)
 
     # What stops the config on this machine matters only when the plan is for this CPU.
     problems = [] if on_gpu else list(data_plan["problems"])
@@ -753,13 +913,22 @@ def plan_training(
             "packing": c.packing,
             "pack_tokens": budget if c.packing else None,
             "per_device_train_batch_size": c.per_device_train_batch_size,
-            "samples_per_step": c.samples_per_step,
+            "samples_per_step": data_plan["samples_per_step"],
             "gradient_checkpointing": setting,
             "bf16": bf16,
             "attn_implementation": c.attn_implementation,
         },
         "target": target,
         "device": GPUS[target].label if on_gpu else _cpu_label(),
+        "parallel": {
+            "num_processes": n,
+            "sharding": sharding,
+            "strategy": STRATEGY_TEXT[sharding],
+            "scaling_efficiency": efficiency,
+            "scaling_efficiency_source": "assumed (not measured on GPUs)"
+            if efficiency is not None and n > 1
+            else None,
+        },
         "model": {
             "source": arch.source,
             "shape": arch.describe(),
@@ -790,6 +959,7 @@ def plan_training(
             "evaluations": n_evals,
         },
         "memory": {
+            "per_gpu_of": n,  # every figure is one GPU's (of n)
             "capacity_bytes": capacity,
             "checkpointing": checkpointing,
             "fits": fits,
@@ -813,9 +983,93 @@ def plan_training(
     }
     if not fits:
         plan["memory"]["would_fit"] = _alternatives(
-            arch, c, bf16, profile, checkpointing, on_gpu, capacity
+            arch, c, bf16, profile, checkpointing, on_gpu, capacity, sharding, n
         )
+        if on_gpu and c.finetuning != "qlora":
+            shards = (lengths, labels, budget, flash)
+            plan["memory"]["sharded_fit"] = _sharded_fit(
+                arch, c, bf16, shards, checkpointing, capacity, (sharding, n)
+            )
     return plan
+
+
+def check_parallel(config: Any, target: str, num_processes: int, sharding: str) -> None:
+    """Refuse a process count / sharding the trainer would refuse, or the plan cannot model.
+
+    Raises:
+        UserError: N < 1, an unknown sharding, a sharding other than ddp on one process,
+            several processes on the CPU, or QLoRA sharded (train refuses it).
+    """
+    if num_processes < 1:
+        raise UserError(f"--num-processes must be at least 1, got {num_processes}")
+    if sharding not in SHARDINGS:
+        raise UserError(
+            f"--sharding {sharding!r} is not known; choose one of: {', '.join(SHARDINGS)}"
+        )
+    if sharding != "ddp" and num_processes == 1:
+        raise UserError(
+            f"--sharding {sharding} shards over several GPUs: give --num-processes N (N >= 2)"
+        )
+    if num_processes > 1 and target == "cpu":
+        raise UserError(
+            "--num-processes N > 1 plans N GPUs; CPU processes share one machine's cores and "
+            "memory, which the plan does not model: choose a --gpu class"
+        )
+    if sharding != "ddp" and config.finetuning == "qlora":
+        raise UserError(
+            f"finetuning qlora cannot be sharded with {sharding} (train refuses it: its 4-bit "
+            "weights are not shardable); plan it with --sharding ddp, or use finetuning=lora"
+        )
+
+
+def scaling_efficiency(sharding: str, processes: int) -> float:
+    """The assumed fraction of N x the one-GPU rate kept on N GPUs (1 for one GPU)."""
+    return 1.0 if processes == 1 else SCALING_EFFICIENCY[sharding]
+
+
+def _sharded_fit(
+    arch: Architecture,
+    c: Any,
+    bf16: bool,
+    rows: tuple[Any, Any, int, bool],
+    checkpointing: bool,
+    capacity: float,
+    current: tuple[str, int],
+) -> dict[str, Any]:
+    """The smallest process count of `SHARDED_PROCESS_COUNTS` at which fsdp or zero3 fits,
+    with the per-GPU estimate of each that does (the current strategy and count left out).
+
+    `rows` are the training rows' (lengths, label counts, pack budget, flash varlen): each count
+    shares every step's rows out anew, which sets its largest micro-batch. Checkpointing is the
+    run's: train decides `auto` from one process's full replica, the same for every count.
+
+    Returns:
+        {"num_processes": N or None, "options": [{"sharding", "total_bytes"}...],
+        "tried": the counts tried}.
+    """
+    lengths, labels, budget, flash = rows
+    for n in SHARDED_PROCESS_COUNTS:
+        profile = token_profile(lengths, labels, c, budget, flash, n)
+        options = []
+        for sharding in ("fsdp", "zero3"):
+            if (sharding, n) == current:
+                continue
+            total = memory_estimate(
+                arch,
+                c,
+                bf16,
+                profile["max_micro_tokens"],
+                profile["max_micro_label_tokens"],
+                checkpointing,
+                True,
+                sharding,
+                n,
+            )["total"]
+            if total <= capacity:
+                options.append({"sharding": sharding, "total_bytes": total})
+        if options:
+            return {"num_processes": n, "options": options, "tried": list(SHARDED_PROCESS_COUNTS)}
+    return {"num_processes": None, "options": [], "tried": list(SHARDED_PROCESS_COUNTS)}
 
 
 def _eval_count(c: Any, total_steps: int, steps_epoch: int) -> int:
@@ -835,12 +1089,15 @@ def _alternatives(
     checkpointing: bool,
     on_gpu: bool,
     capacity: float,
+    sharding: str = "ddp",
+    processes: int = 1,
     limit: int = 4,
 ) -> list[dict[str, Any]]:
     """Override sets whose memory estimate fits: each a combination of checkpointing on, a
     smaller micro-batch, and a frozen (LoRA) or 4-bit (QLoRA) base, fewest changes first, then
     the cheapest in speed (checkpointing, micro-batch, LoRA, QLoRA); a set that contains a
-    fitting smaller set is left out."""
+    fitting smaller set is left out. Estimated per GPU under `sharding` over `processes` (QLoRA
+    only with ddp: it cannot be sharded)."""
     import dataclasses
     import itertools
 
@@ -872,7 +1129,9 @@ def _alternatives(
     modes = [c.finetuning] + [
         m
         for m in ("lora", "qlora")
-        if m != c.finetuning and c.finetuning != "qlora" and (m == "lora" or on_gpu)
+        if m != c.finetuning
+        and c.finetuning != "qlora"
+        and (m == "lora" or (on_gpu and sharding == "ddp"))
     ]
     # Each axis is ordered from mild to drastic; a candidate at least as drastic as a fitting
     # one on every axis adds nothing.
@@ -894,7 +1153,9 @@ def _alternatives(
         cfg = dataclasses.replace(c, finetuning=mode)
         micro = max(1, tokens * size // base)
         ckpt = checkpointing or rank[0] > 0
-        total = memory_estimate(arch, cfg, bf16, micro, round(micro * share), ckpt, on_gpu)
+        total = memory_estimate(
+            arch, cfg, bf16, micro, round(micro * share), ckpt, on_gpu, sharding, processes
+        )
         if total["total"] <= capacity:
             fitting.append({"overrides": overrides, "total_bytes": total["total"]})
             ranks.append(rank)
@@ -953,6 +1214,55 @@ def _count(n: float) -> str:
     return f"{n:.3g}"
 
 
+# What each strategy does to a memory component: held whole on every GPU, or 1/N of it.
+_WHOLE_WEIGHTS = ("ddp", "zero2")
+_TRANSIENT_LABEL = {
+    "zero2": "reduce bucket",
+    "zero3": "gathered + reduce bucket",
+    "fsdp": "gathered",
+}
+
+
+def _memory_line(label: str, part: dict[str, float], parallel: dict[str, Any], chosen: str) -> str:
+    """One `memory ... checkpointing` line; with several GPUs, per GPU and marked whole / 1/N."""
+    n, sharding = parallel["num_processes"], parallel["sharding"]
+    if n == 1:
+        return (
+            f"memory {label:<7} checkpointing: {_gib(part['total'])} = weights "
+            f"{_gib(part['weights'])} + trainable/AdamW {_gib(part['trainable_and_optimizer'])} "
+            f"+ activations {_gib(part['activations'])} + LM head {_gib(part['lm_head'])} + "
+            f"runtime {_gib(part['runtime'])}{chosen}"
+        )
+    share = f" (1/{n})"
+    weights = " (whole)" if sharding in _WHOLE_WEIGHTS else share
+    optimizer = " (whole)" if sharding == "ddp" else share
+    transient = (
+        f" + {_TRANSIENT_LABEL[sharding]} {_gib(part['sharding_transient'])}"
+        if sharding in _TRANSIENT_LABEL
+        else ""
+    )
+    return (
+        f"memory {label:<7} checkpointing: {_gib(part['total'])} per GPU = weights "
+        f"{_gib(part['weights'])}{weights} + trainable/AdamW "
+        f"{_gib(part['trainable_and_optimizer'])}{optimizer}{transient} + activations "
+        f"{_gib(part['activations'])} + LM head {_gib(part['lm_head'])} + runtime "
+        f"{_gib(part['runtime'])}{chosen}"
+    )
+
+
+def _sharded_advice(sharded: dict[str, Any] | None) -> str:
+    """The fsdp / zero3 part of the does-not-fit warning ('' when not tried)."""
+    if sharded is None:
+        return ""
+    counts = ", ".join(str(n) for n in sharded["tried"])
+    if sharded["num_processes"] is None:
+        return f"; as it is, none of --num-processes {counts} with --sharding fsdp or zero3 fits"
+    options = " or ".join(
+        f"--sharding {o['sharding']} ({_gib(o['total_bytes'])} per GPU)" for o in sharded["options"]
+    )
+    return f"; as it is, it fits with --num-processes {sharded['num_processes']} {options}"
+
+
 def format_training_plan(plan: dict[str, Any]) -> str:
     """The plan as the lines `reasonguard plan` prints."""
     c, d, m, s = plan["config"], plan["data"], plan["model"], plan["steps"]
@@ -964,14 +1274,23 @@ def format_training_plan(plan: dict[str, Any]) -> str:
         else f"padded micro-batches of {c['per_device_train_batch_size']} rows"
     )
     est = " (ESTIMATED)" if d["estimated"] else ""
-    lines = [
-        f"plan           {c['model']} [{method}] on {plan['device']}",
+    par = plan["parallel"]
+    n = par["num_processes"]
+    device = plan["device"] if n == 1 else f"{n} x {plan['device']} ({par['sharding']})"
+    shared = "" if n == 1 else f" shared by {n} GPUs"
+    lines = [f"plan           {c['model']} [{method}] on {device}"]
+    if n > 1:
+        lines.append(
+            f"gpus           {n} processes, one per GPU; {par['sharding']} = {par['strategy']}; "
+            "memory is per GPU"
+        )
+    lines += [
         f"model          {_count(m['total_params'])} params ({m['shape']}; {m['source']}); "
         f"trainable {_count(m['trainable_params'])}",
         f"tokens         {d['tokens_per_epoch']:,} per epoch{est} in {d['train_rows']:,} rows, "
         f"{d['label_share']:.0%} labelled; max length {d['max_length']}",
         f"               {d['token_source']}",
-        f"batching       {c['samples_per_step']} rows per step, {batching}: "
+        f"batching       {c['samples_per_step']} rows per step{shared}, {batching}: "
         f"{d['padding_efficiency']:.3f} real/computed tokens, largest micro-batch "
         f"{d['largest_micro_batch_tokens']:,} tokens",
         f"steps          {s['per_epoch']:,} per epoch, {s['total']:,} in all "
@@ -982,12 +1301,7 @@ def format_training_plan(plan: dict[str, Any]) -> str:
     for key, label in (("without_checkpointing", "without"), ("with_checkpointing", "with")):
         part = mem[key]
         chosen = "  <- this run" if mem["checkpointing"] == (key == "with_checkpointing") else ""
-        lines.append(
-            f"memory {label:<7} checkpointing: {_gib(part['total'])} = weights "
-            f"{_gib(part['weights'])} + trainable/AdamW {_gib(part['trainable_and_optimizer'])} "
-            f"+ activations {_gib(part['activations'])} + LM head {_gib(part['lm_head'])} + "
-            f"runtime {_gib(part['runtime'])}{chosen}"
-        )
+        lines.append(_memory_line(label, part, par, chosen))
     parts = comp["flops_per_computed_token"]
     lines.append(
         f"compute        {_count(sum(parts.values()))} FLOPs per computed token (projections "
@@ -998,6 +1312,16 @@ def format_training_plan(plan: dict[str, Any]) -> str:
     )
     if tp["source"] == "given":
         rate = f"given: {tp['tokens_per_second']:,.0f} tokens/s"
+        rate += "" if n == 1 else f" (the whole run's over {n} GPUs; not scaled)"
+    elif tp["source"] == "model" and n > 1:
+        eff = tp["scaling_efficiency"]
+        rate = (
+            f"{tp['peak_flops'] / 1e12:,.1f} TFLOPS {tp['precision']} peak x MFU {tp['mfu']:.2f}"
+            f" = {tp['sustained_flops'] / 1e12:,.1f} TFLOPS -> "
+            f"{tp['tokens_per_second'] / (n * eff):,.0f} tokens/s per GPU; x {n} GPUs x "
+            f"{eff:.2f} {par['sharding']} scaling efficiency (ASSUMED, not measured) -> "
+            f"{tp['tokens_per_second']:,.0f} tokens/s"
+        )
     elif tp["source"] == "model":
         rate = (
             f"{tp['peak_flops'] / 1e12:,.1f} TFLOPS {tp['precision']} peak x MFU {tp['mfu']:.2f}"
@@ -1028,14 +1352,17 @@ def format_training_plan(plan: dict[str, Any]) -> str:
             f"{' '.join(f['overrides'])} ({_gib(f['total_bytes'])})"
             for f in mem.get("would_fit", [])
         )
+        per_gpu = "" if n == 1 else " per GPU"
+        sharded = mem.get("sharded_fit")
+        advice = (
+            f"would fit: {fixes}"
+            if fixes
+            else "no combination of checkpointing, a smaller micro-batch, LoRA or QLoRA fits"
+        ) + _sharded_advice(sharded)
+        if not fixes and not (sharded and sharded["num_processes"]):
+            advice += ": use a larger GPU" if plan["target"] != "cpu" else ": use more memory"
         lines.append(
-            f"WARNING        the memory estimate {_gib(chosen['total'])} exceeds the "
-            f"{_gib(mem['capacity_bytes'])} of {plan['device']}; "
-            + (
-                f"would fit: {fixes}"
-                if fixes
-                else "no combination of checkpointing, a smaller micro-batch, LoRA or QLoRA "
-                "fits: use a larger GPU, or shard over several (ZeRO-3; not modelled here)"
-            )
+            f"WARNING        the memory estimate {_gib(chosen['total'])}{per_gpu} exceeds the "
+            f"{_gib(mem['capacity_bytes'])} of {plan['device']}; {advice}"
         )
     return "\n".join(lines)
