@@ -30,7 +30,14 @@ from reasonguard.train.dpo import run_dpo
 from reasonguard.train.sft import run_sft
 from reasonguard.train.sharding import FSDP, Replicated, make_sharding, strategy_name
 from reasonguard.train.zero import DeepSpeedZeRO, deepspeed_config, zero_stage
-from test_train_distributed import _env, _info, _max_difference, _sft_config, _train_losses
+from test_train_distributed import (
+    _env,
+    _info,
+    _max_difference,
+    _run,
+    _sft_config,
+    _train_losses,
+)
 from test_train_dpo import dpo_config
 from test_train_support import REPO, tiny_config, write_yaml_config
 
@@ -65,14 +72,6 @@ def _launch(accelerate_config: str, stage: str, config: Path, *overrides: str) -
         str(config),
         *overrides,
     ]
-
-
-def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        command, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=400
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -87,17 +87,7 @@ def run(args: argparse.Namespace) -> int:
     rate = args.tokens_per_second
     if rate is not None and not (math.isfinite(rate) and rate > 0):
         raise UserError(f"--tokens-per-second must be a positive number, got {rate}")
-    processes, sharding = args.num_processes, args.sharding
-    if processes < 1:
-        raise UserError(f"--num-processes must be at least 1, got {processes}")
-    if sharding not in SHARDING_CHOICES:
-        raise UserError(
-            f"--sharding {sharding!r} is not known; choose one of: {', '.join(SHARDING_CHOICES)}"
-        )
-    if sharding != "ddp" and processes == 1:
-        raise UserError(
-            f"--sharding {sharding} shards over several GPUs: give --num-processes N (N >= 2)"
-        )
+    processes, sharding = args.num_processes, args.sharding  # checked by plan.check_parallel
     from reasonguard.train.config import load_config
     from reasonguard.train.plan import format_training_plan, plan_training
 
