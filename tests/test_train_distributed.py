@@ -97,6 +97,41 @@ def _train_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(e["step"], e["train_loss"]) for e in events if "train_loss" in e]
 
 
+def kill_at_first_checkpoint(
+    command: list[str], run_dir: Path, timeout: float
+) -> tuple[int, list[Any], list[Any]]:
+    """Start a launch, SIGKILL its launcher's process group once `run_dir` holds a checkpoint;
+    (the launcher's return code, its worker processes, the workers still alive 30 s later)."""
+    import psutil
+
+    proc = subprocess.Popen(
+        command,
+        env=_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # the launcher leads its own process group
+    )
+    workers: list[Any] = []
+    alive: list[Any] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while not list(run_dir.glob("checkpoint-*")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's process group, by its id
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for worker in workers:
+            if worker.is_running():
+                worker.kill()
+    return proc.returncode, workers, alive
+
+
 # --------------------------------------------------------------------------------------------
 # Two processes against one (subprocesses; ~1 minute together on 2 CPU cores)
 
@@ -131,40 +166,18 @@ def _sft_config(tmp_path: Path, **overrides: Any) -> SFTConfig:
 
 @pytest.mark.slow
 def test_two_processes_killed_and_resumed_train_the_weights_of_one(tmp_path: Path) -> None:
-    import psutil
 
     single = run_sft(_sft_config(tmp_path, output_dir=str(tmp_path / "single"))).run_dir
     path = write_yaml_config(tmp_path / "sft.yaml", _sft_config(tmp_path))
     two = tmp_path / "two"
 
     # Two processes under `accelerate launch`, SIGKILLed once the first checkpoint is written.
-    proc = subprocess.Popen(
-        _two_processes("sft", path, f"output_dir={two}"),
-        env=_env(),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # the launcher leads its own process group
+    returncode, workers, alive = kill_at_first_checkpoint(
+        _two_processes("sft", path, f"output_dir={two}"), two, 240
     )
-    workers: list[Any] = []
-    try:
-        deadline = time.monotonic() + 240
-        while not list(two.glob("checkpoint-*")) and proc.poll() is None:
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
-        workers = psutil.Process(proc.pid).children(recursive=True)
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's process group, by its id
-        proc.wait(timeout=30)
-        # torchrun starts each worker in a session of its own; they die with their launcher.
-        _, alive = psutil.wait_procs(workers, timeout=30)
-        assert not alive, f"workers outlived their launcher: {alive}"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        for worker in workers:
-            if worker.is_running():
-                worker.kill()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    # torchrun starts each worker in a session of its own; they die with their launcher.
+    assert not alive, f"workers outlived their launcher: {alive}"
+    assert returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert len(workers) == 2
     assert not (two / "final").exists()
 

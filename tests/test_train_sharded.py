@@ -11,12 +11,9 @@ keep the ranks' collectives in step are exercised.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +28,12 @@ from reasonguard.train.sft import run_sft
 from reasonguard.train.sharding import FSDP, Replicated, make_sharding, strategy_name
 from reasonguard.train.zero import DeepSpeedZeRO, deepspeed_config, zero_stage
 from test_train_distributed import (
-    _env,
     _info,
     _max_difference,
     _run,
     _sft_config,
     _train_losses,
+    kill_at_first_checkpoint,
 )
 from test_train_dpo import dpo_config
 from test_train_support import REPO, tiny_config, write_yaml_config
@@ -131,7 +128,6 @@ def test_fsdp_full_finetune_trains_the_weights_of_one_and_its_checkpoint_resumes
 
 @pytest.mark.slow
 def test_zero3_killed_and_resumed_trains_the_weights_of_one(tmp_path: Path) -> None:
-    import psutil
 
     single = run_sft(_full_config(tmp_path, output_dir=str(tmp_path / "single"))).run_dir
     path = write_yaml_config(tmp_path / "sft.yaml", _full_config(tmp_path))
@@ -139,31 +135,8 @@ def test_zero3_killed_and_resumed_trains_the_weights_of_one(tmp_path: Path) -> N
     command = _launch("deepspeed-zero3.yaml", "sft", path, f"output_dir={two}")
 
     # SIGKILL the launcher (and so its workers) once the first checkpoint is complete.
-    proc = subprocess.Popen(
-        command,
-        env=_env(),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    workers: list[Any] = []
-    try:
-        deadline = time.monotonic() + 300
-        while not list(two.glob("checkpoint-*")) and proc.poll() is None:
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
-        workers = psutil.Process(proc.pid).children(recursive=True)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        psutil.wait_procs(workers, timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        for worker in workers:
-            if worker.is_running():
-                worker.kill()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    returncode, _, _ = kill_at_first_checkpoint(command, two, 300)
+    assert returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (two / "final").exists()
     checkpoint = sorted(two.glob("checkpoint-*"))[0]
     # DeepSpeed's partitions of both ranks, next to weights that load like any model's.
