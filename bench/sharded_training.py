@@ -117,7 +117,7 @@ def main() -> int:
         diff = max(float((weights[k] - reference[k]).abs().max()) for k in reference)
         results[name] = {
             "processes": info["plan"]["processes"],
-            "strategy": (info["plan"].get("sharding") or {}).get("strategy"),
+            "strategy": info["plan"].get("distributed"),
             "peak_rss_gib_per_rank": info["memory_per_rank"]["peak_rss_gib"],
             "weights_gib_per_rank": info["memory_per_rank"]["weights_gib"],
             "optimizer_state_gib_per_rank": info["memory_per_rank"]["optimizer_state_gib"],

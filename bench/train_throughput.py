@@ -1,29 +1,61 @@
-"""Training throughput: the seed's SFT setup (A) against reasonguard's default (B), one process.
+"""Training throughput on CPU: three SFT setups on the same rows, as a training step and as a command.
 
-A (TRL SFTTrainer-style, the seed's Exp 19): micro-batch 2 in data order, padded to the longest
-row of the pair, no packing, gradient checkpointing on, the full LM head and the loss over every
-non-pad token (prompt included), loss averaged per micro-batch.
-B (reasonguard's default): the step's rows packed best-fit-decreasing into `max_length`-token rows
-(`data.pack` / `collate_packed`, position_ids restarting per sample), the LM head and loss only at
-labelled positions (`modeling.labelled_loss_sum`), per-token normalisation over the step, no
-gradient checkpointing.
+The setups, all LoRA r 16 on every linear layer (the settings of `configs/demo-cpu.yaml`: alpha
+32, dropout 0.05, AdamW, lr 1e-3 cosine, gradient clipping at 1.0), fp32, max length 2048 by
+default, optimizer steps of `--rows-per-step` rows:
 
-Both run the same LoRA model (r 16 on all linear layers, fp32 on CPU), the same samples, the same
-number of samples per optimizer step, forward + backward per step (no optimizer update, so both
-see the same weights). The phases alternate A B A B ... (`--rounds`), and each phase's wall time
-is summed. Reported: real (non-pad) tokens/s of each, the ratio B/A, padding efficiency (real /
-computed tokens) and peak RSS of each phase (sampled every 10 ms).
+- **A**, a padded SFT step with no packing (the GuardReasoner R-SFT recipe trains unpacked, with
+  the loss on the output only): each step's rows in data order, micro-batches of 2 right-padded
+  to the longer row, gradient checkpointing on, the full LM head and Hugging Face's loss over
+  every position (prompt tokens masked with -100), the loss averaged per micro-batch; a plain
+  PyTorch loop (`step_a`).
+- **T**, TRL's `SFTTrainer` (`packing=True, packing_strategy="bfd", padding_free=True,
+  completion_only_loss=True`, sdpa attention, no gradient checkpointing), fed prompt/completion
+  records whose texts are reasonguard's (`format.build_training_pair`, the strings
+  `data.tokenize.encode_records` tokenizes). TRL packs the whole dataset best-fit-decreasing into
+  `max_length`-token rows, so its optimizer steps hold the same rows in total, not step by step;
+  its gradient accumulation is set so it takes about as many steps (`packs // steps`, one pack
+  per micro-batch).
+- **R**, reasonguard's default through its real engine (`train.sft.SFTRecipe` /
+  `SFTTrainer` on transformers' `Trainer`): each step's rows packed best-fit into `max_length`
+  tokens with per-sample attention (`train.packed_attention`), the LM head only at labelled
+  positions (`train.labelled_head`), the loss normalised over the step's labelled tokens.
 
-Corpus: the six benchmarks of `$REASONGUARD_SHARED/data/predictions/GuardReasoner-1B` joined row by
-row with their inputs in `data/benchmarks` (benchmark input as `input`, the released 1B model's
-reasoning and answer `predict` as `output`): realistic R-SFT rows. The sample is seeded.
+Two measurements:
 
-The glibc allocator settings of `reasonguard train` (reasonguard.train.allocenv) are applied by
-re-executing this script once, so both phases run as a CPU training run would.
+1. **The training step alone.** Each setup runs in a fresh worker process: `--warmup-steps`
+   untimed optimizer steps, then `--steps` timed ones. Real (non-pad) tokens per second over the
+   timed steps, each step timed from the end of the previous one to the end of its optimizer
+   update (data collation included; model loading and start-up are not). A and R train the same
+   rows in every step (R's own step plan, `data.step_plan`), so their timed real tokens are equal.
+2. **The whole command**: R and T each as a subprocess training `--command-steps` optimizer
+   steps, timed from its start to its exit (interpreter start, imports, data, model load,
+   training, saving):
+   R is `reasonguard train sft --config configs/demo-cpu.yaml packing=true
+   model_name_or_path=MODEL max_steps=K dataset=ROWS ...` (its tokens and timings read from the
+   run's `training_info.json` and `metrics.jsonl`); T is a plain TRL script on the same rows with
+   the same LoRA, learning rate, schedule and max length (this file with `--worker trl-command`),
+   ending with `trainer.save_model()`. Reported for each: the command's wall time, the time from
+   just before building the data, model and trainer to the end of `train()`, and real tokens/s
+   over `train()` with every step counted and with the first step left out.
 
-Run:
-    .venv/bin/python bench/train_throughput.py --model tiny --json runs/bench-train-tiny.json
-    .venv/bin/python bench/train_throughput.py --model smollm2 --samples 16 --rounds 2
+Both commands run with the glibc allocator settings of `reasonguard train` (R sets them itself by
+re-executing; T's process inherits them from this script, which re-executes itself with them
+once). CUDA is hidden: this is the CPU benchmark (`bench/train_gpu.py` is the GPU one).
+
+Rows: by default the six benchmarks of `$REASONGUARD_SHARED/data/predictions/GuardReasoner-1B`
+joined row by row with their inputs in `data/benchmarks` (benchmark input as `input`, the
+released 1B model's reasoning and answer as `output`: realistic R-SFT rows), a seeded sample of
+the valid ones; `--dataset samples` (or any source `reasonguard train` accepts) instead.
+
+Output: two tables on stdout and, with `--json`, every number, the ratios R/T and R/A, and the
+machine.
+
+Run (the full measurement, SmolLM2-135M, on an otherwise idle machine):
+    .venv/bin/python bench/train_throughput.py --json runs/bench-train-throughput.json
+A smoke run (tiny random Llama, seconds per step):
+    .venv/bin/python bench/train_throughput.py --model tiny-llama --dataset samples \\
+        --rows-per-step 2 --warmup-steps 1 --steps 1 --command-steps 2 --max-length 1024
 """
 
 from __future__ import annotations
@@ -33,12 +65,20 @@ import json
 import os
 import platform
 import random
+import shutil
+import subprocess
 import sys
-import threading
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve()
+DEMO_CONFIG = "configs/demo-cpu.yaml"
+SETUPS = ("A", "T", "R")
+A_MICRO_BATCH = 2
+NO_LOGGING = 1_000_000  # logging_steps for the step measurement: no log event in the timed steps
 
 # Prediction folder -> benchmark file (same rows, same order).
 BENCHMARKS = {
@@ -49,7 +89,10 @@ BENCHMARKS = {
     "XSTestReponseHarmful": "0_6_xstest_response_harmful.json",
     "XSTestResponseRefusal": "0_7_xstest_response_refusal.json",
 }
-MODELS = {"tiny": "tiny-llama", "smollm2": "smollm2"}
+
+
+# --------------------------------------------------------------------------------------------
+# Rows
 
 
 def corpus(shared: Path) -> list[dict[str, str]]:
@@ -72,25 +115,78 @@ def corpus(shared: Path) -> list[dict[str, str]]:
     return rows
 
 
-class PeakRSS:
-    """The peak resident set size (bytes) of this process while the context is open."""
+def pick_rows(
+    records: list[dict[str, Any]], count: int, tokenizer: Any, config: Any, seed: int
+) -> list[dict[str, Any]]:
+    """`count` valid records in a seeded order, each keeping a label within the max length (the
+    rows `reasonguard train` would keep: none is dropped by its validation or its encoding)."""
+    from reasonguard.data.validate import validate_records
+    from reasonguard.train.data import encode
 
-    def __enter__(self) -> PeakRSS:
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
+    valid, _ = validate_records({"bench": records}, skip_invalid=True, source="bench")
+    order = list(valid["bench"])
+    random.Random(seed).shuffle(order)
+    picked: list[dict[str, Any]] = []
+    for start in range(0, len(order), 64):
+        chunk = order[start : start + 64]
+        encoded = encode(
+            [("bench", i, r) for i, r in enumerate(chunk)],
+            tokenizer,
+            config.prompt_format,
+            config.max_length,
+        )
+        picked += [r for r, e in zip(chunk, encoded, strict=True) if e.num_labels > 0]
+        if len(picked) >= count:
+            return picked[:count]
+    sys.exit(f"only {len(picked)} usable rows, {count} needed")
 
-    def _watch(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
-        while not self._stop.is_set():
-            with open("/proc/self/statm") as f:
-                self.peak = max(self.peak, int(f.read().split()[1]) * page)
-            time.sleep(0.01)
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+def trl_records(records: list[dict[str, Any]], tokenizer: Any, prompt_format: str) -> list[dict]:
+    """The same rows as TRL prompt/completion records, with reasonguard's prompt and completion
+    texts (the two strings `encode_records` tokenizes)."""
+    from reasonguard.format import INSTRUCTION, build_training_pair
+
+    out = []
+    for r in records:
+        prompt, completion = build_training_pair(
+            r["input"], r["output"], prompt_format, tokenizer, r.get("instruction") or INSTRUCTION
+        )
+        out.append({"prompt": prompt, "completion": completion})
+    return out
+
+
+def trl_accumulation(records: list[dict], tokenizer: Any, config: Any, steps: int) -> int:
+    """T's gradient accumulation (packs per optimizer step): TRL's own packing of the rows'
+    token ids, divided by the number of steps (rounded down, so T takes at least `steps`)."""
+    from datasets import Dataset, disable_progress_bars
+    from trl import pack_dataset
+
+    from reasonguard.train.data import encode
+
+    disable_progress_bars()
+
+    rows = encode(
+        [("bench", i, r) for i, r in enumerate(records)],
+        tokenizer,
+        config.prompt_format,
+        config.max_length,
+    )
+    dataset = Dataset.from_dict({"input_ids": [e.input_ids.tolist() for e in rows]})
+    packs = len(pack_dataset(dataset, config.max_length, "bfd"))
+    return max(1, packs // steps)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+# --------------------------------------------------------------------------------------------
+# Step functions (A's step; B's step is also used by bench/train_gpu.py)
 
 
 def set_checkpointing(model, on: bool) -> None:
@@ -117,17 +213,29 @@ def autocast(device: str | None):
     return contextlib.nullcontext()
 
 
-def step_a(model, rows, pad: int, device: str | None = None) -> tuple[int, int]:
-    """The seed's step: pairs in data order, padded, loss over all tokens; (real, computed)."""
+def step_a(
+    model,
+    rows,
+    pad: int,
+    device: str | None = None,
+    optimizer: Any = None,
+    mask_prompt: bool = False,
+) -> tuple[int, int]:
+    """The padded step: pairs in data order, padded, the full head and Hugging Face's loss over
+    every non-pad token (prompt included, or masked with `mask_prompt`), averaged per pair;
+    gradients clipped at 1.0, then `optimizer` steps when given. Returns (real, computed)."""
     import torch
 
     from reasonguard.train.data import collate
 
-    pairs = [rows[i : i + 2] for i in range(0, len(rows), 2)]
+    pairs = [rows[i : i + A_MICRO_BATCH] for i in range(0, len(rows), A_MICRO_BATCH)]
     real = computed = 0
     for pair in pairs:
         batch = on_device(collate(pair, pad), device)
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        if mask_prompt:
+            labels = batch["labels"]
+        else:
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         with autocast(device):
             out = model(
                 input_ids=batch["input_ids"],
@@ -140,23 +248,29 @@ def step_a(model, rows, pad: int, device: str | None = None) -> tuple[int, int]:
         computed += batch["input_ids"].numel()
     del out
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    if optimizer is not None:
+        optimizer.step()
     model.zero_grad(set_to_none=True)
     return real, computed
 
 
 def step_b(model, rows, budget: int, device: str | None = None) -> tuple[int, int]:
-    """reasonguard's step: packed rows, labelled-only loss, per-token normalisation."""
+    """A packed step: rows packed best-fit, labelled-only loss, per-token normalisation;
+    forward + backward + clipping, no update (the GPU bench's B)."""
     import torch
 
     from reasonguard.train.data import collate_packed, pack
-    from reasonguard.train.modeling import labelled_loss_sum
+    from reasonguard.train.labelled_head import cross_entropy_sum, labelled_positions, run_head
 
     n_labels = sum(r.num_labels for r in rows)
     real = computed = 0
     for group in pack(rows, budget):
-        batch = on_device(collate_packed(group), device)
+        batch = collate_packed(group)
+        batch["positions"], batch["mask"], batch["targets"] = labelled_positions(batch["labels"])
+        batch = on_device(batch, device)
+        head_fn = cross_entropy_sum(batch["mask"], batch["targets"])
         with autocast(device):
-            loss = labelled_loss_sum(model, batch)
+            loss = run_head(model, model.get_output_embeddings(), batch, head_fn)
         (loss / n_labels).backward()
         real += sum(len(r) for r in group)
         computed += batch["input_ids"].numel()
@@ -165,113 +279,643 @@ def step_b(model, rows, budget: int, device: str | None = None) -> tuple[int, in
     return real, computed
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
-    parser.add_argument("--samples", type=int, default=64, help="samples per phase")
-    parser.add_argument("--samples-per-step", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2, help="A B rounds (timed; plus a warm-up)")
+def adamw(model: Any, config: Any) -> Any:
+    """torch AdamW over the trainable parameters, as `Trainer` builds it from the config (no
+    weight decay on 1-D parameters)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Counting and timing inside a Trainer
+
+
+class TokenCounter:
+    """Counts the tokens that enter the model's input embedding (every one is real in a packed,
+    padding-free batch)."""
+
+    def __init__(self, model: Any) -> None:
+        self.total = 0
+        model.get_input_embeddings().register_forward_pre_hook(self._count)
+
+    def _count(self, module: Any, args: tuple) -> None:
+        self.total += args[0].numel()
+
+
+def step_clock(counter: TokenCounter) -> Any:
+    """A `TrainerCallback` recording, per optimizer step, its seconds (from the end of the
+    previous step, or the start of training) and its tokens."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.steps: list[dict[str, float]] = []
+            self._last = 0.0
+            self._tokens = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            tokens = counter.total - self._tokens
+            self.steps.append({"seconds": now - self._last, "tokens": tokens, "computed": tokens})
+            self._last, self._tokens = now, counter.total
+
+    return StepClock()
+
+
+def window(steps: list[dict[str, float]], skip: int) -> dict[str, float | None]:
+    """Tokens, seconds and tokens/s of the steps after the first `skip`."""
+    kept = steps[skip:]
+    seconds = sum(s["seconds"] for s in kept)
+    tokens = sum(s["tokens"] for s in kept)
+    return {
+        "steps": len(kept),
+        "tokens": tokens,
+        "computed_tokens": sum(s["computed"] for s in kept),
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds > 0 else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The setups' configs
+
+
+def r_overrides(spec: dict[str, Any], rows_file: str, steps: int, out: str, logs: int) -> list[str]:
+    """The `key=value` overrides of `configs/demo-cpu.yaml` that make R's run (and A's config)."""
+    return [
+        "packing=true",
+        f"model_name_or_path={spec['model']}",
+        f"max_steps={steps}",
+        f"dataset={rows_file}",
+        f"max_length={spec['max_length']}",
+        "per_device_train_batch_size=1",
+        f"gradient_accumulation_steps={spec['rows_per_step']}",
+        "eval_split_ratio=0",
+        "eval_strategy=no",
+        "save_strategy=no",
+        "report_to=none",
+        f"logging_steps={logs}",
+        f"output_dir={out}",
+        "resume=never",
+    ]
+
+
+def trl_trainer(spec: dict[str, Any], rows_file: str, accumulation: int, logs: int, out: str):
+    """TRL's SFTTrainer on the prompt/completion rows, with R's LoRA and optimisation settings."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    h = spec["hyper"]
+    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_path"])
+    tokenizer.pad_token = spec["pad_token"]
+    set_seed(h["seed"])
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model_path"], dtype=torch.float32, attn_implementation="sdpa"
+    )
+    args = SFTConfig(
+        output_dir=out,
+        max_length=spec["max_length"],
+        packing=True,
+        packing_strategy="bfd",
+        padding_free=True,
+        completion_only_loss=True,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=accumulation,
+        num_train_epochs=1,
+        learning_rate=h["learning_rate"],
+        lr_scheduler_type=h["lr_scheduler_type"],
+        warmup_steps=h["warmup_steps"],
+        weight_decay=h["weight_decay"],
+        adam_beta1=h["adam_beta1"],
+        adam_beta2=h["adam_beta2"],
+        adam_epsilon=h["adam_epsilon"],
+        max_grad_norm=h["max_grad_norm"],
+        optim=h["optim"],
+        seed=h["seed"],
+        bf16=False,
+        gradient_checkpointing=False,
+        logging_steps=logs,
+        save_strategy="no",
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    lora = LoraConfig(
+        r=h["lora_r"],
+        lora_alpha=h["lora_alpha"],
+        lora_dropout=h["lora_dropout"],
+        target_modules=h["lora_target_modules"],
+        task_type="CAUSAL_LM",
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(read_jsonl(rows_file)),
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
+    return trainer, model
+
+
+# --------------------------------------------------------------------------------------------
+# Workers (one fresh process each)
+
+
+def worker_a(spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    """A's timed steps, on the rows R's step plan gives each step."""
+    import torch
+    from transformers import set_seed
+
+    from reasonguard.train.config import load_config
+    from reasonguard.train.data import prepare, step_plan
+    from reasonguard.train.modeling import load_model, load_training_tokenizer
+
+    total = spec["warmup_steps"] + spec["steps"]
+    overrides = r_overrides(spec, spec["step_rows"], total, str(work / "a"), NO_LOGGING)
+    config = load_config(
+        REPO / DEMO_CONFIG, [*overrides, "packing=false", "gradient_checkpointing=true"]
+    )
+    tokenizer = load_training_tokenizer(config)
+    rows = prepare(config, tokenizer).train
+    plan = step_plan(len(rows), spec["rows_per_step"], config.seed, 0)
+    set_seed(config.seed)
+    model = load_model(config, bf16=False)
+    model.train()
+    optimizer = adamw(model, config)
+    steps = []
+    for k in range(total):
+        t0 = time.perf_counter()
+        real, computed = step_a(
+            model, [rows[i] for i in plan[k]], tokenizer.pad_token_id, None, optimizer, True
+        )
+        steps.append({"seconds": time.perf_counter() - t0, "tokens": real, "computed": computed})
+    return {
+        "steps": steps,
+        "attention": model.config._attn_implementation,
+        "gradient_checkpointing": True,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def worker_t(spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    """T's steps (TRL packs all the rows of the run)."""
+    trainer, model = trl_trainer(
+        spec, spec["trl_step_rows"], spec["trl_step_accumulation"], NO_LOGGING, str(work / "t")
+    )
+    counter = TokenCounter(model)
+    clock = step_clock(counter)
+    trainer.add_callback(clock)
+    trainer.train()
+    if len(clock.steps) <= spec["warmup_steps"]:
+        sys.exit(f"T took {len(clock.steps)} steps: none left after the warm-up (add rows)")
+    return {
+        "steps": clock.steps,
+        "attention": model.config._attn_implementation,
+        "gradient_accumulation_steps": spec["trl_step_accumulation"],
+        "packs": len(trainer.train_dataset),
+        "gradient_checkpointing": False,
+    }
+
+
+def worker_r(spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    """R's steps through reasonguard's SFT engine (`SFTRecipe` -> `SFTTrainer`)."""
+    from reasonguard.train.config import load_config
+    from reasonguard.train.sft import SFTRecipe
+
+    total = spec["warmup_steps"] + spec["steps"]
+    overrides = r_overrides(spec, spec["step_rows"], total, str(work / "r"), NO_LOGGING)
+    recipe = SFTRecipe(load_config(REPO / DEMO_CONFIG, overrides))
+    recipe.setup()
+    counter = TokenCounter(recipe.model)
+    clock = step_clock(counter)
+    recipe.trainer.add_callback(clock)
+    recipe.train()
+    return {
+        "steps": clock.steps,
+        "attention": recipe.model.config._attn_implementation,
+        "gradient_checkpointing": recipe.run_config.gradient_checkpointing,
+    }
+
+
+def worker_trl_command(spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    """T's whole command: a plain TRL script (build, train, save), timing its parts. The
+    libraries are imported first: the setup time starts where R's does, after the imports."""
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+
+    t_setup = time.perf_counter()
+    out = work / "t-command"
+    trainer, model = trl_trainer(
+        spec, spec["trl_command_rows"], spec["trl_command_accumulation"], 1, str(out)
+    )
+    counter = TokenCounter(model)
+    clock = step_clock(counter)
+    trainer.add_callback(clock)
+    t_train = time.perf_counter()
+    trainer.train()
+    t_end = time.perf_counter()
+    trainer.save_model(str(out / "final"))
+    return {
+        "steps": clock.steps,
+        "setup_seconds": t_train - t_setup,
+        "train_seconds": t_end - t_train,
+        "gradient_accumulation_steps": spec["trl_command_accumulation"],
+        "packs": len(trainer.train_dataset),
+    }
+
+
+WORKERS = {
+    "A": worker_a,
+    "T": worker_t,
+    "R": worker_r,
+    "trl-command": worker_trl_command,
+}
+
+
+def run_worker(name: str, spec_path: Path, work: Path) -> tuple[dict[str, Any], float]:
+    """Run one worker in a fresh process; (its result, the process's wall seconds)."""
+    result = work / f"{name}.result.json"
+    log = work / f"{name}.log"
+    command = [sys.executable, str(SCRIPT), "--worker", name, "--spec", str(spec_path)]
+    command += ["--result", str(result)]
+    return _timed(command, log, os.environ, name), result
+
+
+def _timed(command: list[str], log: Path, env: Any, name: str) -> float:
+    print(f"{name}: running ({log})", flush=True)
+    t0 = time.perf_counter()
+    with log.open("w") as handle:
+        code = subprocess.call(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - t0
+    if code != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        sys.exit(f"{name} failed (exit {code}); the end of {log}:\n{tail}")
+    return seconds
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement 2: the commands
+
+
+def command_r(spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    """`reasonguard train sft ...` as a user runs it; timings from its training_info.json."""
+    from reasonguard.train.allocenv import GUARD, MALLOC_ENV
+
+    out = work / "r-command"
+    exe = Path(sys.executable).parent / "reasonguard"
+    cli = [str(exe)] if exe.is_file() else [sys.executable, "-m", "reasonguard"]
+    k = spec["command_steps"]
+    command = [*cli, "train", "sft", "--config", DEMO_CONFIG]
+    command += r_overrides(spec, spec["command_rows"], k, str(out), 1)
+    env = dict(os.environ)
+    if env.get(GUARD) == "1":  # set by this script's re-exec: let the command set its own
+        for key in (*MALLOC_ENV, GUARD):
+            env.pop(key, None)
+    seconds = _timed(command, work / "r-command.log", env, "R command")
+    info = json.loads((out / "training_info.json").read_text())
+    events = [e for e in _read_events(out / "metrics.jsonl") if "train_loss" in e]
+    steps, last_time, last_tokens = [], 0.0, 0
+    for e in events:
+        steps.append(
+            {
+                "seconds": e["elapsed_seconds"] - last_time,
+                "tokens": e["tokens_seen"] - last_tokens,
+                "computed": e["tokens_seen"] - last_tokens,
+            }
+        )
+        last_time, last_tokens = e["elapsed_seconds"], e["tokens_seen"]
+    timings = info["timings"]
+    return {
+        "command": " ".join(["reasonguard", *command[len(cli) :]]),
+        "command_seconds": seconds,
+        "setup_seconds": timings["setup_seconds"],
+        "train_seconds": timings["train_seconds_all_sessions"],
+        "tokens": info["tokens_seen"]["total"],
+        "label_tokens": info["tokens_seen"]["labelled"],
+        "steps_completed": info["steps_completed"],
+        "allocator": info["model"]["cpu_allocator"]["action"],
+        "steps": steps,
+    }
+
+
+def _read_events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def command_t(spec_path: Path, work: Path) -> dict[str, Any]:
+    seconds, result = run_worker("trl-command", spec_path, work)
+    got = json.loads(result.read_text())
+    got["command_seconds"] = seconds
+    got["tokens"] = sum(s["tokens"] for s in got["steps"])
+    got["steps_completed"] = len(got["steps"])
+    return got
+
+
+def command_summary(got: dict[str, Any]) -> dict[str, Any]:
+    """The command's numbers: wall times and tokens/s over train(), every step or all but the
+    first."""
+    after_first = window(got["steps"], 1)
+    return {
+        **{k: v for k, v in got.items() if k != "steps"},
+        "setup_and_train_seconds": got["setup_seconds"] + got["train_seconds"],
+        "tokens_per_second_every_step": got["tokens"] / got["train_seconds"],
+        "tokens_per_second_first_step_left_out": after_first["tokens_per_second"],
+        "per_step": got["steps"],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+    import transformers
+    import trl
+
+    from reasonguard.train.allocenv import decision
+    from reasonguard.train.runinfo import environment_info
+
+    env = environment_info()
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "git_commit": env.get("git_commit"),
+        "hardware": env.get("hardware"),
+        "allocator": decision()["action"],
+    }
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def print_tables(result: dict[str, Any]) -> None:
+    step = result["step"]
+    print(f"\n(1) training step: {result['settings']['steps']} timed steps after warm-up")
+    print("| setup | steps | real tokens | seconds | real tok/s | padding eff. |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in SETUPS:
+        if name in step:
+            s = step[name]
+            eff = s["tokens"] / s["computed_tokens"] if s["computed_tokens"] else None
+            print(
+                f"| {name} | {s['steps']} | {s['tokens']:,} | {_fmt(s['seconds'])} | "
+                f"{_fmt(s['tokens_per_second'])} | {_fmt(eff, 3)} |"
+            )
+    print(f"R/T {_fmt(step.get('ratio_R_T'), 2)}x, R/A {_fmt(step.get('ratio_R_A'), 2)}x")
+    command = result.get("command")
+    if not command:
+        return
+    print(f"\n(2) whole command: {result['settings']['command_steps']} optimizer steps")
+    print(
+        "| setup | steps | real tokens | command s | setup+train s | train() s | "
+        "tok/s every step | tok/s first step left out |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in ("T", "R"):
+        c = command[name]
+        print(
+            f"| {name} | {c['steps_completed']} | {c['tokens']:,} | {_fmt(c['command_seconds'])} | "
+            f"{_fmt(c['setup_and_train_seconds'])} | {_fmt(c['train_seconds'])} | "
+            f"{_fmt(c['tokens_per_second_every_step'])} | "
+            f"{_fmt(c['tokens_per_second_first_step_left_out'])} |"
+        )
+    print(
+        f"R/T tok/s: every step {_fmt(command['ratio_R_T_every_step'], 2)}x, first step left out "
+        f"{_fmt(command['ratio_R_T_first_step_left_out'], 2)}x; command time T/R "
+        f"{_fmt(command['command_seconds_T_over_R'], 2)}x"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2", help="alias, hub id or folder")
+    parser.add_argument(
+        "--dataset",
+        default="bench",
+        help="`bench` (the benchmark inputs with the 1B model's outputs) or a training source",
+    )
+    parser.add_argument("--rows-per-step", type=int, default=8)
+    parser.add_argument("--warmup-steps", type=int, default=1, help="untimed steps (1)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps of measurement 1")
+    parser.add_argument("--command-steps", type=int, default=3, help="steps of measurement 2")
     parser.add_argument("--max-length", type=int, default=2048)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the row sample's seed")
+    parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS))
+    parser.add_argument("--skip-command", action="store_true", help="measurement 1 only")
+    parser.add_argument("--work-dir", help="keep run folders and logs here (default: a temp dir)")
     parser.add_argument(
         "--shared", default=os.environ.get("REASONGUARD_SHARED") or REPO.parent / "shared"
     )
     parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.command_steps < 2 and not args.skip_command:
+        parser.error("--command-steps must be at least 2 (the first step is left out once)")
+    if min(args.rows_per_step, args.steps) < 1 or args.warmup_steps < 0:
+        parser.error("--rows-per-step and --steps must be positive, --warmup-steps >= 0")
+    return args
 
+
+def write_spec(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], Path]:
+    """Pick the rows, write them (guard records for R and A, prompt/completion for T) and the
+    settings every worker reads."""
+    from reasonguard.data.sources import load_source
+    from reasonguard.models import resolve_model
+    from reasonguard.train.config import load_config
+    from reasonguard.train.modeling import load_training_tokenizer
+
+    base = {
+        "model": args.model,
+        "max_length": args.max_length,
+        "rows_per_step": args.rows_per_step,
+    }
+    config = load_config(REPO / DEMO_CONFIG, r_overrides(base, "samples", 1, str(work), 1))
+    tokenizer = load_training_tokenizer(config)
+    if args.dataset == "bench":
+        records = corpus(Path(args.shared))
+    else:
+        records = [r for rows in load_source(args.dataset).values() for r in rows]
+    step_count = args.rows_per_step * (args.warmup_steps + args.steps)
+    command_count = 0 if args.skip_command else args.rows_per_step * args.command_steps
+    picked = pick_rows(records, max(step_count, command_count), tokenizer, config, args.seed)
+    step_rows, command_rows = picked[:step_count], picked[:command_count]
+    spec: dict[str, Any] = {
+        **base,
+        "warmup_steps": args.warmup_steps,
+        "steps": args.steps,
+        "command_steps": args.command_steps,
+        "model_path": resolve_model(args.model),
+        "tokenizer_path": resolve_model(config.tokenizer_name_or_path or args.model),
+        "pad_token": tokenizer.pad_token,
+        "step_rows": str(write_jsonl(work / "step_rows.jsonl", step_rows)),
+        "trl_step_rows": str(
+            write_jsonl(
+                work / "trl_step_rows.jsonl",
+                trl_records(step_rows, tokenizer, config.prompt_format),
+            )
+        ),
+        "trl_step_accumulation": trl_accumulation(
+            step_rows, tokenizer, config, args.warmup_steps + args.steps
+        ),
+        "hyper": {
+            k: getattr(config, k)
+            for k in (
+                "learning_rate",
+                "lr_scheduler_type",
+                "warmup_steps",
+                "weight_decay",
+                "adam_beta1",
+                "adam_beta2",
+                "adam_epsilon",
+                "max_grad_norm",
+                "optim",
+                "seed",
+                "lora_r",
+                "lora_alpha",
+                "lora_dropout",
+                "lora_target_modules",
+                "prompt_format",
+            )
+        },
+    }
+    if command_rows:
+        spec["command_rows"] = str(write_jsonl(work / "command_rows.jsonl", command_rows))
+        spec["trl_command_rows"] = str(
+            write_jsonl(
+                work / "trl_command_rows.jsonl",
+                trl_records(command_rows, tokenizer, config.prompt_format),
+            )
+        )
+        spec["trl_command_accumulation"] = trl_accumulation(
+            command_rows, tokenizer, config, args.command_steps
+        )
+    path = work / "spec.json"
+    path.write_text(json.dumps(spec, indent=2) + "\n")
+    return spec, path
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    load_start = os.getloadavg()[0]
+    spec, spec_path = write_spec(args, work)
+    step: dict[str, Any] = {}
+    for name in args.setups:
+        _, result = run_worker(name, spec_path, work)
+        got = json.loads(result.read_text())
+        step[name] = {
+            **window(got["steps"], args.warmup_steps),
+            **{k: v for k, v in got.items() if k != "steps"},
+            "per_step": got["steps"],
+        }
+    rate = {n: s["tokens_per_second"] for n, s in step.items()}
+    step["ratio_R_T"] = _ratio(rate.get("R"), rate.get("T"))
+    step["ratio_R_A"] = _ratio(rate.get("R"), rate.get("A"))
+    result: dict[str, Any] = {
+        "settings": {
+            k: spec[k] for k in ("model", "max_length", "rows_per_step", "warmup_steps", "steps")
+        }
+        | {
+            "command_steps": None if args.skip_command else args.command_steps,
+            "dataset": args.dataset,
+            "row_sample_seed": args.seed,
+            "a_micro_batch": A_MICRO_BATCH,
+            "training": spec["hyper"],
+            "trl_gradient_accumulation_steps": spec["trl_step_accumulation"],
+        },
+        "step": step,
+    }
+    if not args.skip_command:
+        r = command_summary(command_r(spec, work))
+        t = command_summary(command_t(spec_path, work))
+        result["command"] = {
+            "T": t,
+            "R": r,
+            "ratio_R_T_every_step": _ratio(
+                r["tokens_per_second_every_step"], t["tokens_per_second_every_step"]
+            ),
+            "ratio_R_T_first_step_left_out": _ratio(
+                r["tokens_per_second_first_step_left_out"],
+                t["tokens_per_second_first_step_left_out"],
+            ),
+            "command_seconds_T_over_R": _ratio(t["command_seconds"], r["command_seconds"]),
+        }
+    result["machine"] = machine_info() | {
+        "load_average_at_start": load_start,
+        "load_average_at_end": os.getloadavg()[0],
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU benchmark, in this process and its children
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.path.insert(0, str(REPO / "src"))
+    if args.worker:
+        got = WORKERS[args.worker](json.loads(Path(args.spec).read_text()), Path(args.spec).parent)
+        Path(args.result).write_text(json.dumps(got) + "\n")
+        return 0
+
     from reasonguard.train.allocenv import GUARD, MALLOC_ENV, decision
 
     if decision()["re_exec"]:
         env = {**os.environ, **MALLOC_ENV, GUARD: "1"}
-        os.execvpe(sys.executable, [sys.executable, *sys.argv], env)
+        os.execvpe(sys.executable, [sys.executable, str(SCRIPT), *sys.argv[1:]], env)
 
-    import torch
-
-    from reasonguard.train.config import SFTConfig
-    from reasonguard.train.data import encode
-    from reasonguard.train.modeling import load_model, load_training_tokenizer, parameter_counts
-
-    config = SFTConfig(
-        model_name_or_path=MODELS[args.model],
-        prompt_format="chat",
-        finetuning="lora",
-        lora_r=16,
-        lora_alpha=32,
-        lora_dropout=0.0,
-        max_length=args.max_length,
-        report_to="none",
-    )
-    torch.manual_seed(args.seed)
-    tokenizer = load_training_tokenizer(config)
-    records = corpus(Path(args.shared))
-    picked = random.Random(args.seed).sample(records, args.samples)
-    rows = encode(
-        [("bench", i, r) for i, r in enumerate(picked)], tokenizer, "chat", args.max_length
-    )
-    model = load_model(config, bf16=False)
-    model.train()
-    pad = tokenizer.pad_token_id
-    steps = [
-        rows[i : i + args.samples_per_step] for i in range(0, len(rows), args.samples_per_step)
-    ]
-
-    def phase(name: str) -> dict[str, float]:
-        set_checkpointing(model, name == "a")
-        real = computed = 0
-        with PeakRSS() as rss:
-            t0 = time.perf_counter()
-            for step in steps:
-                r, c = (
-                    step_a(model, step, pad)
-                    if name == "a"
-                    else step_b(model, step, args.max_length)
-                )
-                real, computed = real + r, computed + c
-            seconds = time.perf_counter() - t0
-        return {"seconds": seconds, "real": real, "computed": computed, "rss": rss.peak}
-
-    # Warm-up (one step of each, untimed), then A B A B ...
-    for name in "ab":
-        set_checkpointing(model, name == "a")
-        (step_a(model, steps[0], pad) if name == "a" else step_b(model, steps[0], args.max_length))
-    totals = {n: {"seconds": 0.0, "real": 0, "computed": 0, "rss": 0} for n in "ab"}
-    for round_ in range(args.rounds):
-        for name in "ab":
-            got = phase(name)
-            t = totals[name]
-            t["seconds"] += got["seconds"]
-            t["real"] += got["real"]
-            t["computed"] += got["computed"]
-            t["rss"] = max(t["rss"], got["rss"])
-            print(
-                f"round {round_ + 1} {name.upper()}: {got['real'] / got['seconds']:,.0f} real tok/s "
-                f"({got['seconds']:.1f} s)",
-                flush=True,
-            )
-    tps = {n: totals[n]["real"] / totals[n]["seconds"] for n in "ab"}
-    result = {
-        "model": MODELS[args.model],
-        "parameters": parameter_counts(model),
-        "samples": args.samples,
-        "samples_per_step": args.samples_per_step,
-        "rounds": args.rounds,
-        "max_length": args.max_length,
-        "real_tokens_per_phase": totals["a"]["real"] // args.rounds,
-        "label_tokens_per_phase": sum(r.num_labels for r in rows),
-        "tokens_per_second_a": tps["a"],
-        "tokens_per_second_b": tps["b"],
-        "ratio": tps["b"] / tps["a"],
-        "padding_efficiency_a": totals["a"]["real"] / totals["a"]["computed"],
-        "padding_efficiency_b": totals["b"]["real"] / totals["b"]["computed"],
-        "peak_rss_gib_a": totals["a"]["rss"] / 2**30,
-        "peak_rss_gib_b": totals["b"]["rss"] / 2**30,
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
-        "load_average_at_start": os.getloadavg()[0],
-        "allocator": decision()["action"],
-    }
-    print(json.dumps(result, indent=2))
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        result = measure(args, work.resolve())
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    print_tables(result)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -164,8 +164,8 @@ def test_cuda_only_settings_fail_before_anything_loads_on_cpu(
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for override, text in (
-        ({"finetuning": "qlora"}, "finetuning: qlora needs a CUDA GPU"),
-        ({"optim": "paged_adamw_32bit"}, "paged_adamw_32bit is a bitsandbytes optimizer"),
+        ({"attn_implementation": "flash_attention_2"}, "flash_attention_2 needs CUDA"),
+        ({"use_liger_kernel": True}, "use_liger_kernel: true needs a CUDA GPU"),
     ):
         config = tiny_config(tmp_path, **override)
         with pytest.raises(UserError, match=text):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from reasonguard.train.batch_profile import per_sample_attention
 from reasonguard.train.config import load_config
 from reasonguard.train.plan import (
     GPUS,
@@ -21,10 +22,12 @@ from reasonguard.train.plan import (
     SCALING_EFFICIENCY,
     SHARDINGS,
     TARGETS,
+    flops_per_token,
     memory_estimate,
     model_architecture,
     parameter_memory,
     plan_training,
+    token_profile,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -271,3 +274,66 @@ def test_too_big_even_sharded_says_so(cli) -> None:
     code, out, _ = cli("plan", "--config", EXP19, "--gpu", "4070ti-super", *too_big)
     assert code == 0
     assert "none of --num-processes 2, 4, 8 with --sharding fsdp or zero3 fits" in out
+
+
+# --------------------------------------------------------------------------------------------
+# Attention cost: what the run's kernel computes
+
+
+def test_packed_attention_flops_are_the_sum_over_samples() -> None:
+    """A packed row under SDPA runs causal attention per sample (`train.packed_attention`), as
+    flash-attention's variable-length kernel does on a GPU: its attention FLOPs are those of its
+    samples run alone, not of the whole pack; eager attention computes the whole pack square."""
+    from reasonguard.train.data import prepare
+    from reasonguard.train.modeling import load_training_tokenizer
+
+    packed = ["packing=true", "pack_tokens=1024"]
+    config = load_config(DEMO, packed)
+    lengths = [len(e) for e in prepare(config, load_training_tokenizer(config)).train]
+    plan = _plan(DEMO, packed, gpu="cpu", cpu_flops=CPU_FLOPS)
+    data, compute = plan["data"], plan["compute"]
+    assert plan["config"]["packing"] and plan["config"]["attn_implementation"] in ("auto", "sdpa")
+    # 11 steps of epoch 0, all simulated: the counts are the epoch's, not scaled.
+    assert data["batching_simulated_steps"] == plan["steps"]["per_epoch"] == 11
+    assert data["tokens_per_epoch"] == data["computed_tokens_per_epoch"] == sum(lengths)
+
+    arch = KNOWN_ARCHITECTURES["HuggingFaceTB/SmolLM2-135M"]
+    trainable = plan["model"]["trainable_params"]
+
+    def attention(tokens: int, keys_per_token: float) -> float:
+        parts = flops_per_token(arch, "lora", trainable, False, keys_per_token)
+        return tokens * parts["attention"]
+
+    # Each sample alone: n causal queries against (n + 1) / 2 keys on average.
+    samples = sum(attention(n, (n + 1) / 2) for n in lengths)
+    run = data["computed_tokens_per_epoch"] * compute["flops_per_computed_token"]["attention"]
+    assert run == pytest.approx(samples, rel=1e-9)
+
+    # Eager attention gets the block-diagonal mask over the whole row: every pack's square.
+    eager = _plan(DEMO, [*packed, "attn_implementation=eager"], gpu="cpu", cpu_flops=CPU_FLOPS)
+    keys = eager["data"]["mean_attention_keys_per_token"]
+    assert keys > 2 * data["mean_attention_keys_per_token"]
+    assert keys <= 1024  # no pack is longer than pack_tokens
+    assert eager["time"]["train_seconds"] > plan["time"]["train_seconds"]
+
+
+def test_padded_rows_cost_the_padded_square_unless_flash_unpads_them() -> None:
+    config = load_config(DEMO, ["per_device_train_batch_size=2"])
+    lengths, labels = [100, 300, 200, 200], [50, 150, 100, 100]
+    # One 4-row step; sdpa on padded rows gets an explicit mask: width^2 per row.
+    padded = token_profile(lengths, labels, config, 1024, per_sample_attention("sdpa", False, True))
+    widths = [300, 300, 200, 200]  # longest first, two rows a micro-batch, padded to the longest
+    assert padded["computed_tokens"] == sum(widths)
+    assert padded["attention_keys"] == sum(w * w for w in widths)
+    # flash-attention on a GPU unpads them: each row's own causal triangle.
+    flash = token_profile(
+        lengths, labels, config, 1024, per_sample_attention("flash_attention_2", False, True)
+    )
+    assert flash["attention_keys"] == sum(n * (n + 1) // 2 for n in lengths)
+    # Packed rows: per sample on CPU (our per-sample SDPA); on a GPU SDPA gets transformers'
+    # block-diagonal mask over the whole row, and only flash-attention runs per sample.
+    assert per_sample_attention("sdpa", True, False) and not per_sample_attention(
+        "sdpa", True, True
+    )
+    assert per_sample_attention("flash_attention_2", True, True)
+    assert not per_sample_attention("eager", True, True)

@@ -119,12 +119,19 @@ def test_use_liger_kernel_true_on_cpu_fails_before_the_model_loads(
     assert not Path(config.output_dir).exists()
 
 
-def test_qlora_on_cpu_still_fails_early(tmp_path: Path, no_cuda: None) -> None:
-    from reasonguard.train.sft import run_sft
+def test_qlora_asked_for_is_qlora_by_default_and_on_cpu(tmp_path: Path, no_cuda: None) -> None:
+    from reasonguard.train.modeling import environment_problems
 
-    config = tiny_config(tmp_path, finetuning="qlora", qlora_fallback_to_lora="auto")
-    with pytest.raises(UserError, match="finetuning: qlora needs a CUDA GPU"):
-        run_sft(config)
+    assert SFTConfig().qlora_fallback_to_lora == "never"  # QLoRA when asked for, not bf16 LoRA
+    default = tiny_config(tmp_path, finetuning="qlora", optim="paged_adamw_32bit")
+    assert environment_problems(default) == []  # bitsandbytes runs NF4 and its optimizers on CPU
+    decided = resolve(default, bf16=False, lengths=[100], label_counts=[50], budget=512)
+    assert decided["quantization"].value == "nf4" and "never" in decided["quantization"].reason
+    assert effective_config(default, decided).finetuning == "qlora"
+    # `auto` has no CUDA device to weigh a bf16 LoRA base against: NF4 too.
+    auto = tiny_config(tmp_path, finetuning="qlora", qlora_fallback_to_lora="auto")
+    decided = resolve(auto, bf16=True, lengths=[100], label_counts=[50], budget=512)
+    assert decided["quantization"].value == "nf4" and "no CUDA" in decided["quantization"].reason
 
 
 def test_torch_compile_is_off_by_default() -> None:
@@ -201,21 +208,23 @@ def test_dry_run_shows_the_decisions(tmp_path: Path, no_cuda: None) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_liger_loss_matches_the_plain_loss_on_cuda(tmp_path: Path) -> None:
     pytest.importorskip("liger_kernel")
-    from reasonguard.train.data import collate_packed, pack, prepare
-    from reasonguard.train.modeling import (
-        labelled_loss_sum,
-        liger_labelled_loss_sum,
-        load_model,
-        load_training_tokenizer,
+    from reasonguard.train.data import prepare
+    from reasonguard.train.labelled_head import (
+        cross_entropy_sum,
+        liger_cross_entropy_sum,
+        run_head,
     )
+    from reasonguard.train.modeling import load_model, load_training_tokenizer
+    from reasonguard.train.sft import sft_batch
 
     config = tiny_config(tmp_path)
     tokenizer = load_training_tokenizer(config)
     rows = prepare(config, tokenizer).train[:4]
     model = load_model(config, bf16=False)
-    batch = {k: v.cuda() for k, v in collate_packed(pack(rows, 4096)[0]).items()}
-    plain = labelled_loss_sum(model, batch)
-    fused = liger_labelled_loss_sum(model, batch)
+    batch = {k: v.cuda() for k, v in sft_batch(rows, True, 0).items()}
+    head = model.get_output_embeddings()
+    plain = run_head(model, head, batch, cross_entropy_sum(batch["mask"], batch["targets"]))
+    fused = run_head(model, head, batch, liger_cross_entropy_sum(batch["mask"], batch["targets"]))
     assert torch.allclose(plain, fused, rtol=1e-4)
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from reasonguard.data.tokenize import IGNORE_INDEX
-from reasonguard.train.data import Example, collate, collate_packed, pack
-from reasonguard.train.sft import SFTRecipe
+from reasonguard.train.data import Example, collate_packed, pack
+from reasonguard.train.labelled_head import cross_entropy_sum, run_head
+from reasonguard.train.sft import SFTRecipe, sft_batch
 from test_train_support import tiny_config
 
 
@@ -54,24 +55,30 @@ def recipe(tmp_path_factory: pytest.TempPathFactory) -> SFTRecipe:
     return r
 
 
+def _loss(recipe: SFTRecipe, rows: list, packed: bool) -> torch.Tensor:
+    """The summed loss of some rows through the training path (head at labelled positions)."""
+    batch = sft_batch(rows, packed, recipe.tokenizer.pad_token_id)
+    head_fn = cross_entropy_sum(batch["mask"], batch["targets"])
+    return run_head(recipe.model, recipe.trainer.head, batch, head_fn)
+
+
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_packed_loss_and_gradients_equal_the_rows_run_one_by_one(recipe: SFTRecipe) -> None:
     model, rows = recipe.model, recipe.data.train[:4]
-    pad = recipe.tokenizer.pad_token_id
     n_labels = sum(r.num_labels for r in rows)
 
     model.zero_grad(set_to_none=True)
-    packed = recipe.loss_fn(model, collate_packed(rows))
+    packed = _loss(recipe, rows, packed=True)
     (packed / n_labels).backward()
     packed_grads = _grads(model)
 
     model.zero_grad(set_to_none=True)
     single = torch.zeros(())
     for r in rows:
-        loss = recipe.loss_fn(model, collate([r], pad))
+        loss = _loss(recipe, [r], packed=False)
         (loss / n_labels).backward()
         single += loss.detach()
     single_grads = _grads(model)
@@ -85,14 +92,16 @@ def test_packed_loss_and_gradients_equal_the_rows_run_one_by_one(recipe: SFTReci
 
 def test_the_step_loss_is_the_per_token_mean_over_all_its_rows(recipe: SFTRecipe) -> None:
     rows = recipe.data.train[:4]
-    pad = recipe.tokenizer.pad_token_id
-    assert recipe.config.packing and len(recipe._micro_batches(rows)) < len(rows)
+    trainer = recipe.trainer
+    assert recipe.config.packing and len(trainer.micro_batches(rows, trainer.micro_batch)) < len(
+        rows
+    )
     with torch.no_grad():
-        total = sum(float(recipe.loss_fn(recipe.model, collate([r], pad))) for r in rows)
-    loss, n_labels, _ = recipe._train_step(rows, step=1)
-    recipe.optimizer.zero_grad(set_to_none=True)
-    assert n_labels == sum(r.num_labels for r in rows)
-    assert loss == pytest.approx(total / n_labels, rel=1e-5)
+        total = sum(float(_loss(recipe, [r], packed=False)) for r in rows)
+    loss = trainer._passes(recipe.model, rows, step=1)
+    recipe.model.zero_grad(set_to_none=True)
+    assert trainer.step_count(rows) == sum(r.num_labels for r in rows)
+    assert loss == pytest.approx(total / trainer.step_count(rows), rel=1e-5)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "reasonguard_packed"])
@@ -125,12 +134,11 @@ def test_per_sample_attention_equals_the_block_diagonal_mask(recipe: SFTRecipe) 
     block-diagonal mask transformers builds for a packed row."""
     model = recipe.model
     config = model.base_model.model.config
-    batch = collate_packed(recipe.data.train[:3])
     results = {}
     for attn in ("sdpa", "reasonguard_packed"):
         config._attn_implementation = attn
         model.zero_grad(set_to_none=True)
-        loss = recipe.loss_fn(model, batch)
+        loss = _loss(recipe, recipe.data.train[:3], packed=True)
         loss.backward()
         results[attn] = (float(loss), _grads(model))
     model.zero_grad(set_to_none=True)

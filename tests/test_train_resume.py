@@ -69,7 +69,8 @@ def test_sigkilled_run_resumes_to_the_same_final_weights(tmp_path: Path) -> None
     )
     try:
         deadline = time.monotonic() + 240
-        while not list(killed.glob("checkpoint-*")) and proc.poll() is None:
+        # Complete checkpoints only: transformers writes trainer_state.json last.
+        while not list(killed.glob("checkpoint-*/trainer_state.json")) and proc.poll() is None:
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)  # this process only, by its pid

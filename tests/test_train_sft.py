@@ -33,9 +33,10 @@ CHECKPOINT_FILES = {
     "adapter_config.json",
     "adapter_model.safetensors",
     "optimizer.pt",
-    "rng_state.pt",
+    "rng_state.pth",
     "scheduler.pt",
     "trainer_state.json",
+    "training_args.bin",
 }
 FINAL_FILES = {
     "README.md",
@@ -229,7 +230,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, cli)
     assert info["outcome"] == "failed" and info["steps_completed"] == 2
     assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
     state = json.loads((run_dir / "checkpoint-2/trainer_state.json").read_text())
-    assert state["step"] == 2
+    assert state["global_step"] == 2
 
     # The kept checkpoint is good: the same run without the injected NaN resumes from it.
     code, out, err = cli("train", "sft", "--config", path, "debug_nan_at_step=null")
@@ -278,19 +279,19 @@ def test_oom_halves_the_micro_batch_and_keeps_the_effective_batch(tmp_path: Path
         **common,
     )
     recipe = SFTRecipe(config)
-    real_loss = recipe.loss_fn
-
-    def loss_that_ooms_on_big_batches(model, batch):
-        if batch["input_ids"].shape[0] > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_loss(model, batch)
-
-    recipe.loss_fn = loss_that_ooms_on_big_batches
     recipe.setup()
+    real_loss = recipe.trainer.batch_loss
+
+    def loss_that_ooms_on_big_batches(model, rows, train):
+        if train and len(rows) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_loss(model, rows, train)
+
+    recipe.trainer.batch_loss = loss_that_ooms_on_big_batches
     recipe.train()
     recipe.save()
     recipe.cleanup()
-    assert recipe.micro_batch == 2 and recipe.samples_per_step == 4
+    assert recipe.trainer.micro_batch == 2 and recipe.samples_per_step == 4
     assert any("retrying the step with micro-batch 2" in w for w in recipe.warnings)
     expected, got = _final_adapter(reference.run_dir), _final_adapter(Path(config.output_dir))
     assert max((expected[k] - got[k]).abs().max().item() for k in expected) < 1e-6
@@ -301,11 +302,11 @@ def test_oom_without_auto_micro_batch_names_the_settings_that_fit(tmp_path: Path
 
     recipe = SFTRecipe(tiny_config(tmp_path, eval_strategy="no", save_strategy="no"))
 
-    def oom(model, batch):
+    def oom(model, rows, train):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    recipe.loss_fn = oom
     recipe.setup()
+    recipe.trainer.batch_loss = oom
     with pytest.raises(UserError) as info:
         recipe.train()
     message = str(info.value)
@@ -325,3 +326,19 @@ def test_plateau_warning_after_patience_evaluations() -> None:
     warning = watch.update(0.91)
     assert warning and "not improved for 2 evaluations" in warning and "best 0.9000" in warning
     assert PlateauWatch(patience=0).update(1.0) is None
+
+
+def test_a_lora_adapter_on_the_lm_head_is_trained_through_the_labelled_head(tmp_path: Path) -> None:
+    """The head runs only at labelled positions through its own forward, so a LoRA-wrapped
+    head (lm_head in lora_target_modules) learns: its adapter weights leave their zero init."""
+    config = tiny_config(
+        tmp_path,
+        max_steps=2,
+        eval_strategy="no",
+        save_strategy="no",
+        lora_target_modules=["q_proj", "lm_head"],
+    )
+    result = run_sft(config)
+    adapter = _final_adapter(result.run_dir)
+    head_b = [v for k, v in adapter.items() if "lm_head" in k and "lora_B" in k]
+    assert head_b and all(float(v.abs().max()) > 0 for v in head_b)

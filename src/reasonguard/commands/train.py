@@ -89,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
 
     from reasonguard.errors import UserError
     from reasonguard.train.config import SFTConfig, load_config
-    from reasonguard.train.distributed import Processes, launch
     from reasonguard.train.dpo import DPOConfig
+    from reasonguard.train.launch import launch, world_size
 
     overrides = list(args.overrides) + (["skip_invalid=true"] if args.skip_invalid else [])
     cls = {"sft": SFTConfig, "dpo": DPOConfig}[args.stage]
@@ -98,13 +98,13 @@ def run(args: argparse.Namespace) -> int:
     processes = args.num_processes
     if processes is not None and processes < 1:
         raise UserError(f"--num-processes must be at least 1, got {processes}")
-    if args.cpu:
+    if args.cpu and not (processes and processes > 1):
         os.environ["ACCELERATE_USE_CPU"] = "true"  # read by training's device choice
     if args.dry_run:
         from reasonguard.train.allocenv import decision
         from reasonguard.train.dryrun import format_plan, plan_sft
 
-        world = processes or Processes.from_env().world_size
+        world = processes or world_size()
 
         if args.stage == "dpo":
             from reasonguard.train.dpo_data import load_pairs, prepare_pairs

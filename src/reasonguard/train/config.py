@@ -51,21 +51,24 @@ class SFTConfig:
     official LLaMA-Factory training), or null to keep the tokenizer's own."""
     prompt_format: Literal["raw", "chat", "chat-user"] = "chat"
     """How a record becomes a prompt (see `reasonguard.format`); recorded in the saved model."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel passed to `from_pretrained`."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel. `auto`: on CUDA, flash-attention's variable-length kernel for packed rows
+    when flash-attn is installed, else SDPA; on CPU, SDPA run per sample inside packed rows
+    (decided and logged at setup: `train.decisions.attention_decision`)."""
     trust_remote_code: bool = False
     """Allow model code from the hub (never needed for Llama / SmolLM2)."""
 
     # ---------------------------------------------------------------- fine-tuning method
     finetuning: Literal["full", "lora", "qlora"] = "lora"
     """`full`: every weight; `lora`: adapters on a frozen base; `qlora`: adapters on a 4-bit NF4
-    base (double quantisation, bf16 compute; needs CUDA and bitsandbytes), unless
-    `qlora_fallback_to_lora` decides that a bf16 base fits."""
-    qlora_fallback_to_lora: Literal["auto", "never"] = "auto"
-    """With `finetuning: qlora`: `auto` trains bf16 LoRA instead (no dequantisation of every
-    weight in every matmul: faster) when the memory estimate of the bf16 LoRA run is at most 80%
-    of the GPU's memory; `never` always keeps the NF4 base. The choice is logged in
-    training_info.json (`model.decisions.quantization`)."""
+    base (double quantisation; compute in bf16 under `bf16`, else fp32). QLoRA needs bitsandbytes
+    (`pip install 'reasonguard[qlora]'`) and runs on a CUDA GPU or on CPU."""
+    qlora_fallback_to_lora: Literal["auto", "never"] = "never"
+    """With `finetuning: qlora`: `never` (the default) always trains on the NF4 base, as asked;
+    `auto` trains bf16 LoRA instead (no dequantisation of every weight in every matmul: faster)
+    when the memory estimate of the bf16 LoRA run is at most 80% of the CUDA GPU's memory (never
+    on CPU, nor without bf16). The choice is logged in training_info.json
+    (`model.decisions.quantization`)."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 16
@@ -86,7 +89,7 @@ class SFTConfig:
     """Drop invalid rows (counted in training_info.json) instead of stopping at the first one."""
     max_length: int | Literal["auto"] = "auto"
     """Cut sequences to this many tokens; `auto`: p95 of the token lengths clamped to
-    [1024, 2048] (the seed's rule)."""
+    [1024, 2048] (the rule of Experiment 19's script)."""
     eval_split_ratio: float = 0.01
     """Fraction of rows held out for eval loss (at least 1 row when > 0); 0 disables eval."""
     eval_split_seed: int = 42
@@ -128,7 +131,8 @@ class SFTConfig:
         "paged_adamw_8bit",
         "adamw_bnb_8bit",
     ] = "adamw_torch"
-    """Optimizer; the paged and 8-bit ones are bitsandbytes (CUDA only)."""
+    """Optimizer; the paged and 8-bit ones are bitsandbytes' (CUDA or CPU; on CPU bitsandbytes
+    runs the paged ones without paging)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     bf16: bool | Literal["auto"] = "auto"

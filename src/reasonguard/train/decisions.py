@@ -1,21 +1,24 @@
 """The training defaults a run resolves before its model loads, each with a one-line reason.
 
 A config may leave a speed/memory trade-off to the machine (`gradient_checkpointing: auto`,
-`qlora_fallback_to_lora: auto`, `use_liger_kernel: auto`, `bf16: auto`) or fix it. Either way the
-run decides once, in `SFTRecipe.setup` before the weights load, prints the decisions and records
+`qlora_fallback_to_lora: auto`, `use_liger_kernel: auto`, `bf16: auto`, `attn_implementation: auto`)
+or fix it. Either way the run decides once, in `Recipe.setup` before the weights load, prints the decisions and records
 them in training_info.json (`model.decisions`); `--dry-run` shows those it can decide without
 the weights. The rules are small pure functions of numbers and flags, so tests check them
 without a GPU; `resolve` gathers the machine's facts (CUDA, device memory, installed packages,
-the memory estimate of `train.plan`) and calls them.
+the memory estimate of `train.memory`) and calls them.
 
 Rules:
 - checkpointing `auto`: on only when the plan's memory estimate without checkpointing exceeds the
   CUDA device's total memory; off on CPU (RAM is plentiful, recomputation costs ~30% compute).
 - quantization (`finetuning: qlora`): `qlora_fallback_to_lora: auto` trains bf16 LoRA instead of
   NF4 when the bf16 LoRA estimate is at most `QLORA_FALLBACK_HEADROOM` of the device memory.
-- liger `auto`: on with CUDA and `liger_kernel` installed, for stages whose loss uses it (SFT).
+- liger `auto`: on with CUDA and `liger_kernel` installed (SFT's fused cross-entropy; DPO's
+  per-token log-probs where liger-kernel >= 0.8.2 computes their gradient right, else chunked).
 - compile: `torch_compile` as configured (off unless asked for).
-- attention: the configured kernel; sdpa with packing runs per sample (`train.packed_attention`).
+- attention `auto`: on CUDA, flash-attention's variable-length kernel for packed rows when
+  flash-attn is installed, else SDPA; on CPU, SDPA run per sample in packed rows
+  (`train.packed_attention`).
 
 Example:
     >>> from reasonguard.train.decisions import GIB, checkpointing_decision
@@ -32,7 +35,7 @@ from typing import Any
 GIB = 1024**3
 # A bf16 LoRA run replaces NF4 only when its estimate leaves this share of the device unused
 # by the estimate: the memory model counts the big tensors and has not been checked against a
-# measured peak (train/plan.py), so a run that "just fits" would risk out-of-memory mid-run.
+# measured peak (train/memory.py), so a run that "just fits" would risk out-of-memory mid-run.
 QLORA_FALLBACK_HEADROOM = 0.80
 CHECKPOINTING_COST = "~30% more compute"
 
@@ -157,24 +160,52 @@ def compile_decision(setting: bool) -> Decision:
     return Decision(False, "the default (opt in with torch_compile: true)")
 
 
-def attention_decision(attn_implementation: str, packing: bool) -> Decision:
-    """The attention kernel the run uses, and what packed rows get from it."""
+PER_SAMPLE = "sdpa, per sample in packed rows"  # the value of the CPU packing kernel
+
+
+def attention_decision(
+    setting: str, packing: bool, cuda: bool = False, flash_installed: bool = False
+) -> Decision:
+    """The attention kernel the run uses, and what packed rows get from it.
+
+    Our per-sample SDPA (`train.packed_attention`) is the CPU kernel for packed rows: it splits
+    each row on the host and runs one SDPA call per sample, which on a GPU would mean a
+    device-to-host sync per layer and many small kernels, so CUDA gets flash-attention's
+    variable-length kernel (flash-attn installed) or transformers' SDPA with the block-diagonal
+    mask it builds from the position_ids restarts.
+    """
+    if setting == "auto":
+        if cuda and packing and flash_installed:
+            return Decision(
+                "flash_attention_2",
+                "auto: CUDA, packing, flash-attn installed -> flash-attention's variable-length "
+                "kernel (sample boundaries from position_ids)",
+            )
+        if cuda:
+            note = (
+                "; packed rows get a block-diagonal mask over the whole row (install flash-attn "
+                "for the variable-length kernel)"
+                if packing
+                else ""
+            )
+            return Decision("sdpa", f"auto: CUDA -> SDPA{note}")
+        setting = "sdpa"
     if not packing:
-        return Decision(attn_implementation, "as configured (no packing: padded rows)")
-    if attn_implementation == "sdpa":
+        return Decision(setting, "as configured (no packing: padded rows)")
+    if setting == "sdpa" and not cuda:
         return Decision(
-            "sdpa, per sample in packed rows",
-            "packing with sdpa -> causal SDPA per sample of each packed row "
+            PER_SAMPLE,
+            "packing with sdpa on CPU -> causal SDPA per sample of each packed row "
             "(train/packed_attention.py): no attention across samples",
         )
-    if attn_implementation == "flash_attention_2":
+    if setting == "flash_attention_2":
         return Decision(
-            attn_implementation,
+            setting,
             "as configured; packed rows run flash-attention's variable-length kernel "
             "(sample boundaries from position_ids)",
         )
     return Decision(
-        attn_implementation,
+        setting,
         "as configured; packed rows get transformers' causal mask from the position_ids "
         "restarts (block-diagonal, computed over the whole row)",
     )
@@ -264,10 +295,16 @@ def resolve(
         "quantization": quantization,
         "liger": liger_decision(c.use_liger_kernel, cuda, liger_installed(), stage_supports_liger),
         "compile": compile_decision(c.torch_compile),
-        "attention": attention_decision(c.attn_implementation, c.packing),
+        "attention": attention_decision(c.attn_implementation, c.packing, cuda, _flash_installed()),
         "bf16": Decision(bf16, bf16_decision(c.bf16, cuda, supported).reason),
         "cpu_allocator": allocator_decision(),
     }
+
+
+def _flash_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 def _ckpt_key(setting: bool | str) -> str:
@@ -290,7 +327,7 @@ def _estimates(
     import dataclasses
 
     from reasonguard.errors import UserError
-    from reasonguard.train.plan import run_memory
+    from reasonguard.train.memory import run_memory
 
     out: dict[str, Any] = {}
     try:
@@ -318,6 +355,9 @@ def effective_config(config: Any, decisions: dict[str, Decision]) -> Any:
     import dataclasses
 
     changes: dict[str, Any] = {"gradient_checkpointing": bool(decisions["checkpointing"].value)}
+    if "attention" in decisions:
+        attention = decisions["attention"].value
+        changes["attn_implementation"] = "sdpa" if attention == PER_SAMPLE else attention
     if config.finetuning == "qlora" and decisions["quantization"].value == "bf16":
         changes["finetuning"] = "lora"
     return dataclasses.replace(config, **changes)

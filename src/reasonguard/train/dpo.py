@@ -4,15 +4,21 @@ Run it:
 
     reasonguard train dpo --config configs/guardreasoner-hsdpo-3b.yaml [key=value ...] [--dry-run]
 
-The run is the R-SFT loop (`reasonguard.train.sft.SFTRecipe`: checkpoints, `resume: auto`,
-NaN guard, OOM retry, TensorBoard, status.json, training_info.json, loss curve, dry run) with a
-different step: each optimizer step takes `samples_per_step` *pairs* and minimises the weighted
-DPO + SFT loss of `reasonguard.train.dpo_loss` (its maths is in that module's docstring).
+The run is the R-SFT run (`train.recipe`: transformers' `Trainer` under `train.engine`,
+checkpoints, `resume: auto`, NaN guard, OOM retry, TensorBoard, status.json,
+training_info.json, loss curve, dry run) with a different step: each optimizer step takes
+`samples_per_step` *pairs* and minimises the weighted DPO + SFT loss of `train.dpo_loss` (its
+maths is in that module's docstring). TRL's `DPOTrainer` has no per-pair weight, which
+hard-sample DPO needs, so the loss is our own; the engine is the same `Trainer` as R-SFT.
+
+Log-probs are computed at the labelled positions only, in chunks of positions (`train.logprobs`):
+no fp32 labels x vocabulary log-softmax is ever held whole.
 
 The reference model is the model the run starts from. Its log-probs of every pair are computed
-once, before the first update, and saved in `RUN_DIR/reference_logps.safetensors`: no second copy
-of the model is held in memory, and a resumed run reads them back instead of recomputing them
-with already-updated weights. This works the same for full fine-tuning, LoRA and QLoRA.
+once, when training begins (the model already placed and, under FSDP / ZeRO-3, sharded), and
+saved in `RUN_DIR/reference_logps.safetensors`: no second copy of the model is held in memory,
+and a resumed run reads them back instead of recomputing them with already-updated weights.
+This works the same for full fine-tuning, LoRA and QLoRA.
 
 `model_name_or_path` is usually the R-SFT output folder. A full model is trained as is. A LoRA
 output (adapter) is either trained further (`init_adapter: continue`, the default; the result is
@@ -20,11 +26,6 @@ an adapter on the same base, loadable like the R-SFT one) or merged into its bas
 adapter is trained on top (`init_adapter: merge`; `final/` then holds the merged full weights, as
 an adapter on a merged model has no base on disk). QLoRA can only continue (merging into 4-bit
 weights loses precision).
-
-With several processes (`reasonguard.train.distributed`) each rank computes the reference
-log-probs of its share of the pairs, the shares are summed into the full tensors on every rank,
-and rank 0 writes the file; on resume rank 0 reads it and every rank receives its content. Each
-step's loss is divided by the step's pair count over all ranks.
 
 A packed micro-batch holds whole pairs, its budget twice `pack_tokens` (or `max_length`) since
 a pair is two sequences. The prompt format must be the one the R-SFT model was trained with
@@ -44,11 +45,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from transformers import TrainerCallback
+
 from reasonguard.errors import UserError
 from reasonguard.train.config import SFTConfig
+from reasonguard.train.data import micro_batches, pack
 from reasonguard.train.dpo_data import PairData, PairExample, collate_pairs, prepare_pairs
 from reasonguard.train.dpo_loss import sequence_logps, weighted_dpo_losses
-from reasonguard.train.sft import SFTRecipe, SFTResult
+from reasonguard.train.engine import GuardTrainer
+from reasonguard.train.recipe import Recipe, TrainResult
 
 REFERENCE_FILE = "reference_logps.safetensors"
 
@@ -88,20 +93,159 @@ class DPOConfig(SFTConfig):
             )
 
 
-class DPORecipe(SFTRecipe):
-    """One HS-DPO run: the SFT loop with pairs, reference log-probs and the weighted DPO loss."""
+class DPOTrainer(GuardTrainer):
+    """HS-DPO steps: whole pairs per micro-batch, the weighted DPO + SFT loss per pair."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.window = {"pairs": 0, "right": 0, "margin": 0.0}
+        self.eval_right = 0
+
+    def micro_batches(self, rows: list[PairExample], micro_batch: int) -> list[list[PairExample]]:
+        c = self.recipe.config
+        if not c.packing:
+            return micro_batches(rows, micro_batch)
+        budget = 2 * self.recipe.pack_budget * micro_batch // c.per_device_train_batch_size
+        return pack(rows, max(1, budget))
+
+    def step_count(self, rows: list[PairExample]) -> int:
+        return len(rows)
+
+    def sequence_logps(self, model: Any, pairs: list[PairExample], packed: bool) -> tuple[Any, Any]:
+        """Summed log-probs and labelled token counts of the 2n sequences (chosen, then rejected)."""
+        batch = collate_pairs(pairs, packed, self.recipe.tokenizer.pad_token_id)
+        liger = bool(self.recipe.decisions["liger"].value)
+        return sequence_logps(
+            model, self.to_device(batch), 2 * len(pairs), head=self.head, use_liger=liger
+        )
+
+    def batch_loss(self, model: Any, rows: list[PairExample], train: bool) -> Any:
+        import torch
+
+        packed = train and self.recipe.config.packing
+        sums, counts = self.sequence_logps(model, rows, packed)
+        n, device, c = len(rows), sums.device, self.recipe.config
+        ref_c = torch.tensor([p.reference_chosen for p in rows], device=device)
+        ref_r = torch.tensor([p.reference_rejected for p in rows], device=device)
+        weights = torch.tensor([p.weight for p in rows], device=device)
+        losses, margins = weighted_dpo_losses(
+            sums[:n], sums[n:], ref_c, ref_r, counts[:n], weights, c.beta, c.pref_ftx
+        )
+        right = int((margins > 0).sum())
+        if train:
+            self.window["pairs"] += n
+            self.window["right"] += right
+            self.window["margin"] += float(margins.sum())
+        else:
+            self.eval_right += right
+        return losses.sum()
+
+    def _passes(self, model: Any, rows: list[PairExample], step: int) -> float:
+        self.window_mark = dict(self.window)  # an OOM retry must not count a step twice
+        return super()._passes(model, rows, step)
+
+    def _shrink_after_oom(self, model: Any) -> None:
+        self.window = dict(self.window_mark)
+        super()._shrink_after_oom(model)
+
+    def after_step(self, rows: list[PairExample]) -> None:
+        self.recipe.count_step(rows)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        self.eval_right = 0
+        return super().evaluate(*args, **kwargs)
+
+    def eval_metrics(self, total: float) -> dict[str, float]:
+        right = self._sum([float(self.eval_right)])[0]
+        n = len(self.eval_rows)
+        self.recipe.last_eval_reward_accuracy = right / n
+        return {"eval_loss": total / n, "eval_reward_accuracy": right / n}
+
+    def log_fields(self) -> dict[str, float]:
+        """Reward accuracy and margin over the pairs since the last log (every rank's)."""
+        pairs, right, margin = self._sum(
+            [self.window["pairs"], self.window["right"], self.window["margin"]]
+        )
+        self.window = {"pairs": 0, "right": 0, "margin": 0.0}
+        if not pairs:
+            return {}
+        return {"reward_accuracy": right / pairs, "reward_margin": margin / pairs}
+
+    def policy_logps(self, pairs: list[PairExample]) -> tuple[Any, Any]:
+        """Summed log-probs of chosen and rejected outputs under the current model (eval mode);
+        each rank computes its share of the pairs and the shares are summed."""
+        import torch
+
+        size = self.args.per_device_eval_batch_size
+        chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]), reverse=True)
+        order = order[self._rank :: self._world]
+        chunks = self._aligned([order[s : s + size] for s in range(0, len(order), size)])
+        model = self.model_wrapped
+        model.eval()
+        with torch.no_grad():
+            for index in chunks:
+                with self.compute_loss_context_manager():
+                    if index is None:  # a pass that adds nothing, for the collectives
+                        self.sequence_logps(model, [min(pairs, key=len)], packed=False)
+                        continue
+                    sums, _ = self.sequence_logps(model, [pairs[i] for i in index], packed=False)
+                n = len(index)
+                chosen[index] = sums[:n].cpu()
+                rejected[index] = sums[n:].cpu()
+        model.train()
+        if self._world > 1:
+            chosen = torch.tensor(self._sum(chosen.tolist()))
+            rejected = torch.tensor(self._sum(rejected.tolist()))
+        return chosen, rejected
+
+
+class _ReferenceLogps(TrainerCallback):
+    """Computes the reference log-probs when training begins: the model is then placed (and
+    sharded) by the engine and still untouched (a resumed run has read them back already)."""
+
+    def __init__(self, recipe: DPORecipe) -> None:
+        self.recipe = recipe
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.recipe.reference_missing:
+            self.recipe.compute_reference()
+
+
+class DPORecipe(Recipe):
+    """One HS-DPO run: the R-SFT run with pairs, reference log-probs and the weighted DPO loss."""
 
     stage = "dpo"
-    liger_loss = False  # per-sequence log-probs (`dpo_loss.sequence_logps`), not a summed loss
+    trainer_class = DPOTrainer
+    # Per-token log-probs through liger-kernel's fused kernel where it computes their gradient
+    # right (`train.logprobs.liger_problem`), else the chunked computation.
+    liger_loss = True
 
     def __init__(self, config: DPOConfig) -> None:
         super().__init__(config)
-        self.window = {"pairs": 0, "right": 0, "margin": 0.0}
         self.last_eval_reward_accuracy: float | None = None
+        self.reference_missing = True
 
-    # ------------------------------------------------------------------------------ hooks
+    def sharding_problems(self) -> list[str]:
+        from reasonguard.models import resolve_model
+        from reasonguard.train.modeling import is_adapter_dir
+        from reasonguard.train.recipe import _true_env
 
-    def _prepare_data(self) -> PairData:
+        problems = super().sharding_problems()
+        c = self.config
+        merges = is_adapter_dir(resolve_model(c.model_name_or_path)) and c.init_adapter == "merge"
+        if (
+            merges
+            and c.finetuning != "full"
+            and (_true_env("ACCELERATE_USE_FSDP") or _true_env("ACCELERATE_USE_DEEPSPEED"))
+        ):
+            problems.append(
+                "init_adapter: merge folds the adapter into the whole model on save, which a "
+                "sharded launch does not hold in one place: use init_adapter: continue, or DDP"
+            )
+        return problems
+
+    def prepare_data(self) -> PairData:
         self._check_prompt_format()
         return prepare_pairs(self.config, self.tokenizer)
 
@@ -117,31 +261,48 @@ class DPORecipe(SFTRecipe):
                 f"prompt the model as R-SFT did: set prompt_format: {trained}"
             )
 
-    def _after_model_loaded(self) -> None:
-        """Attach the reference log-probs to every pair: read them back (resume) or compute
-        them now with the untouched starting model."""
+    def pack_budget_tokens(self) -> int:
+        return 2 * self.pack_budget  # a pair is two sequences
+
+    @property
+    def _groups(self) -> dict[str, list[PairExample]]:
+        return {"train": self.data.train, "eval": self.data.eval}
+
+    def after_setup(self) -> None:
+        """Read the saved reference log-probs back, or arrange for them to be computed."""
+        tensors = self._agreed(self._saved_reference)
+        if tensors is not None:
+            self._attach(tensors)
+            self.reference_missing = False
+        self.trainer.add_callback(_ReferenceLogps(self))
+
+    def compute_reference(self) -> None:
         from safetensors.torch import save_file
 
-        path = self.run_dir / REFERENCE_FILE
-        groups = {"train": self.data.train, "eval": self.data.eval}
-        # Rank 0 reads the file (or finds none) and every rank gets its content.
-        tensors = self.dist.decide(lambda: self._saved_reference(path, groups))
-        if tensors is None:
-            t0 = time.perf_counter()
-            tensors = {}
-            for name, pairs in groups.items():
-                tensors[f"{name}_chosen"], tensors[f"{name}_rejected"] = self._policy_logps(pairs)
-            if self.dist.is_main:
-                tmp = path.with_suffix(".tmp")
-                save_file(tensors, str(tmp))
-                tmp.rename(path)
-            self.timings["reference_seconds"] = time.perf_counter() - t0
-        for name, pairs in groups.items():
+        t0 = time.perf_counter()
+        tensors = {}
+        for name, pairs in self._groups.items():
+            if pairs:
+                chosen, rejected = self.trainer.policy_logps(pairs)
+                tensors[f"{name}_chosen"], tensors[f"{name}_rejected"] = chosen, rejected
+        if self.is_main:
+            path = self.run_dir / REFERENCE_FILE
+            tmp = path.with_suffix(".tmp")
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            tmp.rename(path)
+        self._attach(tensors)
+        self.reference_missing = False
+        self.timings["reference_seconds"] = time.perf_counter() - t0
+
+    def _attach(self, tensors: dict[str, Any]) -> None:
+        for name, pairs in self._groups.items():
+            if not pairs:
+                continue
             chosen, rejected = tensors[f"{name}_chosen"], tensors[f"{name}_rejected"]
             for pair, c, r in zip(pairs, chosen.tolist(), rejected.tolist(), strict=True):
                 pair.reference_chosen, pair.reference_rejected = c, r
 
-    def _saved_reference(self, path: Path, groups: dict[str, list[PairExample]]) -> dict | None:
+    def _saved_reference(self) -> dict | None:
         """The reference log-probs saved in the run dir, or None when they are still to compute.
 
         Raises:
@@ -149,14 +310,15 @@ class DPORecipe(SFTRecipe):
         """
         from safetensors.torch import load_file
 
+        path = self.run_dir / REFERENCE_FILE
         if path.is_file():
             saved = load_file(str(path))
-            for name, pairs in groups.items():
-                if len(saved[f"{name}_chosen"]) != len(pairs):
+            for name, pairs in self._groups.items():
+                held = len(saved.get(f"{name}_chosen", []))
+                if held != len(pairs):
                     raise UserError(
-                        f"{path} holds reference log-probs of {len(saved[f'{name}_chosen'])} "
-                        f"{name} pairs, the data now has {len(pairs)}: the pairs changed; use a "
-                        "new output_dir"
+                        f"{path} holds reference log-probs of {held} {name} pairs, the data now "
+                        f"has {len(pairs)}: the pairs changed; use a new output_dir"
                     )
             return saved
         if self.resume_from is not None:
@@ -166,142 +328,10 @@ class DPORecipe(SFTRecipe):
             )
         return None
 
-    def _policy_logps(self, pairs: list[PairExample]) -> tuple[Any, Any]:
-        """Summed log-probs of chosen and rejected outputs under the current model (eval mode).
+    def log_fields(self) -> dict[str, float]:
+        return self.trainer.log_fields()
 
-        With several processes each rank computes every world_size-th pair (by length) and
-        the zero-filled shares are summed, so every rank returns all values."""
-        import torch
-
-        size = self.config.per_device_eval_batch_size
-        chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]), reverse=True)
-        order = order[self.dist.rank :: self.dist.world_size]
-        chunks = [order[start : start + size] for start in range(0, len(order), size)]
-        self.model.eval()
-        with torch.no_grad():
-            for index in self._aligned(chunks):
-                if index is None:  # sharded parameters: a pass that adds nothing
-                    self._logps([min(pairs, key=len)])
-                    continue
-                sums, _ = self._logps([pairs[i] for i in index])
-                n = len(index)
-                chosen[index] = sums[:n].cpu()
-                rejected[index] = sums[n:].cpu()
-        self.model.train()
-        return self.dist.all_sum_tensor(chosen), self.dist.all_sum_tensor(rejected)
-
-    def _logps(self, pairs: list[PairExample]) -> tuple[Any, Any]:
-        batch = collate_pairs(pairs, self.config.packing, self.tokenizer.pad_token_id)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        with self._autocast():
-            return self.sharding.forward(
-                lambda model, b: sequence_logps(model, b, 2 * len(pairs)), batch
-            )
-
-    def _loss(self, pairs: list[PairExample]) -> tuple[Any, Any]:
-        """Per-pair weighted losses and margins of some pairs under the current model."""
-        import torch
-
-        sums, counts = self._logps(pairs)
-        n = len(pairs)
-        device = sums.device
-        ref_c = torch.tensor([p.reference_chosen for p in pairs], device=device)
-        ref_r = torch.tensor([p.reference_rejected for p in pairs], device=device)
-        weights = torch.tensor([p.weight for p in pairs], device=device)
-        c = self.config
-        return weighted_dpo_losses(
-            sums[:n], sums[n:], ref_c, ref_r, counts[:n], weights, c.beta, c.pref_ftx
-        )
-
-    def _pack_budget_tokens(self) -> int:
-        return 2 * self.pack_budget  # a pair is two sequences
-
-    def _micro_batches(self, rows: list[Any]) -> list[list[Any]]:
-        from reasonguard.train.data import micro_batches, pack
-
-        if not self.config.packing:
-            return micro_batches(rows, self.micro_batch)
-        budget = 2 * self.pack_budget * self.micro_batch // self.config.per_device_train_batch_size
-        return pack(rows, max(1, budget))
-
-    def _train_step(self, rows: list[Any], step: int) -> tuple[float, int, int]:
-        """Forward/backward over one optimizer step's pairs; returns (loss, labels, tokens).
-
-        Each micro-batch's summed pair losses are divided by the step's pair count, so the
-        accumulated gradient is that of the mean over the step's pairs. With several processes
-        each rank runs its share of the pairs, divided by the whole step's pair count.
-        """
-        import torch
-
-        n_pairs = len(rows)
-        n_labels = sum(r.num_labels for r in rows)
-        n_tokens = sum(len(r) for r in rows)
-        mine = self.dist.shard(rows)
-        while True:
-            try:
-                total, right, margin = 0.0, 0, 0.0
-                for chunk in self._aligned(self._micro_batches(mine), backward=True):
-                    if chunk is None:  # sharded parameters: a pass that adds nothing
-                        self.sharding.backward(self._loss([min(rows, key=len)])[0].sum() * 0.0)
-                        continue
-                    losses, margins = self._loss(chunk)
-                    self.sharding.backward(losses.sum() / n_pairs)
-                    total += float(losses.detach().sum())
-                    right += int((margins > 0).sum())
-                    margin += float(margins.sum())
-                if self.dist.enabled:
-                    total, right, margin = self.dist.all_sum([total, right, margin])
-                    right = round(right)
-                loss = total / n_pairs
-                if self.config.debug_nan_at_step == step:
-                    loss = float("nan")
-                self.window["pairs"] += n_pairs
-                self.window["right"] += right
-                self.window["margin"] += margin
-                return loss, n_labels, n_tokens
-            except torch.cuda.OutOfMemoryError:
-                pass
-            self._shrink_micro_batch()
-
-    def _extra_log_fields(self) -> dict[str, float]:
-        w = self.window
-        if not w["pairs"]:
-            return {}
-        fields = {
-            "reward_accuracy": w["right"] / w["pairs"],
-            "reward_margin": w["margin"] / w["pairs"],
-        }
-        self.window = {"pairs": 0, "right": 0, "margin": 0.0}
-        return fields
-
-    def evaluate(self) -> float:
-        """The training objective (weighted DPO + SFT term) averaged over the held-out pairs;
-        also sets `last_eval_reward_accuracy` (share of pairs whose margin is positive). Each
-        rank evaluates its share."""
-        import torch
-
-        pairs = self.dist.shard(sorted(self.data.eval, key=len, reverse=True))
-        size = self.config.per_device_eval_batch_size
-        chunks = [pairs[start : start + size] for start in range(0, len(pairs), size)]
-        total, right = 0.0, 0
-        self.model.eval()
-        with torch.no_grad():
-            for chunk in self._aligned(chunks):
-                if chunk is None:  # sharded parameters: a pass that adds nothing
-                    self._loss([min(self.data.eval, key=len)])
-                    continue
-                losses, margins = self._loss(chunk)
-                total += float(losses.sum())
-                right += int((margins > 0).sum())
-        self.model.train()
-        total, right = self.dist.all_sum([total, right])
-        n = len(self.data.eval)
-        self.last_eval_reward_accuracy = right / n
-        self.status["eval_reward_accuracy"] = self.last_eval_reward_accuracy
-        return total / n
-
-    def _loss_description(self) -> str:
+    def loss_description(self) -> str:
         c = self.config
         return (
             f"mean over each step's pairs of sample_weight x (-log sigmoid(beta x margin) + "
@@ -309,21 +339,11 @@ class DPORecipe(SFTRecipe):
             "log-probs precomputed from the starting model"
         )
 
-    def _title(self) -> str:
+    def title(self) -> str:
         c = self.config
         return f"HS-DPO {c.model_name_or_path} ({c.finetuning}, beta {c.beta})"
 
-    # ------------------------------------------------------------------------------ save
-
-    def _merges_adapter_on_save(self) -> bool:
-        from reasonguard.models import resolve_model
-        from reasonguard.train.modeling import is_adapter_dir
-
-        c = getattr(self, "run_config", None) or self.config
-        start = resolve_model(c.model_name_or_path)
-        return c.finetuning != "full" and is_adapter_dir(start) and c.init_adapter == "merge"
-
-    def _saved_model(self) -> tuple[Any, str, str]:
+    def saved_model(self) -> tuple[Any, str, str]:
         """(model to save, finetuning to record, base model to record)."""
         from reasonguard.infer.hf import base_model_of
         from reasonguard.models import read_guard_config, resolve_model
@@ -341,8 +361,8 @@ class DPORecipe(SFTRecipe):
             base = (read_guard_config(start) or {}).get("base_model") or base_model_of(Path(start))
         return self.model, c.finetuning, base
 
-    def _training_info(self, outcome: str, message: str | None) -> dict[str, Any]:
-        info = super()._training_info(outcome, message)
+    def training_info(self, outcome: str, message: str | None) -> dict[str, Any]:
+        info = super().training_info(outcome, message)
         info["dpo"] = {
             "beta": self.config.beta,
             "loss_type": self.config.loss_type,
@@ -354,12 +374,12 @@ class DPORecipe(SFTRecipe):
         return info
 
 
-def run_dpo(config: DPOConfig) -> SFTResult:
+def run_dpo(config: DPOConfig) -> TrainResult:
     """Train, save and record one HS-DPO run (resuming it when `resume: auto` finds a checkpoint).
 
     Raises:
         UserError: bad pairs or config, a machine that cannot run it, NaN loss, out of memory.
     """
-    from reasonguard.train.sft import run_recipe
+    from reasonguard.train.recipe import run_recipe
 
     return run_recipe(DPORecipe(config))

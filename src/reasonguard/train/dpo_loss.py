@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from reasonguard.train.logprobs import DEFAULT_CHUNK_SIZE
+
 
 def weighted_dpo_losses(
     policy_chosen: Any,
@@ -64,28 +66,62 @@ def weighted_dpo_losses(
     return weights * (dpo + ftx * sft), margins.detach()
 
 
-def sequence_logps(model: Any, batch: dict[str, Any], num_sequences: int) -> tuple[Any, Any]:
+def sequence_logps(
+    model: Any,
+    batch: dict[str, Any],
+    num_sequences: int,
+    head: Any = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    use_liger: bool = False,
+) -> tuple[Any, Any]:
     """Summed log-probs of the labelled tokens of each sequence in a (packed or padded) batch.
 
-    Like `labelled_loss_sum`, the LM head runs only at labelled positions.
+    The model runs its own forward (so engines see a normal call) with the LM head applied only
+    at labelled positions and replaced, for that call, by a chunked log-prob computation
+    (`train.labelled_head`, `train.logprobs`): no labels x vocabulary log-softmax is held at
+    once, in forward or backward.
 
     Args:
-        model: a causal LM (plain or peft-wrapped).
+        model: a causal LM (plain, peft-wrapped or wrapped by a training engine).
         batch: `input_ids`, `labels`, optional `attention_mask` / `position_ids`, and
             `sequence_ids`: for each position, the index of the sequence it belongs to.
         num_sequences: how many sequences the batch holds.
+        head: the model's LM head module (default: `model.get_output_embeddings()`).
+        chunk_size: labelled positions per chunk of the LM head.
+        use_liger: use liger-kernel's fused kernel where it can run (CUDA, liger-kernel >=
+            0.8.2, a plain head; see `train.logprobs.liger_problem`), else the chunked path.
 
     Returns:
         (log-prob sums [num_sequences] in fp32, labelled token counts [num_sequences]).
     """
     import torch
 
-    from reasonguard.train.modeling import labelled_hidden
+    from reasonguard.train.labelled_head import (
+        head_logits,
+        is_plain_linear,
+        labelled_positions,
+        run_head,
+    )
+    from reasonguard.train.logprobs import chunked_token_logps, liger_problem, liger_token_logps
 
-    inputs, targets, keep = labelled_hidden(model, batch)
-    logits = model.get_output_embeddings()(inputs).float()
-    token_logps = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
-    owners = batch["sequence_ids"][:, 1:][keep]
+    head = model.get_output_embeddings() if head is None else head
+    positions, mask, targets = labelled_positions(batch["labels"].cpu())
+    owners = batch["sequence_ids"][:, 1:].cpu()[:, positions][mask]
+    device = batch["input_ids"].device
+    mask, targets = mask.to(device), targets.to(device)
+
+    def logps_head(module: Any, hidden: Any) -> Any:
+        h = hidden[mask]
+        if not is_plain_linear(module):  # a LoRA-wrapped head: its own forward, whole
+            logits = head_logits(module, h).float()
+            return torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
+        if use_liger and liger_problem(h, module) is None:
+            return liger_token_logps(h, module.weight, module.bias, targets)
+        return chunked_token_logps(h, module.weight, module.bias, targets, chunk_size)
+
+    inputs = {**batch, "positions": positions.to(device)}
+    token_logps = run_head(model, head, inputs, logps_head)
+    owners = owners.to(token_logps.device)
     sums = torch.zeros(num_sequences, dtype=torch.float32, device=token_logps.device)
     counts = torch.zeros(num_sequences, dtype=torch.float32, device=token_logps.device)
     sums = sums.index_add(0, owners, token_logps)

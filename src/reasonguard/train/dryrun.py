@@ -167,7 +167,7 @@ def _decisions(c: Any, data: Any, max_length: int | None, stage: str) -> dict[st
     budget = (c.pack_tokens or data.max_length) if data is not None else None
     if budget is not None and stage == "dpo":
         budget *= 2  # a pair is two sequences
-    decided = resolve(c, use_bf16(c), lengths, labels, budget, stage_supports_liger=stage == "sft")
+    decided = resolve(c, use_bf16(c), lengths, labels, budget, stage_supports_liger=True)
     return {name: d.to_dict() for name, d in decided.items()}
 
 

@@ -1,26 +1,25 @@
 """Model-side setup shared by the training stages: machine checks, tokenizer, model, optimizer.
 
-`environment_problems` runs before anything is loaded, so a QLoRA config on a CPU machine fails
-in a second with a message instead of after a model download. `labelled_loss_sum` computes the LM
-head and the cross-entropy only at positions that carry a label (about half the tokens of a guard
-record are prompt); `liger_labelled_loss_sum` does the same with liger-kernel's fused linear
-cross-entropy on CUDA (chosen by `train.decisions`). `load_model` expects a config whose `auto`
-values are resolved (`train.decisions.effective_config`).
+`environment_problems` runs before anything is loaded, so a config that needs a missing package
+or CUDA fails in a second with a message instead of after a model download (QLoRA's NF4 base and
+the bitsandbytes optimizers need bitsandbytes, not CUDA: they run on CPU too). `load_model`
+expects a config whose `auto` values are resolved (`train.decisions.effective_config`); the
+optimizer and schedule are transformers' (`optim`, `lr_scheduler_type`, built by the Trainer).
 
 Example:
     >>> from reasonguard.train.config import SFTConfig
     >>> from reasonguard.train.modeling import environment_problems
-    >>> environment_problems(SFTConfig(finetuning="qlora"))  # on a CPU-only machine
-    ['finetuning: qlora needs a CUDA GPU (bitsandbytes 4-bit NF4); use finetuning: lora on this machine']
+    >>> environment_problems(SFTConfig(finetuning="qlora", use_liger_kernel=True))  # no CUDA
+    ['use_liger_kernel: true needs a CUDA GPU (liger-kernel is a Triton GPU kernel); use use_liger_kernel: auto or false on this machine']
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
-from reasonguard.data.tokenize import IGNORE_INDEX
 from reasonguard.errors import UserError
 
 BNB_OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_bnb_8bit")
@@ -30,7 +29,7 @@ def cuda_available() -> bool:
     """A CUDA GPU is usable and the launcher did not ask for CPU processes (`--cpu`)."""
     import torch
 
-    from reasonguard.train.distributed import forced_cpu
+    from reasonguard.train.launch import forced_cpu
 
     return torch.cuda.is_available() and not forced_cpu()
 
@@ -40,24 +39,13 @@ def environment_problems(config: Any) -> list[str]:
     problems = []
     cuda = cuda_available()
     has_bnb = importlib.util.find_spec("bitsandbytes") is not None
-    if config.finetuning == "qlora":
-        if not cuda:
-            problems.append(
-                "finetuning: qlora needs a CUDA GPU (bitsandbytes 4-bit NF4); "
-                "use finetuning: lora on this machine"
-            )
-        elif not has_bnb:
-            problems.append("finetuning: qlora needs bitsandbytes: pip install 'reasonguard[gpu]'")
-    if config.optim in BNB_OPTIMIZERS:
-        if not cuda:
-            problems.append(
-                f"optim: {config.optim} is a bitsandbytes optimizer and needs a CUDA GPU; "
-                "use optim: adamw_torch on this machine"
-            )
-        elif not has_bnb:
-            problems.append(
-                f"optim: {config.optim} needs bitsandbytes: pip install 'reasonguard[gpu]'"
-            )
+    # bitsandbytes (>= 0.50) runs its NF4 layers and its optimizers on CUDA and on CPU.
+    if config.finetuning == "qlora" and not has_bnb:
+        problems.append("finetuning: qlora needs bitsandbytes: pip install 'reasonguard[qlora]'")
+    if config.optim in BNB_OPTIMIZERS and not has_bnb:
+        problems.append(
+            f"optim: {config.optim} needs bitsandbytes: pip install 'reasonguard[qlora]'"
+        )
     if config.bf16 is True and cuda:
         import torch
 
@@ -137,7 +125,10 @@ def load_model(config: Any, bf16: bool, checkpoint: Path | None = None) -> Any:
     from reasonguard.models import resolve_model
 
     kwargs: dict[str, Any] = {
-        "attn_implementation": config.attn_implementation,
+        # `auto` is decided before loading (train.decisions); a caller that skipped that gets SDPA.
+        "attn_implementation": "sdpa"
+        if config.attn_implementation == "auto"
+        else config.attn_implementation,
         "trust_remote_code": config.trust_remote_code,
     }
     base = resolve_model(config.model_name_or_path)
@@ -156,12 +147,15 @@ def load_model(config: Any, bf16: bool, checkpoint: Path | None = None) -> Any:
         if start_adapter is not None and checkpoint is None:
             model = _merged(model, start_adapter)
         _enable_checkpointing(model, config)
-        model.to(device())
+        _place(model)
     else:
         dtype = torch.bfloat16 if bf16 else torch.float32
         if config.finetuning == "qlora":
             kwargs["quantization_config"] = _nf4_config(bf16)
-            kwargs["device_map"] = {"": torch.cuda.current_device()}  # this process's GPU
+            # bitsandbytes quantises the weights on the device they are placed on: this
+            # process's GPU, or the CPU (no `.to()` afterwards: 4-bit weights cannot move).
+            on_cuda = cuda_available()
+            kwargs["device_map"] = {"": torch.cuda.current_device() if on_cuda else "cpu"}
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **kwargs)
         if start_adapter is not None and init_adapter(config) == "merge":
             model = _merged(model, start_adapter)
@@ -176,10 +170,10 @@ def load_model(config: Any, bf16: bool, checkpoint: Path | None = None) -> Any:
             )
         else:
             _enable_checkpointing(model, config)
-            model.to(device())
+            _place(model)
         model = _with_adapters(model, config, checkpoint or start_adapter)
     model.config.use_cache = False  # a KV cache is useless in training and costs memory
-    if config.packing:
+    if config.packing and not cuda_available():
         from reasonguard.train.packed_attention import use_packed_attention
 
         # Per-sample attention inside packed rows (train/packed_attention.py): the SDPA path's
@@ -190,6 +184,19 @@ def load_model(config: Any, bf16: bool, checkpoint: Path | None = None) -> Any:
         # module; compiled lazily on the first forward pass.
         model.get_decoder().compile()
     return model
+
+
+def _place(model: Any) -> None:
+    """Move the model to this process's device, unless a sharding engine places it: FSDP
+    loads weights on rank 0 only (`cpu_ram_efficient_loading`, the others hold meta tensors)
+    and DeepSpeed ZeRO-3 has partitioned them at load (`zero.Init`)."""
+    from reasonguard.train.launch import _true
+
+    if _true(os.environ.get("ACCELERATE_USE_FSDP")) or _true(
+        os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    ):
+        return
+    model.to(device())
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -222,6 +229,14 @@ def _enable_checkpointing(model: Any, config: Any) -> None:
 
 
 def _nf4_config(bf16: bool) -> Any:
+    """The QLoRA base: 4-bit NF4 with double quantisation (the QLoRA paper's setup).
+
+    The compute dtype follows the run's precision on any device: bf16 under bf16 autocast, as
+    in the QLoRA paper; fp32 otherwise. bitsandbytes dequantises each weight to this dtype and
+    casts the layer input to it, so with bf16 off (fp32 activations, the `auto` choice on CPU)
+    an fp32 compute dtype keeps the matmuls and their gradients in fp32 instead of rounding
+    every activation to bf16 and back, and avoids bf16 matmuls on CPUs without native bf16.
+    """
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -279,41 +294,6 @@ def parameter_counts(model: Any) -> dict[str, int]:
     return {"trainable": trainable, "total": total}
 
 
-def build_optimizer(model: Any, config: Any) -> Any:
-    """AdamW (torch or bitsandbytes) over the trainable parameters.
-
-    Weight decay skips 1-D parameters (biases, norm weights), as HF Trainer does.
-    """
-    import torch
-
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [
-        {"params": params, "weight_decay": wd}
-        for params, wd in ((decay, config.weight_decay), (no_decay, 0.0))
-        if params
-    ]
-    kwargs = {
-        "lr": config.learning_rate,
-        "betas": (config.adam_beta1, config.adam_beta2),
-        "eps": config.adam_epsilon,
-    }
-    if config.optim == "adamw_torch":
-        return torch.optim.AdamW(groups, **kwargs)
-    if config.optim == "adamw_torch_fused":
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    import bitsandbytes as bnb
-
-    cls = {
-        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-        "adamw_bnb_8bit": bnb.optim.AdamW8bit,
-    }[config.optim]
-    return cls(groups, **kwargs)
-
-
 def warmup_steps(config: Any, num_steps: int) -> int:
     """Warmup in steps: an int as given, a float as a fraction of `num_steps` (rounded up)."""
     if isinstance(config.warmup_steps, float):
@@ -321,75 +301,3 @@ def warmup_steps(config: Any, num_steps: int) -> int:
 
         return math.ceil(config.warmup_steps * num_steps)
     return config.warmup_steps
-
-
-def build_scheduler(optimizer: Any, config: Any, num_steps: int) -> Any:
-    """The learning-rate schedule (transformers' implementations, stepped once per optimizer step)."""
-    from transformers import get_scheduler
-
-    return get_scheduler(
-        config.lr_scheduler_type,
-        optimizer,
-        num_warmup_steps=warmup_steps(config, num_steps),
-        num_training_steps=num_steps,
-    )
-
-
-def labelled_hidden(model: Any, batch: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """The decoder's last hidden states at the positions that predict a label.
-
-    The decoder runs on every token; the LM head (vocab x hidden, the largest matmul of a
-    small model) is left to the caller, to run only where a label exists.
-
-    Args:
-        model: a causal LM (plain or peft-wrapped) exposing `get_decoder` / `get_output_embeddings`.
-        batch: `input_ids`, `labels`, and optionally `attention_mask` / `position_ids`, on device.
-
-    Returns:
-        (hidden states [n, hidden], their target ids [n], the [rows, len - 1] mask they came from).
-    """
-    hidden = model.get_decoder()(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-    ).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    return hidden[:, :-1][keep], targets[keep], keep
-
-
-def labelled_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
-    """Sum of the next-token cross-entropy over labelled positions only (the LM head and the
-    softmax run only there; see `labelled_hidden`). The caller divides by the number of
-    labelled tokens of the whole optimizer step (token-normalised accumulation).
-
-    Returns:
-        A scalar tensor (fp32).
-    """
-    import torch.nn.functional as F
-
-    inputs, targets, _ = labelled_hidden(model, batch)
-    logits = model.get_output_embeddings()(inputs)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
-
-
-def liger_labelled_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
-    """`labelled_loss_sum` with Liger-Kernel's fused linear cross-entropy (CUDA only).
-
-    The LM head and the cross-entropy run together in chunks over the labelled positions, so
-    the `labels x vocab` logits and their gradient are never held in memory at once. Same
-    value as `labelled_loss_sum` up to bf16 rounding.
-    """
-    import torch
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-    inputs, targets, _ = labelled_hidden(model, batch)
-    head = model.get_output_embeddings()
-    if inputs.dtype != head.weight.dtype and not torch.is_autocast_enabled(inputs.device.type):
-        inputs = inputs.to(head.weight.dtype)
-    loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
-    loss = loss_fn(head.weight, inputs, targets, getattr(head, "bias", None))
-    if isinstance(loss, tuple):  # versions that can also return the z-loss
-        loss = loss[0]
-    return loss.float()

@@ -105,6 +105,38 @@ def _memory_gib() -> float | None:
         return None
 
 
+def optimizer_name(optimizer: Any) -> str | None:
+    """The class name of the optimizer that steps, as training_info.json records it.
+
+    Wrappers are looked through (accelerate's `AcceleratedOptimizer`, DeepSpeed's): their
+    `.optimizer` is the one that updates the weights. A bitsandbytes optimizer is named by its
+    bitsandbytes class: transformers builds `optim: paged_adamw_32bit` as bitsandbytes'
+    `AdamW(optim_bits=32, is_paged=True)`, which is bitsandbytes' `PagedAdamW32bit`.
+
+    Example:
+        >>> import torch
+        >>> optimizer_name(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]))
+        'AdamW'
+    """
+    if optimizer is None:
+        return None
+    for _ in range(4):  # accelerate -> DeepSpeed -> the torch optimizer, at most
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer = inner
+    cls = type(optimizer)
+    name = cls.__name__
+    if not cls.__module__.startswith("bitsandbytes."):
+        return name
+    bits = getattr(getattr(optimizer, "args", None), "optim_bits", None)
+    if getattr(optimizer, "is_paged", False) and not name.startswith("Paged"):
+        name = "Paged" + name
+    if bits in (8, 32) and not name.endswith("bit"):
+        name += f"{bits}bit"
+    return name
+
+
 def environment_info() -> dict[str, Any]:
     """git commit, package versions and hardware, as recorded in training_info.json."""
     return {"git_commit": git_commit(), "packages": package_versions(), "hardware": hardware()}

@@ -1,0 +1,189 @@
+"""Launching several training processes: `reasonguard train ... --num-processes N [--sharding S]`.
+
+The processes themselves are accelerate's and transformers' (`Trainer` under `accelerate
+launch`): this module only builds the `accelerate launch` command a user would type, so
+
+    reasonguard train sft --config C.yaml --num-processes 4 --sharding zero3
+
+is the same run as
+
+    accelerate launch --config_file configs/accelerate/deepspeed-zero3.yaml -m reasonguard train sft --config C.yaml
+
+`--cpu` starts CPU processes (gloo) even where GPUs exist: the GPUs are hidden and accelerate's
+multi-GPU launcher is used, because `accelerate launch --cpu --num_processes N` starts one
+process (its multi-CPU mode goes through mpirun).
+
+Example:
+    >>> from reasonguard.train.launch import forced_cpu
+    >>> forced_cpu({"ACCELERATE_USE_CPU": "true"})
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+
+from reasonguard.errors import UserError
+
+
+def _true(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def forced_cpu(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the launcher asked for CPU processes (`ACCELERATE_USE_CPU`, set by `--cpu`)."""
+    return _true((os.environ if environ is None else environ).get("ACCELERATE_USE_CPU"))
+
+
+# Launcher variables, first match wins: torchrun / accelerate, then MPI launchers.
+_WORLD = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _first_int(environ: Mapping[str, str], names: Sequence[str]) -> int | None:
+    for name in names:
+        value = environ.get(name, "").strip()
+        if value:
+            return int(value)
+    return None
+
+
+def unsupported_launch(environ: Mapping[str, str] | None = None) -> str | None:
+    """Why this launch cannot train correctly, or None (`accelerate launch --cpu` asked for
+    several processes, and starts one)."""
+    env = os.environ if environ is None else environ
+    if (
+        forced_cpu(env)
+        and env.get("MASTER_ADDR")
+        and _first_int(env, _WORLD) is None
+        and "ACCELERATE_DYNAMO_BACKEND" in env
+    ):
+        # accelerate's simple launcher sets MASTER_ADDR only when asked for several processes,
+        # yet starts one: its multi-CPU mode is mpirun (--mpirun_hostfile).
+        return (
+            "`accelerate launch --cpu --num_processes N` starts ONE process (accelerate runs "
+            "several CPU processes only through mpirun); for N CPU processes run "
+            "`reasonguard train STAGE --config C.yaml --num-processes N --cpu`, or "
+            "`CUDA_VISIBLE_DEVICES= ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+            "--num_processes N -m reasonguard train STAGE --config C.yaml`"
+        )
+    return None
+
+
+def uses_deepspeed(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process was launched for DeepSpeed (`accelerate launch --use_deepspeed`)."""
+    return _true((os.environ if environ is None else environ).get("ACCELERATE_USE_DEEPSPEED"))
+
+
+def world_size(environ: Mapping[str, str] | None = None) -> int:
+    """The number of processes of this launch (1 outside a launcher)."""
+    env = os.environ if environ is None else environ
+    return _first_int(env, _WORLD) or 1
+
+
+def die_with_launcher() -> None:
+    """Linux: have the kernel SIGTERM this process when its launcher dies.
+
+    torchrun starts every worker in a session of its own, so a launcher killed with SIGKILL (an
+    OOM kill, `kill -9` of its process group) would leave the workers training on and writing
+    the run directory while a rerun resumes it. SIGTERM keeps its default action on purpose: a
+    Python handler could not run while the process waits inside a collective for a dead peer.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+# `--sharding` of `reasonguard train`: the accelerate launch options of each strategy (the same
+# settings as configs/accelerate/*.yaml, which an installed package does not ship).
+SHARDING_LAUNCH_OPTIONS = {
+    "ddp": ["--multi_gpu"],
+    "fsdp": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_reshard_after_forward", "true"],
+    "zero2": ["--use_deepspeed", "--zero_stage", "2"],
+    "zero3": ["--use_deepspeed", "--zero_stage", "3", "--zero3_save_16bit_model", "true"],
+}
+
+
+def launch_command(
+    argv: Sequence[str],
+    num_processes: int,
+    cpu: bool,
+    environ: Mapping[str, str] | None = None,
+    sharding: str = "ddp",
+) -> tuple[list[str], dict[str, str]]:
+    """The `accelerate launch` command (and its environment) that runs `reasonguard *argv` in
+    `num_processes` processes on this machine, data parallel (`ddp`) or sharded (`fsdp`,
+    `zero2`, `zero3`: see train.sharding).
+
+    `--multi_gpu` (or a sharding option) is what makes accelerate start several processes
+    (through torchrun); with `cpu` the GPUs are hidden and the processes use gloo (accelerate's
+    own `--cpu` would start one process).
+    """
+    env = dict(os.environ if environ is None else environ)
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *SHARDING_LAUNCH_OPTIONS[sharding],
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",  # precision comes from the training config (bf16)
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",  # a free port: several runs can share a machine
+        "-m",
+        "reasonguard",
+        *argv,
+    ]
+    if cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        if sharding.startswith("zero"):
+            # accelerate drops DeepSpeed from a CPU-only state; DeepSpeed finds the CPU itself.
+            env.pop("ACCELERATE_USE_CPU", None)
+        else:
+            env["ACCELERATE_USE_CPU"] = "true"
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
+    return command, env
+
+
+def launch(argv: Sequence[str], num_processes: int, cpu: bool, sharding: str = "ddp") -> int:
+    """Run `reasonguard *argv` in `num_processes` processes; the launcher's exit status.
+
+    Raises:
+        UserError: already inside a launch, or more GPU processes than GPUs.
+    """
+    if world_size() > 1:
+        raise UserError(
+            "--num-processes starts the processes itself; this command already runs under a "
+            "launcher (WORLD_SIZE is set): drop --num-processes"
+        )
+    if not cpu:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if 0 < gpus < num_processes:
+            raise UserError(
+                f"--num-processes {num_processes} needs {num_processes} GPUs, this machine has "
+                f"{gpus}: use --num-processes {gpus}, or add --cpu for CPU processes"
+            )
+        cpu = gpus == 0
+    command, env = launch_command(argv, num_processes, cpu, sharding=sharding)
+    shown = " ".join(command[2:]).replace("accelerate.commands.launch", "accelerate launch", 1)
+    print(f"launching {num_processes} {'CPU ' if cpu else ''}processes: {shown}", file=sys.stderr)
+    return subprocess.run(command, env=env, check=False).returncode
