@@ -15,11 +15,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from reasonguard.errors import UserError
 from reasonguard.train import checkpoint as ckpt
@@ -32,22 +29,8 @@ from reasonguard.train.data import (
     steps_per_epoch,
     total_steps,
 )
+from reasonguard.train.hardware import hub_reachable
 from reasonguard.train.modeling import environment_problems, load_training_tokenizer, warmup_steps
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers a TCP connect (False in offline mode)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        socket.create_connection(
-            (endpoint.hostname or "huggingface.co", port), timeout=timeout
-        ).close()
-    except OSError:
-        return False
-    return True
 
 
 def _is_local(name: str) -> bool:
