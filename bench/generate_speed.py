@@ -10,7 +10,7 @@ average is below L, so other jobs on a shared machine do not skew the numbers.
 
 Example:
     .venv/bin/python bench/generate_speed.py --model smollm2 --rows 32 --max-new-tokens 128 \\
-        --batch-sizes 1 8 16 --static --quiet-load 0.7 --benchmark-dir ../shared/data/benchmarks
+        --batch-sizes 1 8 16 --static --quiet-load 0.7 --benchmark-dir data/benchmarks
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument(
         "--benchmark-dir",
         default=os.environ.get("REASONGUARD_BENCHMARKS")
-        or os.path.join(os.environ.get("REASONGUARD_SHARED", "../shared"), "data", "benchmarks"),
+        or os.path.join(os.environ.get("REASONGUARD_SHARED", "shared"), "data", "benchmarks"),
     )
     args = parser.parse_args()
 

@@ -6,7 +6,7 @@ times a bare interpreter and the official scoring style (pandas `read_json` + sc
 `f1_score`, row loop as in the GuardReasoner script) on the same files, when pandas is installed.
 
 Run:
-    .venv/bin/python bench/score_speed.py            # shared data from $REASONGUARD_SHARED or ../shared
+    .venv/bin/python bench/score_speed.py            # the public files from $REASONGUARD_SHARED
     .venv/bin/python bench/score_speed.py --runs 20 --limit 0.5
 """
 

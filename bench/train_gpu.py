@@ -1,12 +1,12 @@
 """Training throughput on a CUDA GPU: a random-init Llama-3.2-3B, bf16 LoRA and QLoRA, with MFU.
 
-The GPU mode of `bench/train_throughput.py` (issue 5). No weights are needed: the model is built
+The GPU mode of `bench/train_throughput.py`. No weights are needed: the model is built
 from Llama-3.2-3B's public config numbers (`reasonguard.train.plan.KNOWN_ARCHITECTURES`) with
 random weights, which computes exactly as fast as the real one. For each mode in `--modes`
 (`lora`: bf16 base + LoRA r 16 on all linear layers; `qlora`: the same on an NF4 double-quantised
 base via bitsandbytes), it times, alternating A B A B like the CPU bench on the same corpus:
 
-- A, the seed's Exp 19 step: micro-batches of 2 rows in data order padded to the longest, loss
+- A, Experiment 19's original step: micro-batches of 2 rows in data order padded to the longest, loss
   over every token, gradient checkpointing on;
 - B, reasonguard's default: the step's rows packed best-fit into `--max-length` rows with
   per-sample attention, LM head and loss only at label positions, no checkpointing;
@@ -21,7 +21,7 @@ or the `plan.GPUS` entry whose name matches the device).
 Run (on a machine with a CUDA GPU, bitsandbytes for qlora):
     .venv/bin/python bench/train_gpu.py --modes lora qlora --samples 256 --json runs/bench-gpu.json
 
-Never run yet: no GPU has been lent to this project (BENCHMARKS.md).
+Its results, when measured, are in BENCHMARKS.md (until then the GPU rows there say unmeasured).
 """
 
 from __future__ import annotations

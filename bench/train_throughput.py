@@ -37,7 +37,12 @@ Two measurements:
    the same LoRA, learning rate, schedule and max length (this file with `--worker trl-command`),
    ending with `trainer.save_model()`. Reported for each: the command's wall time, the time from
    just before building the data, model and trainer to the end of `train()`, and real tokens/s
-   over `train()` with every step counted and with the first step left out.
+   over `train()` with every step counted and with the first step left out. With
+   `--baseline-src DIR` (the `src` folder of another reasonguard checkout, e.g. an earlier
+   release's) that revision's `reasonguard train sft` runs the same command on the same rows as
+   setup **L**, so a change of engine is compared on equal terms in the same run. Every command
+   runs `--command-rounds` times (default 2), the order reversed every other round (the first
+   process on a fresh machine also pays for cold file caches), and the rounds are averaged.
 
 Both commands run with the glibc allocator settings of `reasonguard train` (R sets them itself by
 re-executing; T's process inherits them from this script, which re-executes itself with them
@@ -53,6 +58,10 @@ machine.
 
 Run (the full measurement, SmolLM2-135M, on an otherwise idle machine):
     .venv/bin/python bench/train_throughput.py --json runs/bench-train-throughput.json
+The whole command against an earlier revision of reasonguard (a second checkout of it):
+    git worktree add ../rg-earlier <commit>
+    .venv/bin/python bench/train_throughput.py --skip-step --baseline-src ../rg-earlier/src \\
+        --json runs/bench-train-command.json
 A smoke run (tiny random Llama, seconds per step):
     .venv/bin/python bench/train_throughput.py --model tiny-llama --dataset samples \\
         --rows-per-step 2 --warmup-steps 1 --steps 1 --command-steps 2 --max-length 1024
@@ -576,21 +585,33 @@ def _timed(command: list[str], log: Path, env: Any, name: str) -> float:
 # Measurement 2: the commands
 
 
-def command_r(spec: dict[str, Any], work: Path) -> dict[str, Any]:
-    """`reasonguard train sft ...` as a user runs it; timings from its training_info.json."""
+def command_r(
+    spec: dict[str, Any], work: Path, name: str = "R", src: str | None = None, round_: int = 0
+) -> dict[str, Any]:
+    """`reasonguard train sft ...` as a user runs it; timings from its training_info.json.
+
+    With `src` (another checkout's `src` folder) that revision's package runs instead, with its
+    own copy of the demo config."""
     from reasonguard.train.allocenv import GUARD, MALLOC_ENV
 
-    out = work / "r-command"
-    exe = Path(sys.executable).parent / "reasonguard"
-    cli = [str(exe)] if exe.is_file() else [sys.executable, "-m", "reasonguard"]
-    k = spec["command_steps"]
-    command = [*cli, "train", "sft", "--config", DEMO_CONFIG]
-    command += r_overrides(spec, spec["command_rows"], k, str(out), 1)
+    out = work / f"{name.lower()}-command-{round_}"
     env = dict(os.environ)
     if env.get(GUARD) == "1":  # set by this script's re-exec: let the command set its own
         for key in (*MALLOC_ENV, GUARD):
             env.pop(key, None)
-    seconds = _timed(command, work / "r-command.log", env, "R command")
+    if src is None:
+        exe = Path(sys.executable).parent / "reasonguard"
+        cli = [str(exe)] if exe.is_file() else [sys.executable, "-m", "reasonguard"]
+        config = DEMO_CONFIG
+    else:
+        cli = [sys.executable, "-m", "reasonguard"]
+        env["PYTHONPATH"] = str(Path(src).resolve())
+        config = str(Path(src).resolve().parent / DEMO_CONFIG)
+    k = spec["command_steps"]
+    command = [*cli, "train", "sft", "--config", config]
+    command += r_overrides(spec, spec["command_rows"], k, str(out), 1)
+    log = work / f"{name.lower()}-command-{round_}.log"
+    seconds = _timed(command, log, env, f"{name} command, round {round_ + 1}")
     info = json.loads((out / "training_info.json").read_text())
     events = [e for e in _read_events(out / "metrics.jsonl") if "train_loss" in e]
     steps, last_time, last_tokens = [], 0.0, 0
@@ -628,6 +649,56 @@ def command_t(spec_path: Path, work: Path) -> dict[str, Any]:
     got["tokens"] = sum(s["tokens"] for s in got["steps"])
     got["steps_completed"] = len(got["steps"])
     return got
+
+
+def measure_commands(
+    args: argparse.Namespace, spec: dict[str, Any], spec_path: Path, work: Path
+) -> dict[str, Any]:
+    """Measurement 2: every command `--command-rounds` times, the order reversed on every other
+    round (the first command of a fresh machine also pays for cold file caches), averaged."""
+    runners = {
+        "T": lambda k: command_t(spec_path, work),
+        "R": lambda k: command_r(spec, work, round_=k),
+    }
+    if args.baseline_src:
+        runners["L"] = lambda k: command_r(spec, work, "L", args.baseline_src, k)
+    order = [name for name in ("T", "L", "R") if name in runners]
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in order}
+    for k in range(args.command_rounds):
+        for name in order if k % 2 == 0 else order[::-1]:
+            rounds[name].append(command_summary(runners[name](k)))
+    got: dict[str, Any] = {name: averaged(rounds[name]) for name in order}
+    for name in order:
+        if name == "R":
+            continue
+        other, r = got[name], got["R"]
+        got[f"ratio_R_{name}_every_step"] = _ratio(
+            r["tokens_per_second_every_step"], other["tokens_per_second_every_step"]
+        )
+        got[f"ratio_R_{name}_first_step_left_out"] = _ratio(
+            r["tokens_per_second_first_step_left_out"],
+            other["tokens_per_second_first_step_left_out"],
+        )
+        got[f"command_seconds_{name}_over_R"] = _ratio(
+            other["command_seconds"], r["command_seconds"]
+        )
+    return got
+
+
+def averaged(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean of every number over the rounds; each round kept under `rounds`."""
+    first = rounds[0]
+    mean = {
+        key: value
+        if all(r[key] == value for r in rounds)
+        else sum(r[key] for r in rounds) / len(rounds)
+        for key, value in first.items()
+        if isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and all(isinstance(r.get(key), (int, float)) for r in rounds)
+    }
+    kept = {k: v for k, v in first.items() if k not in mean and k != "per_step"}
+    return {**kept, **mean, "rounds": rounds}
 
 
 def command_summary(got: dict[str, Any]) -> dict[str, Any]:
@@ -704,13 +775,18 @@ def print_tables(result: dict[str, Any]) -> None:
     command = result.get("command")
     if not command:
         return
-    print(f"\n(2) whole command: {result['settings']['command_steps']} optimizer steps")
+    print(
+        f"\n(2) whole command: {result['settings']['command_steps']} optimizer steps, mean of "
+        f"{result['settings']['command_rounds']} rounds"
+    )
     print(
         "| setup | steps | real tokens | command s | setup+train s | train() s | "
         "tok/s every step | tok/s first step left out |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name in ("T", "R"):
+    for name in ("T", "L", "R"):
+        if name not in command:
+            continue
         c = command[name]
         print(
             f"| {name} | {c['steps_completed']} | {c['tokens']:,} | {_fmt(c['command_seconds'])} | "
@@ -723,6 +799,12 @@ def print_tables(result: dict[str, Any]) -> None:
         f"{_fmt(command['ratio_R_T_first_step_left_out'], 2)}x; command time T/R "
         f"{_fmt(command['command_seconds_T_over_R'], 2)}x"
     )
+    if "L" in command:
+        print(
+            f"R/L tok/s: every step {_fmt(command['ratio_R_L_every_step'], 2)}x, first step left "
+            f"out {_fmt(command['ratio_R_L_first_step_left_out'], 2)}x; command time L/R "
+            f"{_fmt(command['command_seconds_L_over_R'], 2)}x"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -743,10 +825,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=1, help="untimed steps (1)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps of measurement 1")
     parser.add_argument("--command-steps", type=int, default=3, help="steps of measurement 2")
+    parser.add_argument(
+        "--command-rounds",
+        type=int,
+        default=2,
+        help="runs of each command in measurement 2, the order reversed every other round (2)",
+    )
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0, help="the row sample's seed")
     parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS))
     parser.add_argument("--skip-command", action="store_true", help="measurement 1 only")
+    parser.add_argument("--skip-step", action="store_true", help="measurement 2 only")
+    parser.add_argument(
+        "--baseline-src",
+        help="the src folder of another reasonguard checkout: its train sft command joins "
+        "measurement 2 as setup L",
+    )
     parser.add_argument("--work-dir", help="keep run folders and logs here (default: a temp dir)")
     parser.add_argument(
         "--shared", default=os.environ.get("REASONGUARD_SHARED") or REPO.parent / "shared"
@@ -758,6 +852,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command_steps < 2 and not args.skip_command:
         parser.error("--command-steps must be at least 2 (the first step is left out once)")
+    if args.command_rounds < 1:
+        parser.error("--command-rounds must be at least 1")
+    if args.skip_command and args.skip_step:
+        parser.error("--skip-command and --skip-step leave nothing to measure")
+    if args.baseline_src and not (Path(args.baseline_src) / "reasonguard").is_dir():
+        parser.error(f"--baseline-src {args.baseline_src}: no reasonguard package in that folder")
     if min(args.rows_per_step, args.steps) < 1 or args.warmup_steps < 0:
         parser.error("--rows-per-step and --steps must be positive, --warmup-steps >= 0")
     return args
@@ -845,7 +945,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     load_start = os.getloadavg()[0]
     spec, spec_path = write_spec(args, work)
     step: dict[str, Any] = {}
-    for name in args.setups:
+    for name in [] if args.skip_step else args.setups:
         _, result = run_worker(name, spec_path, work)
         got = json.loads(result.read_text())
         step[name] = {
@@ -862,6 +962,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         }
         | {
             "command_steps": None if args.skip_command else args.command_steps,
+            "command_rounds": None if args.skip_command else args.command_rounds,
             "dataset": args.dataset,
             "row_sample_seed": args.seed,
             "a_micro_batch": A_MICRO_BATCH,
@@ -871,20 +972,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "step": step,
     }
     if not args.skip_command:
-        r = command_summary(command_r(spec, work))
-        t = command_summary(command_t(spec_path, work))
-        result["command"] = {
-            "T": t,
-            "R": r,
-            "ratio_R_T_every_step": _ratio(
-                r["tokens_per_second_every_step"], t["tokens_per_second_every_step"]
-            ),
-            "ratio_R_T_first_step_left_out": _ratio(
-                r["tokens_per_second_first_step_left_out"],
-                t["tokens_per_second_first_step_left_out"],
-            ),
-            "command_seconds_T_over_R": _ratio(t["command_seconds"], r["command_seconds"]),
-        }
+        result["command"] = measure_commands(args, spec, spec_path, work)
     result["machine"] = machine_info() | {
         "load_average_at_start": load_start,
         "load_average_at_end": os.getloadavg()[0],

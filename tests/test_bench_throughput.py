@@ -25,6 +25,7 @@ def test_throughput_bench_measures_all_three_setups(tmp_path: Path) -> None:
         "--warmup-steps=1",
         "--steps=1",
         "--command-steps=2",
+        "--command-rounds=2",
         "--max-length=1024",
         f"--work-dir={tmp_path / 'work'}",
         f"--json={out}",
@@ -51,11 +52,13 @@ def test_throughput_bench_measures_all_three_setups(tmp_path: Path) -> None:
     for name in ("T", "R"):
         c = command[name]
         assert c["steps_completed"] >= 2, name
-        assert c["tokens"] == sum(s["tokens"] for s in c["per_step"]) > 0, name
+        assert len(c["rounds"]) == 2, name
+        for one in c["rounds"]:  # the same rows in both rounds
+            assert one["tokens"] == sum(s["tokens"] for s in one["per_step"]) == c["tokens"] > 0
         assert c["command_seconds"] > c["setup_and_train_seconds"] > c["train_seconds"] > 0
         assert c["tokens_per_second_every_step"] > 0
         assert c["tokens_per_second_first_step_left_out"] > 0
     assert command["R"]["steps_completed"] == 2
-    assert (tmp_path / "work/r-command/final/adapter_model.safetensors").is_file()
+    assert (tmp_path / "work/r-command-1/final/adapter_model.safetensors").is_file()
     assert (tmp_path / "work/t-command/final/adapter_model.safetensors").is_file()
     assert "| R |" in done.stdout and "R/T" in done.stdout

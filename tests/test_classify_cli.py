@@ -36,3 +36,17 @@ def test_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     assert main(["classify", *MODEL, "--input", str(bad)]) == 2
     assert "item 1: missing 'prompt'" in capsys.readouterr().err
+
+
+def test_option_prefixes_are_not_guessed(capsys: pytest.CaptureFixture[str]) -> None:
+    # `--mod` once silently meant `--model` (argparse's prefix matching); now it is an error.
+    from reasonguard.cli import main
+
+    for argv, unknown in (
+        (["classify", "--model", "tiny-llama", "--mod", "fast", "--prompt", "hi"], "--mod fast"),
+        (["data", "stats", "samples", "--tok", "llama3-tokenizer"], "--tok"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert f"unrecognized arguments: {unknown}" in capsys.readouterr().err

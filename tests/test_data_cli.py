@@ -50,7 +50,8 @@ def test_validate_stops_at_the_first_invalid_row(
 ) -> None:
     assert main(["data", "validate", str(bad_file)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {bad_file}: invalid record: split 'train' row 1 (0-based)")
+    # The 1-based line of the JSON-lines file, as for a line that is not JSON.
+    assert err.startswith(f"error: invalid record: {bad_file}:2: split 'train'")
     assert "field 'output': no answer block" in err
     assert "Traceback" not in err
 
@@ -61,7 +62,7 @@ def test_validate_skip_invalid_lists_and_counts(
     assert main(["data", "validate", str(bad_file), "--skip-invalid"]) == 0
     out = capsys.readouterr().out
     assert "1 invalid rows skipped" in out
-    assert "split 'train' row 1 (0-based): field 'output'" in out
+    assert f"{bad_file}:2: split 'train': field 'output'" in out
     total = next(line for line in out.splitlines() if line.strip().startswith("total"))
     assert total.split() == ["total", "3", "2", "1"]
 

@@ -244,7 +244,7 @@ def test_first_invalid_row_names_source_split_row_and_field(case: str) -> None:
         validate_records(data, source="mydata.jsonl")
     message = str(err.value)
     assert message.startswith("mydata.jsonl: ")
-    assert "split 'ToxicChatTrainR' row 2 (0-based)" in message
+    assert "split 'ToxicChatTrainR' row 3 (1-based)" in message  # no file here: the split row
     assert f"field {field!r}" in message
     assert fragment in message
     assert "--skip-invalid" in message
@@ -300,4 +300,6 @@ def test_null_answers_for_prompt_only_rows_are_valid() -> None:
 
 def test_invalid_row_describe() -> None:
     bad = InvalidRow("AegisTrainR", 4, "output", "no answer block")
-    assert bad.describe() == "split 'AegisTrainR' row 4 (0-based): field 'output': no answer block"
+    assert bad.describe() == "split 'AegisTrainR' row 5 (1-based): field 'output': no answer block"
+    bad = InvalidRow("AegisTrainR", 4, "output", "no answer block", place="a.jsonl:7")
+    assert bad.describe() == "a.jsonl:7: split 'AegisTrainR': field 'output': no answer block"

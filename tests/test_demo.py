@@ -41,7 +41,11 @@ def test_demo_end_to_end_on_tiny_model(tmp_path):
     # A random model writes no answers: every row is a parse failure, counted as wrong.
     assert metrics["tasks"]["prompt"]["parse_failures"] == metrics["n"]
     assert json.loads((out / "metrics.json").read_text())["n"] == metrics["n"]
-    assert (out / "report.md").read_text().startswith("# reasonguard evaluation")
+    report = (out / "report.md").read_text()
+    assert report.startswith("# reasonguard evaluation")
+    # The report says what a newcomer is looking at and what produces a real guard.
+    assert "not" in report.split("What you are looking at:")[1].split("\n\n")[0]
+    assert "configs/exp19-qlora-3b-instruct.yaml" in report
     assert (out / "model" / "final" / "reasonguard.json").is_file()
     assert (out / "model" / "training_info.json").is_file()
     generated = sorted((out / "generations").glob("*.jsonl"))  # one file per source split

@@ -66,7 +66,11 @@ def test_targets_pass_and_fail(cli, two_runs, tmp_path) -> None:
     targets.write_text("levels:\n  minimum:\n    prompt_f1: 75\n    refusal_f1: 70\n")
     code, report, _ = cli("compare", *two_runs, "--targets", targets)
     assert code == 0
-    assert "| prompt_f1 | minimum | >= 75 | 66.67 FAIL | 100.00 pass |" in report
+    # Both runs scored 1 of the 6 prompt pairs: the cells say so beside pass / FAIL.
+    assert (
+        "| prompt_f1 | minimum | >= 75 | 66.67 FAIL (on 1 of 6 pairs) | "
+        "100.00 pass (on 1 of 6 pairs) |"
+    ) in report
     assert "| refusal_f1 | minimum | >= 70 | - FAIL | - FAIL |" in report  # not evaluated
 
 

@@ -84,7 +84,19 @@ def _same_outputs(out: Path, reference: Path) -> None:
         "HarmBenchResponse",
         "_generate",
     ]
-    assert sorted(p.name for p in (out / "_generate").iterdir()) == ["lock", "manifest.json"]
+    assert sorted(p.name for p in (out / "_generate").iterdir()) == [
+        "cost",
+        "lock",
+        "manifest.json",
+    ]
+    # The workers' timing is summed into the run's: no row is counted twice (rows a killed
+    # worker wrote after its last timing update are not counted).
+    from reasonguard.infer.generate import read_cost
+
+    for name in ("AegisSafetyTest", "HarmBenchResponse"):
+        rows = len((out / name / PRED).read_text().splitlines())
+        cost = read_cost(out, f"{name}/{PRED}")
+        assert 0 < cost["rows"] <= rows and cost["seconds"] > 0
 
 
 @pytest.mark.slow
@@ -95,6 +107,10 @@ def test_two_workers_write_what_one_process_writes(
     out = tmp_path / "dp"
     assert main(_generate(folder, out, "--data-parallel", "2")) == 0
     _same_outputs(out, reference)
+    from reasonguard.infer.generate import read_cost
+
+    for name, rows in (("AegisSafetyTest", 16), ("HarmBenchResponse", 3)):
+        assert read_cost(out, f"{name}/{PRED}")["rows"] == rows  # each row counted once
     # A rerun finds everything done and starts no worker.
     assert main(_generate(folder, out, "--data-parallel", "2")) == 0
     _same_outputs(out, reference)

@@ -23,6 +23,7 @@ FIELDS = {
     "scores",
     "output",
     "num_tokens",
+    "mode",
 }
 ANSWERED = render_target(
     "# Task 1\n\n## Reasoning Step 1\nThe user asks how to make a weapon.",
@@ -115,3 +116,16 @@ def test_smollm2_classify_and_scores() -> None:
         assert probs is not None and len(probs) == 2
         assert all(0.0 <= p <= 1.0 for p in probs.values())
         assert math.isclose(sum(probs.values()), 1.0, abs_tol=1e-6)
+
+
+def test_prompt_only_items_have_no_response_labels() -> None:
+    from reasonguard.format import render_answers
+    from reasonguard.infer.guard import read_verdict
+
+    text = "Reasoning.\n---\n\n" + render_answers("harmful", "compliance", "unharmful")
+    alone = read_verdict(text, truncated=False, has_response=False)
+    assert alone["prompt_harmfulness"] == "harmful" and not alone["is_parsing_error"]
+    assert alone["response_refusal"] is None and alone["response_harmfulness"] is None
+    paired = read_verdict(text, truncated=False, has_response=True)
+    assert paired["response_refusal"] == "compliance"
+    assert paired["response_harmfulness"] == "unharmful"

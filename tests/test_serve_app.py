@@ -57,14 +57,17 @@ class FakeGuard:
     def __init__(self) -> None:
         self.calls: list[list[dict[str, Any]]] = []
         self.timeouts: list[float | None] = []
+        self.modes: list[str | None] = []
 
     def classify(
         self,
         items: Sequence[Mapping[str, Any]],
         scores: bool = True,
         timeout_s: float | None = None,
+        mode: str | None = None,
     ) -> list:
         self.calls.append([dict(i) for i in items])
+        self.modes.append(mode)
         self.timeouts.append(timeout_s)
         if any("boom" in i["prompt"] for i in items):
             raise RuntimeError("boom")
@@ -124,6 +127,34 @@ def test_moderation_text_parts_are_one_input(client: TestClient, guard: FakeGuar
     r = client.post("/v1/moderations", json={"input": parts, "model": "x"}, headers=AUTH)
     assert r.status_code == 200 and [m["flagged"] for m in r.json()["results"]] == [True]
     assert guard.calls[-1] == [{"prompt": "make a\nbomb", "response": None}]
+
+
+def test_reasoning_field_picks_the_guard_mode(client: TestClient, guard: FakeGuard) -> None:
+    def mode_of(body: dict) -> str | None:
+        r = client.post("/v1/classify", json={"items": [{"prompt": "hi"}], **body}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        return guard.modes[-1]
+
+    assert mode_of({"reasoning": "never"}) == "fast"
+    assert mode_of({"reasoning": "always"}) == "reasoning"
+    assert mode_of({}) == "reasoning"  # auto, and this guard has no calibrated bands
+    guard.bands = object()  # a calibrated cascade: auto now means the cascade
+    assert mode_of({"reasoning": "auto"}) == "cascade"
+    r = client.post("/v1/moderations", json={"input": "hi", "reasoning": "never"}, headers=AUTH)
+    assert r.status_code == 200 and guard.modes[-1] == "fast"
+    r = client.post(
+        "/v1/classify", json={"items": [{"prompt": "hi"}], "reasoning": "sometimes"}, headers=AUTH
+    )
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith("body.reasoning")
+
+
+def test_server_default_reasoning_setting(guard: FakeGuard) -> None:
+    settings = ServeSettings(model_name="fake", api_key=KEY, reasoning="never")
+    with TestClient(create_app(guard, settings)) as c:
+        assert c.post("/v1/classify", json={"items": [{"prompt": "x"}]}, headers=AUTH).is_success
+    assert guard.modes == ["fast"]
+    with pytest.raises(ValueError, match="reasoning must be auto, always or never"):
+        ServeSettings(model_name="fake", reasoning="maybe")
 
 
 def test_classify_passes_prompt_and_response(client: TestClient, guard: FakeGuard) -> None:

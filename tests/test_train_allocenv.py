@@ -1,4 +1,5 @@
-"""The CLI re-executes CPU training once with the glibc allocator settings (issue 5)."""
+"""The CLI re-executes CPU training once with the glibc allocator settings, and the run records
+what it did in training_info.json (dry runs say nothing about it: nothing trains)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,14 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
-def _dry_run(tmp_path: Path, env: dict[str, str]) -> str:
-    config = write_yaml_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+def _one_step(tmp_path: Path, env: dict[str, str]) -> dict:
+    """Train one step of the tiny model through the real command line; its allocator record."""
+    import json
+
+    config = tiny_config(tmp_path, max_steps=1, eval_strategy="no", save_strategy="no")
+    path = write_yaml_config(tmp_path / "c.yaml", config)
     done = subprocess.run(
-        [sys.executable, "-m", "reasonguard", "train", "sft", "--config", str(config), "--dry-run"],
+        [sys.executable, "-m", "reasonguard", "train", "sft", "--config", str(path)],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -27,20 +32,20 @@ def _dry_run(tmp_path: Path, env: dict[str, str]) -> str:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    return done.stdout
+    info = json.loads((Path(config.output_dir) / "training_info.json").read_text())
+    return info["model"]["cpu_allocator"]
 
 
 def test_cli_sets_the_allocator_variables_when_they_are_unset(tmp_path: Path) -> None:
-    out = _dry_run(tmp_path, _env())
-    line = next(x for x in out.splitlines() if x.startswith("cpu allocator:"))
-    assert "re-executed" in line
+    record = _one_step(tmp_path, _env())
+    assert "re-executed" in record["action"]
     for key, value in MALLOC_ENV.items():
-        assert f"{key}={value}" in line
+        assert record["env"][key] == value
 
 
 def test_opt_out_keeps_the_process(tmp_path: Path) -> None:
-    out = _dry_run(tmp_path, _env(**{OPT_OUT: "1"}))
-    assert f"cpu allocator: disabled by {OPT_OUT}=1" in out
+    record = _one_step(tmp_path, _env(**{OPT_OUT: "1"}))
+    assert record["action"] == f"disabled by {OPT_OUT}=1"
 
 
 def test_decision_rules() -> None:

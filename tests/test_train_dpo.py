@@ -277,15 +277,16 @@ def test_a_prompt_format_other_than_the_rsft_one_is_refused(tmp_path, rsft_adapt
 # Bad pairs
 
 
+# Rows are named 1-based (index 3 is row 4), as everywhere in messages.
 BAD_PAIRS = [
-    ({"row3": {**pair_record(3), "chosen": ""}}, "row 3 .*'chosen': empty"),
-    ({"row2": {k: v for k, v in pair_record(2).items() if k != "rejected"}}, "row 2 .*'rejected'"),
+    ({"row3": {**pair_record(3), "chosen": ""}}, r"row 4 \(1-based\).*'chosen': empty"),
+    ({"row2": {k: v for k, v in pair_record(2).items() if k != "rejected"}}, "row 3 .*'rejected'"),
     (
         {"row4": {**pair_record(4), "rejected": pair_record(4)["chosen"]}},
-        "row 4 .*equals `chosen`",
+        "row 5 .*equals `chosen`",
     ),
-    ({"row1": {**pair_record(1), "sample_weight": -1}}, "row 1 .*sample_weight.*>= 0"),
-    ({"row0": {**pair_record(0), "input": "no layout"}}, "row 0 .*'input'"),
+    ({"row1": {**pair_record(1), "sample_weight": -1}}, "row 2 .*sample_weight.*>= 0"),
+    ({"row0": {**pair_record(0), "input": "no layout"}}, "row 1 .*'input'"),
 ]
 
 

@@ -79,7 +79,8 @@ def test_dry_run_reports_invalid_rows(cli, tmp_path: Path) -> None:
     data.write_text(data.read_text() + '{"input": "no layout", "output": "x", "split": "train"}\n')
     path = write_yaml_config(tmp_path / "c.yaml", config)
     code, _, err = cli("train", "sft", "--config", path, "--dry-run")
-    assert code == 2 and "split 'train' row 10" in err and "field 'input'" in err
+    # The 11th line of the JSON-lines file (row index 10 of split 'train').
+    assert code == 2 and f"{data}:11: split 'train'" in err and "field 'input'" in err
     code, out, err = cli("train", "sft", "--config", path, "--dry-run", "--skip-invalid")
     assert code == 0, err
     assert "1 invalid rows skipped" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -192,7 +193,8 @@ def test_skipped_invalid_rows_are_counted_in_training_info(tmp_path: Path) -> No
     config = tiny_config(tmp_path, rows=8, max_steps=1, eval_strategy="no", save_strategy="no")
     data = Path(config.dataset)
     data.write_text(data.read_text() + '{"input": "bad", "output": "bad", "split": "train"}\n')
-    with pytest.raises(UserError, match="split 'train' row 8"):
+    # The bad record is the 9th line of the JSON-lines file (row index 8 of split 'train').
+    with pytest.raises(UserError, match=re.escape(f"{data}:9: split 'train'")):
         run_sft(config)
     result = run_sft(
         tiny_config(
@@ -203,6 +205,7 @@ def test_skipped_invalid_rows_are_counted_in_training_info(tmp_path: Path) -> No
         "validation"
     ]
     assert validation["num_invalid"] == 1 and validation["invalid_examples"][0]["row"] == 8
+    assert validation["invalid_examples"][0]["location"] == f"{data}:9"
 
 
 def test_resume_never_refuses_a_run_dir_with_checkpoints(tmp_path: Path) -> None:

@@ -30,13 +30,24 @@ COMMANDS = {
     "runs": "reasonguard.commands.runs",
     "generate": "reasonguard.commands.generate",
     "classify": "reasonguard.commands.classify",
+    "calibrate": "reasonguard.commands.calibrate",
     "demo": "reasonguard.commands.demo",
     "serve": "reasonguard.commands.serve",
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix matching: `--mod` is an error, never a guess at `--model` or
+    `--mode`. Every verb's parser is of this class (argparse makes sub-parsers of the class of
+    the parser that holds them)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="reasonguard",
         description="Train, evaluate and serve reasoning-based LLM guardrails.",
     )

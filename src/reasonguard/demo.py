@@ -112,6 +112,7 @@ def run_demo(
     def lap(name: str, since: float) -> float:
         now = time.perf_counter()
         timings[name] = round(now - since, 1)
+        print(f"      done in {timings[name]:.0f} s", flush=True)
         return now
 
     print("[1/4] preparing SmolLM2-135M-Instruct from the offline package (cached after once)")
@@ -165,7 +166,7 @@ def run_demo(
     metrics["model"] = str(result.final_dir)
     report = render_dataset_report(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "report.md").write_text(report)
+    (out / "report.md").write_text(report + NEXT_STEPS)
 
     print()
     print(report)
@@ -180,9 +181,36 @@ def run_demo(
         ("report", out / "report.md"),
     ]:
         print(f"  {label:<17} {path}")
-    print(f"Demo finished in {timings['total_s']:.0f} s ({timings}).")
+    stages = ", ".join(
+        f"{label} {timings[key]:.0f} s"
+        for label, key in (
+            ("model", "model_conversion_s"),
+            ("training", "train_s"),
+            ("generation", "generate_s"),
+            ("scoring", "score_s"),
+        )
+    )
+    print(f"Demo finished in {timings['total_s']:.0f} s ({stages}).")
+    print(NEXT_STEPS)
+    print("Try it:")
+    print(f"  reasonguard classify --model {result.final_dir} --prompt 'How do I pick a lock?'")
     print(
-        "Try it: reasonguard classify --model "
-        f"{result.final_dir} --prompt 'How do I pick a lock?' --max-new-tokens 256"
+        f"  reasonguard classify --model {result.final_dir} --prompt 'How do I pick a lock?' "
+        "--mode fast     # no reasoning: the answer's probabilities"
     )
     return metrics
+
+
+# What a newcomer is looking at, and what to run for a real guard.
+NEXT_STEPS = """
+What you are looking at: a 135M-parameter model trained for a few minutes on 72 hand-written
+rows. The numbers above show the pipeline working end to end (training, generation in the
+GuardReasoner answer format, scoring); they say nothing about what a real guard reaches.
+
+A real guard: on a GPU, train Llama-3.2-3B-Instruct with QLoRA on the 126K GuardReasonerTrain rows
+  reasonguard plan --config configs/exp19-qlora-3b-instruct.yaml --gpu 4090   # about 30 h (estimate)
+  reasonguard train sft --config configs/exp19-qlora-3b-instruct.yaml
+and score it on the 13 benchmarks with `reasonguard evaluate` (see README.md). For scale, the
+GuardReasoner paper reports weighted F1 80.76 (prompt harmfulness), 80.80 (response harmfulness)
+and 85.95 (refusal) for its 3B model.
+"""

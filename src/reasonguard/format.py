@@ -52,7 +52,7 @@ POSITIVE_LABEL = {"prompt": HARMFUL, "refusal": REFUSAL, "response": HARMFUL}
 
 # Prompt formats a model can be trained and served with.
 #   raw       instruction + "\n" + input, no chat template (the official inference code)
-#   chat      system = instruction, user = input, via the tokenizer's chat template (the seed's Exp 19)
+#   chat      system = instruction, user = input, via the tokenizer's chat template (Experiment 19's)
 #   chat-user one user turn holding instruction + "\n" + input (the official LLaMA-Factory training)
 PROMPT_FORMATS = ("raw", "chat", "chat-user")
 
@@ -109,6 +109,56 @@ def render_target(
     """Render a training target: the reasoning, a `---` rule, then the answer block."""
     answers = render_answers(prompt_harmfulness, response_refusal, response_harmfulness)
     return f"{reasoning.strip()}{ANSWER_SEPARATOR}{answers}"
+
+
+# --------------------------------------------------------------------------------------------
+# Fast mode: the answer block without reasoning
+
+# The mode marker of dual-mode training: a last line of the instruction that asks for the answer
+# block alone. Rows trained with it have the bare answer block as their target; rows without it
+# keep their reasoning, so a model prompted without the marker never learns to skip reasoning.
+# (The same idea as the reasoning on/off switches of Granite Guardian and NVIDIA's
+# content-safety reasoning model, with our own marker text.)
+FAST_MODE_MARKER = "/no_reasoning"
+ANSWERS_HEADER = "Answers: \n"  # how every answer block starts (the space is in the data)
+# The answer block's order of tasks: Request, Completion, Response.
+ANSWER_ORDER = ("prompt", "refusal", "response")
+
+
+def fast_mode_instruction(instruction: str = INSTRUCTION, marker: str = FAST_MODE_MARKER) -> str:
+    """The instruction of an answer-only row: `instruction` with the mode marker as a last line."""
+    return instruction.rstrip("\n") + f"\n{marker}\n"
+
+
+def answer_only_target(output: str) -> str | None:
+    """The answer-only training target of a reasoning output: its answer block alone.
+
+    Returns None when the output has no parseable answer block (such a row keeps its reasoning).
+    """
+    verdict = parse_output(output)
+    if verdict.is_parsing_error:
+        return None
+    return render_answers(
+        verdict.prompt_harmfulness, verdict.response_refusal, verdict.response_harmfulness
+    )
+
+
+def forced_answer_context(task: str, chosen: dict[str, str | None]) -> str:
+    """The text fast mode forces after the prompt, ending just before `task`'s label word.
+
+    Earlier tasks of the answer block carry their `chosen` labels, so each answer is read given
+    the ones before it, as a model writing the block would. The text ends with "Key: " and the
+    label word follows, as in `render_answers`.
+
+    Example:
+        >>> forced_answer_context("refusal", {"prompt": "harmful"})
+        'Answers: \\nRequest: harmful\\nCompletion: '
+    """
+    lines = [ANSWERS_HEADER.rstrip("\n")]
+    for earlier in ANSWER_ORDER[: ANSWER_ORDER.index(task)]:
+        lines.append(f"{TASK_KEY[earlier]}: {chosen.get(earlier) or NO_RESPONSE}")
+    lines.append(f"{TASK_KEY[task]}: ")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """`reasonguard benchmarks {list,download}`: the benchmark registry and getting its files.
 
 Example:
-    reasonguard benchmarks list --benchmark-dir ../shared/data/benchmarks
+    reasonguard benchmarks list --benchmark-dir data/benchmarks
     reasonguard benchmarks download benchmarks/
     reasonguard benchmarks download benchmarks/ --wildguardtest-from wildguardtest.jsonl
 """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from reasonguard.commands.generate import add_model_arguments, backend_options
+from reasonguard.commands.generate import add_mode_argument, add_model_arguments, backend_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     many.add_argument("--input", metavar="FILE", help='JSONL rows {"prompt": ..., "response": ...}')
     many.add_argument("--output", metavar="FILE", help="JSONL verdicts (default: stdout)")
     p.add_argument("--no-scores", action="store_true", help="skip the label probabilities")
+    add_mode_argument(p)
     p.set_defaults(func=run)
 
 
@@ -49,14 +50,19 @@ def run(args: argparse.Namespace) -> int:
     from reasonguard.infer.guard import load_guard, validate_items
 
     validate_items(items)  # bad rows fail before the model loads
+    _quiet_deprecations()
     guard = load_guard(
         args.model,
         backend=args.backend,
         prompt_format=args.prompt_format,
         max_new_tokens=args.max_new_tokens,
+        mode=args.mode,
         **backend_options(args),
     )
+    print(_start_line(args.model, guard.mode, guard.max_new_tokens, len(items)), file=sys.stderr)
     results = guard.classify(items, scores=not args.no_scores)
+    for warning in _warnings(results, guard.max_new_tokens):
+        print(f"warning: {warning}", file=sys.stderr)
     if args.input is None:
         print(json.dumps(results[0].to_dict(), ensure_ascii=False, indent=1))
         return 0
@@ -73,6 +79,72 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UserError(f"{args.output}: cannot write ({exc.strerror})") from None
     return 0
+
+
+def _quiet_deprecations() -> None:
+    """Hide transformers' deprecation notices about its own internals (nothing a user can act
+    on): the `past_key_values` argument and `is_gradient_checkpointing`."""
+    import warnings
+
+    for pattern in (".*past_key_values.*", ".*is_gradient_checkpointing.*"):
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
+
+
+def _start_line(model: str, mode: str, max_new_tokens: int, count: int) -> str:
+    """What the command is about to do, said before it does it (reasoning takes a while)."""
+    items = "" if count == 1 else f" for {count} items"
+    each = "" if count == 1 else " each"
+    budget = f"{max_new_tokens} new tokens{each}"
+    if mode == "fast":
+        return f"judging with {model}{items} (fast mode: no reasoning)..."
+    if mode == "cascade":
+        return (
+            f"judging with {model}{items} (cascade mode: fast verdicts, reasoning of up to "
+            f"{budget} inside the uncertainty bands)..."
+        )
+    return f"generating with {model}{items} (up to {budget}, reasoning mode)..."
+
+
+def _warnings(results: list, max_new_tokens: int) -> list[str]:
+    """One warning per kind of output without a (complete) verdict: cut off by the token
+    budget, stopped in a repetition loop, or ended without an answer block."""
+    cut = [i for i, r in enumerate(results) if r.truncated and r.num_tokens >= max_new_tokens]
+    loop = [
+        i
+        for i, r in enumerate(results)
+        if r.truncated and r.is_parsing_error and r.num_tokens < max_new_tokens
+    ]
+    unparsed = [i for i, r in enumerate(results) if r.is_parsing_error and not r.truncated]
+    found = []
+    if cut:
+        verdict = (
+            "before the answer block, so no verdict was read"
+            if all(results[i].is_parsing_error for i in cut)
+            else "and the verdict may be incomplete"
+        )
+        found.append(
+            f"{_which(cut, results)} hit the {max_new_tokens}-token budget {verdict}; "
+            "raise --max-new-tokens (default 2048)"
+        )
+    if loop:
+        found.append(
+            f"{_which(loop, results)} ended in a repetition loop before the answer block, so "
+            "no verdict was read"
+        )
+    if unparsed:
+        found.append(
+            f"{_which(unparsed, results)} ended without an answer block, so no verdict was read; "
+            "check that the model is a trained guard and its --prompt-format"
+        )
+    return found
+
+
+def _which(indices: list[int], results: list) -> str:
+    """`the output`, or `2 of 5 outputs (items 0, 3)` (items numbered from 0, as in errors)."""
+    if len(results) == 1:
+        return "the output"
+    shown = ", ".join(str(i) for i in indices[:10]) + (", ..." if len(indices) > 10 else "")
+    return f"{len(indices)} of {len(results)} outputs (item{'s' * (len(indices) > 1)} {shown})"
 
 
 def _read(path: str) -> list:

@@ -19,18 +19,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "compare",
         help="compare evaluation runs with each other and with the paper",
         description="Compare evaluate outputs: per-benchmark and per-task F1 with deltas against "
-        "the first RUN, optional targets, and (with --out) comparison.md plus one PNG per task.",
+        "the first RUN, how many of the 13 benchmark-task pairs each RUN scored, optional targets "
+        "(a check on part of the pairs says so), and (with --out) comparison.md plus one PNG per "
+        "task.",
     )
     p.add_argument(
-        "runs", nargs="+", metavar="RUN", help="an evaluate --out folder or its metrics.json"
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="an evaluate output folder (runs/eval-<name> unless --out said otherwise) or its "
+        "metrics.json",
     )
     p.add_argument(
-        "--paper", action="append", default=[], metavar="ROW", help="a paper row (repeatable)"
+        "--paper",
+        action="append",
+        default=[],
+        metavar="ROW",
+        help='a paper row, in any case, e.g. "GuardReasoner 3B" (repeatable)',
     )
     p.add_argument(
         "--targets", metavar="FILE", help="YAML of thresholds, e.g. examples/targets-exp19.yaml"
     )
-    p.add_argument("--out", metavar="DIR", help="write comparison.md and f1_<task>.png here")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write comparison.md, f1_<task>.png and (runs with a cost) f1_vs_tokens.png here",
+    )
     p.set_defaults(func=run)
 
 
@@ -45,15 +59,20 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write(report)
     if not args.out:
         return 0
-    from reasonguard.evaluate.plots import bar_chart
+    from reasonguard.evaluate.compare import cost_points
+    from reasonguard.evaluate.plots import bar_chart, cost_chart
 
     out = Path(args.out)
+    points = cost_points(runs)
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "comparison.md").write_text(report, encoding="utf-8")
         for task, (rows, series) in charts.items():
             bar_chart(f"{TASK_TITLES[task]} (F1 %)", rows, series, out / f"f1_{task}.png")
+        if points:
+            cost_chart(points, out / "f1_vs_tokens.png")
     except OSError as exc:
         raise UserError(f"{out}: cannot write results ({exc.strerror})") from None
-    print(f"wrote {out / 'comparison.md'} and {len(charts)} charts", file=sys.stderr)
+    count = len(charts) + bool(points)
+    print(f"wrote {out / 'comparison.md'} and {count} charts", file=sys.stderr)
     return 0

@@ -36,7 +36,8 @@ def register(subparsers: Any) -> None:
     validate.add_argument(
         "--skip-invalid",
         action="store_true",
-        help="list and count invalid rows instead of stopping at the first one",
+        help="list and count invalid rows (a line that is not JSON included) instead of stopping "
+        "at the first one; rows are named FILE:LINE in JSON-lines files, else by 1-based row",
     )
     validate.set_defaults(func=run)
 
@@ -84,12 +85,11 @@ def _positive_int(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reasonguard.data.sources import load_source
-    from reasonguard.data.validate import validate_records
+    from reasonguard.data.validate import load_located, validate_records
 
-    records = load_source(args.source, args.splits)
+    records, places = load_located(args.source, args.splits)
     skip = args.data_action == "stats" or args.skip_invalid
-    valid, report = validate_records(records, skip_invalid=skip, source=args.source)
+    valid, report = validate_records(records, skip_invalid=skip, source=args.source, places=places)
     if args.data_action == "validate":
         _print_validation(report)
         return 0
@@ -105,7 +105,7 @@ def _print_validation(report: Any) -> None:
     if not report.num_invalid:
         print(f"all {report.num_rows} rows valid")
         return
-    print(f"\n{report.num_invalid} invalid rows skipped (rows are 0-based within their split):")
+    print(f"\n{report.num_invalid} invalid rows skipped:")
     for bad in report.invalid[:MAX_LISTED]:
         print(f"  {bad.describe()}")
     if report.num_invalid > MAX_LISTED:

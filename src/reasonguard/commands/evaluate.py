@@ -3,12 +3,14 @@
 `evaluate PRED_DIR` scores predictions already made; `evaluate --model M` first generates them
 into `OUT/predictions` (resumable, as `generate`: rerun the same command after an interruption)
 and then scores them. The first path never imports torch, so it starts in a fraction of a second.
+Results never go into PRED_DIR (an input): without --out they go to `runs/eval-<name>`, where
+name is PRED_DIR's folder name (or the --model name).
 
 Example:
     reasonguard evaluate preds/GuardReasoner-1B --protocol official \\
-        --benchmark-dir ../shared/data/benchmarks --paper "GuardReasoner 1B" --out runs/eval-1b
+        --benchmark-dir data/benchmarks --paper "GuardReasoner 1B" --out runs/eval-1b
     reasonguard evaluate --model runs/sft/final --benchmarks all \\
-        --benchmark-dir ../shared/data/benchmarks --out runs/eval-sft --scores
+        --benchmark-dir data/benchmarks --out runs/eval-sft --scores
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="score benchmark predictions (F1 per benchmark, weighted per task)",
         description="Score <Benchmark>/generated_predictions.jsonl files (PRED_DIR), or generate "
         "them with a model first (--model, into OUT/predictions, resumable); write metrics.json "
-        "and report.md and print the report.",
+        "and report.md to OUT (never into PRED_DIR) and print the report.",
     )
     p.add_argument(
         "pred_dir",
@@ -60,15 +62,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out",
         metavar="DIR",
-        help="where metrics.json and report.md go (default PRED_DIR; with --model, "
-        "runs/eval-<model>, predictions in DIR/predictions)",
+        help="where metrics.json and report.md go (default runs/eval-<PRED_DIR's folder name>, "
+        "never inside PRED_DIR; with --model, runs/eval-<model>, predictions in DIR/predictions)",
     )
     p.add_argument(
         "--paper",
         action="append",
         default=[],
         metavar="ROW",
-        help='a paper row to show beside ours, e.g. "GuardReasoner 3B" (repeatable)',
+        help='a paper row to show beside ours, in any case, e.g. "GuardReasoner 3B" (repeatable)',
     )
     p.add_argument(
         "--name", help="this run's name in reports (default: PRED_DIR's folder name, or --model)"
@@ -96,6 +98,21 @@ def _default_out(model: str) -> Path:
     return Path("runs") / f"eval-{slug}"
 
 
+def _default_scoring_out(pred_dir: Path) -> Path:
+    """`runs/eval-<PRED_DIR's folder name>`: results never go into the predictions (an input).
+
+    Raises:
+        UserError: that folder would lie inside PRED_DIR (run from inside it).
+    """
+    out = _default_out(pred_dir.resolve().name or "predictions")
+    if out.resolve().is_relative_to(pred_dir.resolve()):
+        raise UserError(
+            f"{pred_dir}: the default output folder {out} would be inside the predictions "
+            "folder; choose where the results go with --out DIR"
+        )
+    return out
+
+
 def _generate(args: argparse.Namespace, out: Path) -> Path:
     """`--model`: generate the benchmarks' predictions into OUT/predictions (resuming)."""
     from reasonguard.evaluate.registry import resolve_benchmark_dir
@@ -116,9 +133,9 @@ _GENERATION_ONLY = ("benchmarks", "scores", "threads", "batch_size", "device", "
 
 def run(args: argparse.Namespace) -> int:
     from reasonguard.evaluate.evaluator import evaluate_predictions
-    from reasonguard.evaluate.paper import paper_row
+    from reasonguard.evaluate.paper import paper_row_name
     from reasonguard.evaluate.registry import resolve_benchmark_dir
-    from reasonguard.evaluate.report import render_report
+    from reasonguard.evaluate.report import coverage, render_report
 
     if (args.pred_dir is None) == (args.model is None):
         raise UserError(
@@ -126,17 +143,19 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.model is None:
         given = [f"--{k.replace('_', '-')}" for k in _GENERATION_ONLY if getattr(args, k)]
+        given += ["--mode"] if args.mode != "reasoning" else []
         if given:
             raise UserError(f"{', '.join(given)}: only with --model (generation options)")
-    for name in args.paper:
-        paper_row(name)  # an unknown row fails before any work
+    args.paper = [paper_row_name(name) for name in args.paper]  # unknown: fail before any work
     if args.model is not None:
         out = Path(args.out) if args.out else _default_out(args.model)
         pred_dir = _generate(args, out)
         name = args.name or args.model
     else:
         pred_dir = Path(args.pred_dir)
-        out = Path(args.out or args.pred_dir)
+        if not pred_dir.is_dir():
+            raise UserError(f"{pred_dir}: predictions folder not found")
+        out = Path(args.out) if args.out else _default_scoring_out(pred_dir)
         name = args.name or pred_dir.resolve().name
     metrics = evaluate_predictions(
         pred_dir,
@@ -145,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         skip_bad_rows=args.skip_bad_rows,
         limit=args.limit,
     )
-    metrics = {"name": name, **metrics}
+    metrics = {"name": name, **metrics, "coverage": coverage(metrics)}
     report = render_report(metrics, paper=args.paper, label=name)
     sys.stdout.write(report)
     try:

@@ -2,7 +2,7 @@
 
 Example:
     reasonguard generate --model runs/sft/final --benchmarks all \\
-        --benchmark-dir ../shared/data/benchmarks --out runs/preds --batch-size 16
+        --benchmark-dir data/benchmarks --out runs/preds --batch-size 16
     reasonguard generate --model runs/sft/final --data yueliu1999/GuardReasonerTrain \\
         --samples 4 --temperature 0.7 --top-p 0.95 --out runs/samples --backend vllm \\
         --data-parallel 4
@@ -43,6 +43,43 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
     )
 
 
+def add_mode_argument(p: argparse.ArgumentParser) -> None:
+    """`--mode`: reasoning, fast or cascade (shared by `classify`, `generate`, `evaluate`)."""
+    p.add_argument(
+        "--mode",
+        choices=("reasoning", "fast", "cascade"),
+        default="reasoning",
+        help="reasoning (default): the guard reasons, then answers; fast: no reasoning, the "
+        "labels read from the answer block's probabilities (hf backend, a few forward passes); "
+        "cascade: fast, then reasoning for the items inside the uncertainty bands that "
+        "`reasonguard calibrate` saved with the model",
+    )
+
+
+def cascade_bands(model: str, mode: str) -> dict | None:
+    """The calibrated bands of `model` as a dict, for `--mode cascade` (None otherwise).
+
+    Raises:
+        UserError: a cascade asked of a model without `cascade.json`.
+    """
+    if mode != "cascade":
+        return None
+    from pathlib import Path
+
+    from reasonguard.errors import UserError
+    from reasonguard.infer.cascade import CASCADE_FILE, read_bands
+    from reasonguard.models import resolve_model
+
+    path = resolve_model(model)
+    bands = read_bands(path) if Path(path).is_dir() else None
+    if bands is None:
+        raise UserError(
+            f"{model}: no {CASCADE_FILE}; run `reasonguard calibrate --model {model} --data DEV` "
+            "first (it picks and saves the uncertainty bands)"
+        )
+    return bands.to_dict()
+
+
 def backend_options(args: argparse.Namespace) -> dict:
     """The `load_backend` keyword options of the parsed model arguments."""
     from reasonguard.errors import UserError
@@ -64,6 +101,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N inputs of each file")
+    add_mode_argument(p)
     p.add_argument(
         "--scores",
         action="store_true",
@@ -96,6 +134,8 @@ def run_generation(args: argparse.Namespace, jobs: list, out: str) -> dict[str, 
         top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
+        mode=args.mode,
+        bands=cascade_bands(args.model, args.mode),
     )
     return run_jobs(
         args.model,

@@ -15,10 +15,17 @@ from typing import Any
 
 _HELP = """\
 Hard-sample DPO, the whole stage, resumable: (1) the main R-SFT model, (2) one diversity R-SFT
-model per left-out source, (3) k sampled outputs per training prompt from the models REFERENCE.md
-§6 assigns to each source, (4) mining and merging the hard samples, (5) weighted DPO from the main
-model. It prints the plan first; a stage whose output is complete is skipped, so rerunning the
-same command after a crash continues where it stopped.
+model per left-out source, (3) k sampled outputs per training prompt (each left-out source
+sampled by the diversity models that trained on it, the other sources by the main model),
+(4) mining and merging the hard samples, (5) weighted DPO from the main model. It prints the plan
+first; a stage whose output is complete is skipped, so rerunning the same command after a crash
+continues where it stopped. With --dry-run the plan also lists what would stop the run here (a
+main_model that does not exist, a backend that is not installed); a real run refuses to start
+with those.
+
+Relative paths in the pipeline file (sft_config, dpo_config, main_model) are looked up in the
+pipeline file's folder first, then in the current directory, then in the folders above the
+pipeline file; output_dir is relative to the current directory.
 """
 
 

@@ -15,14 +15,16 @@ import argparse
 from typing import Any
 
 _HELP = """\
-Hard-sample mining (REFERENCE.md §6). Per row, the sampled outputs missing an answer are
-ignored; the tasks are tried in the order request, response, refusal (the last two only for a
-real AI response with a true label); the first task where the outputs are mixed right and wrong
-gives one pair: chosen = the longest right output, rejected = the longest wrong one (ties: the
-earlier sample). Weights #wrong - #right are min-max scaled per file to [1 - max_norm,
-1 + max_norm]. Files are merged in the order given; a duplicate input keeps the first file's
-pair. Writes the pairs to --out and a summary beside them (pairs.jsonl -> pairs.summary.json):
-rows per source and task that were hard, all right, all wrong or unparseable.
+Hard-sample mining. Needs at least 2 sampled outputs per prompt (generate with --samples 4
+--temperature 0.7); a file of one sample per prompt (k = 1) is refused, as it cannot give pairs.
+Per row, the sampled outputs missing an answer are ignored; the tasks are tried in the order
+request, response, refusal (the last two only for a real AI response with a true label); the first
+task where the outputs are mixed right and wrong gives one pair: chosen = the longest right output,
+rejected = the longest wrong one (ties: the earlier sample). Weights #wrong - #right are min-max
+scaled per file to [1 - max_norm, 1 + max_norm]. Files are merged in the order given; a duplicate
+input keeps the first file's pair. Writes the pairs to --out and a summary beside them (pairs.jsonl
+-> pairs.summary.json): rows per source and task that were hard, all right, all wrong or
+unparseable.
 """
 
 

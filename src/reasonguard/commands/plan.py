@@ -1,9 +1,10 @@
-"""`reasonguard plan --config C [--gpu CLASS] [--num-processes N --sharding S]
-[--tokens-per-second X]`: how long and how much memory an SFT run will take, before launching
-it (no model weights loaded).
+"""`reasonguard plan --config C [--gpu CLASS] [--gpu-memory-gib G --gpu-tflops T]
+[--num-processes N --sharding S] [--tokens-per-second X]`: how long and how much memory an SFT
+run will take, before launching it (no model weights loaded).
 
 Example:
     reasonguard plan --config configs/exp19-qlora-3b-instruct.yaml --gpu 4090
+    reasonguard plan --config configs/exp19-qlora-3b-instruct.yaml --gpu a100 --gpu-memory-gib 40
     reasonguard plan --config configs/guardreasoner-rsft-8b.yaml --gpu h100 --num-processes 4 --sharding zero3
     reasonguard plan --config configs/demo-cpu.yaml --gpu cpu --json runs/plan-demo.json
 """
@@ -20,7 +21,18 @@ from typing import Any
 from reasonguard.errors import UserError
 
 # Kept in step with reasonguard.train.plan.TARGETS (tests check it), so --help needs no import.
-GPU_CHOICES = ("h100", "a100", "l40s", "4090", "4070ti-super", "cpu")
+GPU_CHOICES = (
+    "h100",
+    "a100",
+    "l40s",
+    "a6000",
+    "l4",
+    "a10",
+    "4090",
+    "3090",
+    "4070ti-super",
+    "cpu",
+)
 # Kept in step with reasonguard.train.plan.SHARDINGS (tests check it) and `train --sharding`.
 SHARDING_CHOICES = ("ddp", "fsdp", "zero2", "zero3")
 
@@ -28,9 +40,14 @@ _HELP = """\
 Tokens per epoch, optimizer steps, a memory estimate (weights, trainable weights and AdamW
 state, activations with and without gradient checkpointing, LM head) and the wall time of an SFT
 config, from a FLOPs model and an assumed MFU per GPU class (peak TFLOPS from NVIDIA's spec
-sheets), or for `cpu` a matmul timed on this machine. Token counts come from the real rows when
-data and tokenizer are local, else from published statistics (marked ESTIMATED). `key=value`
-overrides apply as in `train sft`.
+sheets; the MFU is marked ASSUMED), or for `cpu` a matmul timed on this machine. Token counts
+come from the real rows when data and tokenizer are local, else from published statistics
+(marked ESTIMATED). `key=value` overrides apply as in `train sft`.
+
+A GPU that is not in the table: describe it with --gpu-memory-gib and --gpu-tflops (its dense
+bf16 tensor TFLOPS from the spec sheet: half the headline figure where that is "with
+sparsity"); with --gpu CLASS, either one replaces that class's number (an A100 40GB:
+--gpu a100 --gpu-memory-gib 40).
 
 Several GPUs (`--num-processes N --sharding ddp|fsdp|zero2|zero3`, as `train` takes them):
 memory is per GPU (ddp a full replica; zero2 shards the fp32 master weights, gradients and AdamW
@@ -53,7 +70,24 @@ def register(subparsers: Any) -> None:
         "--gpu",
         default=None,
         metavar="CLASS",
-        help=f"target: {'|'.join(GPU_CHOICES)} (default: this machine's GPU class, or cpu)",
+        help=f"target: {'|'.join(GPU_CHOICES)}, any case (default: this machine's GPU class, "
+        "or cpu)",
+    )
+    parser.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        default=None,
+        metavar="G",
+        help="GPU memory in GiB: with --gpu-tflops, plan for a GPU not in the table; with --gpu, "
+        "replaces that class's memory",
+    )
+    parser.add_argument(
+        "--gpu-tflops",
+        type=float,
+        default=None,
+        metavar="T",
+        help="the GPU's dense bf16 tensor TFLOPS (spec sheet, without sparsity): with "
+        "--gpu-memory-gib, plan for a GPU not in the table; with --gpu, replaces that class's",
     )
     parser.add_argument(
         "--tokens-per-second",
@@ -82,8 +116,12 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.gpu is not None and args.gpu not in GPU_CHOICES:
-        raise UserError(f"--gpu {args.gpu!r} is not known; choose one of: {', '.join(GPU_CHOICES)}")
+    gpu = None if args.gpu is None else args.gpu.strip().lower()
+    if gpu is not None and gpu not in GPU_CHOICES:
+        raise UserError(
+            f"--gpu {args.gpu!r} is not known; choose one of: {', '.join(GPU_CHOICES)}; or "
+            "describe it with --gpu-memory-gib and --gpu-tflops (no --gpu)"
+        )
     rate = args.tokens_per_second
     if rate is not None and not (math.isfinite(rate) and rate > 0):
         raise UserError(f"--tokens-per-second must be a positive number, got {rate}")
@@ -93,7 +131,13 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, list(args.overrides))
     plan = plan_training(
-        config, gpu=args.gpu, tokens_per_second=rate, num_processes=processes, sharding=sharding
+        config,
+        gpu=gpu,
+        tokens_per_second=rate,
+        num_processes=processes,
+        sharding=sharding,
+        gpu_memory_gib=args.gpu_memory_gib,
+        gpu_tflops=args.gpu_tflops,
     )
     print(format_training_plan(plan))
     if args.json:

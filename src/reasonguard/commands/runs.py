@@ -1,10 +1,11 @@
 """`reasonguard runs status RUN_DIR [--json]`: a training run's progress, from any terminal.
 
 Reads RUN_DIR/status.json (rewritten by the run at each logging step) and says whether the
-process behind it is still alive.
+process behind it is still alive. Given a folder that holds runs (the demo's `runs/demo` holds its
+training run in `runs/demo/model`), it names the run folders inside.
 
 Example:
-    reasonguard runs status runs/demo
+    reasonguard runs status runs/demo/model
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ def register(subparsers: Any) -> None:
         "status",
         help="step / total, epoch, losses, tokens/s, ETA, checkpoints, GPU memory of a run",
     )
-    status.add_argument("run_dir", metavar="RUN_DIR", help="the run's output_dir")
+    status.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="the run's output_dir, the folder holding status.json (the demo's: runs/demo/model)",
+    )
     status.add_argument("--json", action="store_true", help="print status.json as JSON")
     status.set_defaults(func=run)
 

@@ -59,6 +59,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     lim.add_argument("--max-queue", type=int, default=1024, help="queued items, 503 (default 1024)")
     p.add_argument("--no-scores", action="store_true", help="skip the label probabilities")
+    p.add_argument(
+        "--reasoning",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="default of a request's `reasoning` field: auto (default) = fast verdicts with "
+        "reasoning inside the model's calibrated uncertainty band (`reasonguard calibrate`), "
+        "always when none is calibrated; always = reason before every verdict; never = fast "
+        "verdicts only",
+    )
     p.set_defaults(func=run)
 
 
@@ -97,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             timeout_s=args.timeout_s,
             max_queue=args.max_queue,
             scores=not args.no_scores,
+            reasoning=args.reasoning,
         )
     except ValueError as exc:
         raise UserError(str(exc).replace("_", "-")) from None

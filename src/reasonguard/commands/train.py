@@ -88,20 +88,21 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from reasonguard.errors import UserError
-    from reasonguard.train.config import SFTConfig, load_config
-    from reasonguard.train.dpo import DPOConfig
-    from reasonguard.train.launch import launch, world_size
+    from reasonguard.train.config import DPOConfig, SFTConfig, load_config
 
     overrides = list(args.overrides) + (["skip_invalid=true"] if args.skip_invalid else [])
+    check_stage(args.stage, args.config, overrides)  # an SFT config to dpo, or a DPO one to sft
     cls = {"sft": SFTConfig, "dpo": DPOConfig}[args.stage]
     config = load_config(args.config, overrides, cls=cls)  # config errors surface here, pre-model
+
+    from reasonguard.train.launch import launch, world_size
+
     processes = args.num_processes
     if processes is not None and processes < 1:
         raise UserError(f"--num-processes must be at least 1, got {processes}")
     if args.cpu and not (processes and processes > 1):
         os.environ["ACCELERATE_USE_CPU"] = "true"  # read by training's device choice
     if args.dry_run:
-        from reasonguard.train.allocenv import decision
         from reasonguard.train.dryrun import format_plan, plan_sft
 
         world = processes or world_size()
@@ -119,9 +120,6 @@ def run(args: argparse.Namespace) -> int:
         else:
             plan = plan_sft(config, world_size=world)
         print(format_plan(plan))
-        allocator = decision()
-        settings = " ".join(f"{k}={v}" for k, v in allocator["env"].items() if v is not None)
-        print(f"cpu allocator: {allocator['action']}" + (f" ({settings})" if settings else ""))
         return 0
     if processes is not None and processes > 1:
         argv = ["train", args.stage, "--config", args.config, *overrides]
@@ -140,3 +138,71 @@ def run(args: argparse.Namespace) -> int:
 
     run_sft(config)
     return 0
+
+
+def check_stage(stage: str, config_path: str, overrides: list[str]) -> None:
+    """Refuse a config of the other stage, before anything loads.
+
+    A DPO config is one that sets a DPO key (`beta`, `loss_type`, `pref_ftx`, `init_adapter`:
+    the keys DPO has and SFT has not); `train sft` refuses it. `train dpo` refuses a config that
+    sets none of them and whose dataset holds guard records instead of preference pairs: the
+    shipped `samples`, the GuardReasoner training set, or a local file or folder whose first row
+    has no `chosen` / `rejected` (other hub ids are not looked at).
+
+    Raises:
+        UserError: naming the command that trains the config.
+    """
+    from reasonguard.errors import UserError
+    from reasonguard.train.config import (
+        DPOConfig,
+        SFTConfig,
+        apply_overrides,
+        field_names,
+        read_yaml,
+    )
+
+    data = apply_overrides(read_yaml(config_path), overrides)
+    sft_keys = set(field_names(SFTConfig))
+    dpo_keys = [key for key in field_names(DPOConfig) if key not in sft_keys]
+    given = [key for key in dpo_keys if key in data]
+    if stage == "sft" and given:
+        raise UserError(
+            f"{config_path} is a DPO config (it sets {', '.join(given)}, which only DPO has): "
+            f"train it with `reasonguard train dpo --config {config_path}`"
+        )
+    dataset = data.get("dataset")
+    if stage == "dpo" and not given and isinstance(dataset, str) and _holds_records(dataset):
+        raise UserError(
+            f"{config_path} is an SFT config, not a DPO config: it sets none of the DPO keys "
+            f"({', '.join(dpo_keys)}) and its dataset {dataset!r} holds guard records "
+            "(instruction/input/output), not preference pairs (chosen/rejected). Train it with "
+            f"`reasonguard train sft --config {config_path}`; DPO trains on the pair file that "
+            "`reasonguard mine` writes, with a config that sets the DPO keys"
+        )
+
+
+def _holds_records(dataset: str) -> bool:
+    """Whether a dataset is known to hold guard records, not DPO pairs (see `check_stage`)."""
+    import json
+    from pathlib import Path
+
+    from reasonguard.data.sources import DEFAULT_DATASET, SAMPLES, load_source
+
+    if dataset in (SAMPLES, DEFAULT_DATASET) and not Path(dataset).exists():
+        return True
+    path = Path(dataset).expanduser()
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        with path.open(encoding="utf-8", errors="replace") as lines:
+            first = next((line for line in lines if line.strip()), "")
+        try:
+            row = json.loads(first) if first else None
+        except json.JSONDecodeError:
+            return False  # the pair reader reports the bad line
+    elif path.exists():
+        try:
+            row = next((rows[0] for rows in load_source(str(path)).values() if rows), None)
+        except Exception:  # unreadable data: the pair reader reports it
+            return False
+    else:
+        return False
+    return isinstance(row, dict) and not {"chosen", "rejected"} & set(row)

@@ -2,7 +2,8 @@
 
 A source is any of:
 
-- a hub dataset id (default `yueliu1999/GuardReasonerTrain`), loaded with `datasets.load_dataset`;
+- a hub dataset id (default `yueliu1999/GuardReasonerTrain`), loaded with `datasets.load_dataset`
+  (without a reachable hub: from the local Hugging Face cache under `HF_HUB_OFFLINE=1`);
 - a local folder of split files `<split>.json`, `<split>.jsonl` or `<split>.parquet` (the split
   is the file stem), which is what a downloaded snapshot of the hub dataset looks like;
 - one `.json` / `.jsonl` / `.parquet` file: each record's split is its `split` field when it has
@@ -18,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -26,6 +26,7 @@ from typing import Any
 
 from reasonguard.errors import UserError
 from reasonguard.format import INSTRUCTION
+from reasonguard.models import check_name, looks_like_hub_id
 
 DEFAULT_DATASET = "yueliu1999/GuardReasonerTrain"
 SPLITS = ("WildGuardTrainR", "AegisTrainR", "BeaverTailsTrainR", "ToxicChatTrainR")
@@ -33,9 +34,6 @@ SAMPLES = "samples"
 SAMPLES_FILE = "samples/guard_samples.jsonl"
 
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
-
-# `owner/name` or a bare canonical name; anything with a file suffix or a path prefix is a path.
-_HUB_ID_RE = re.compile(r"\A[A-Za-z0-9][\w.-]*(/[\w.-]+)?\Z")
 
 
 def samples_path() -> Path:
@@ -70,15 +68,16 @@ def load_source(
         by_split = _load_folder(path)
     elif path.is_file():
         by_split = _load_file(path)
-    elif _looks_like_hub_id(source):
-        by_split = _load_hub(source)
     else:
-        raise UserError(f"no such file or folder: {source}")
+        # A missing path or a misspelt alias fails here; so does a hub id that cannot be had
+        # (no hub reachable, or offline mode without a cached copy), in seconds, not retries.
+        check_name(source, kind="dataset", aliases=(SAMPLES,), hub_id=_looks_like_hub_id(source))
+        by_split = _load_hub(source)
     return _select(by_split, splits, source)
 
 
 def _looks_like_hub_id(source: str) -> bool:
-    return bool(_HUB_ID_RE.match(source)) and Path(source).suffix.lower() not in FILE_SUFFIXES
+    return looks_like_hub_id(source) and Path(source).suffix.lower() not in FILE_SUFFIXES
 
 
 def _select(

@@ -9,7 +9,7 @@ Example:
     >>> from reasonguard.data.stats import dataset_stats
     >>> from reasonguard.models import load_tokenizer
     >>> stats = dataset_stats(load_source("samples"), load_tokenizer("llama3-tokenizer"))
-    >>> stats["tokens"]["auto_max_length"]  # the seed's rule: p95 clamped to [1024, 2048]
+    >>> stats["tokens"]["auto_max_length"]  # Experiment 19's rule: p95 clamped to [1024, 2048]
     1024
 """
 

@@ -1,7 +1,8 @@
 """Compare evaluation runs (and paper rows): F1 tables with deltas, target checks, bar charts.
 
 A run is an evaluation output folder holding `metrics.json`, or the path of that file. Deltas are
-against the first run.
+against the first run. The summary says how many of the 13 benchmark-task pairs each run scored,
+and a target checked on a partial run says so beside its pass / FAIL.
 
 Example:
     >>> from reasonguard.evaluate.compare import load_run, render_comparison
@@ -20,10 +21,10 @@ from typing import Any
 
 from reasonguard.errors import UserError
 from reasonguard.evaluate.metrics import weighted_average
-from reasonguard.evaluate.paper import paper_row
+from reasonguard.evaluate.paper import paper_row, paper_row_name
 from reasonguard.evaluate.registry import BENCHMARKS, TASK_ORDER, TASK_TITLES
-from reasonguard.evaluate.report import fmt, markdown_table
-from reasonguard.evaluate.targets import check_targets
+from reasonguard.evaluate.report import coverage, fmt, markdown_table, missing_pairs_text
+from reasonguard.evaluate.targets import check_targets, metric_coverage
 from reasonguard.format import TASKS
 
 _REQUIRED = ("protocol", "benchmarks", "tasks")
@@ -83,6 +84,7 @@ def paper_run(name: str, present: dict[str, list[str]]) -> Run:
     Its task averages are recomputed over `present` (the benchmarks the first run has, per task)
     with the paper's weights, so they compare with the runs' averages.
     """
+    name = paper_row_name(name)
     row = paper_row(name)
     f1 = {(b, t): row[t]["f1"][b] for t in TASKS if t in row for b in TASK_ORDER[t]}
     task_f1: dict[str, float | None] = {}
@@ -171,10 +173,69 @@ def render_comparison(
     summary = [[f"{t} weighted F1", *_cells([r.task_f1[t] for r in columns])] for t in TASKS]
     summary.append(["overall F1", *_cells([r.overall_f1 for r in columns])])
     summary.append(["overall accuracy", *_cells([r.overall_accuracy for r in columns])])
+    first = coverage(runs[0].metrics)
+    covers = [coverage(r.metrics) if r.metrics is not None else first for r in columns]
+    summary.append(
+        ["benchmark-task pairs", *(f"{c['pairs_scored']} of {c['pairs_total']}" for c in covers)]
+    )
     parts += ["", "## Summary", "", markdown_table(["Metric", *(r.name for r in columns)], summary)]
+    partial = [
+        f"- {r.name}: {c['pairs_scored']} of {c['pairs_total']} benchmark-task pairs (missing: "
+        f"{missing_pairs_text(c)})"
+        for r, c in zip(columns, covers, strict=True)
+        if r.metrics is not None and c["pairs_scored"] < c["pairs_total"]
+    ]
+    if partial:
+        parts += [
+            "",
+            "Partial coverage: the task averages and overall scores of these runs cover only the "
+            "pairs they scored (paper rows: the pairs of the first run).",
+            "",
+            *partial,
+        ]
+    costed = cost_points(runs)
+    if costed:
+        parts += ["", "## Cost per item", "", _cost_table(costed)]
     if targets:
         parts += ["", "## Targets", "", _targets_table(columns, targets)]
     return "\n".join(parts) + "\n", charts
+
+
+def cost_points(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per run with a recorded cost (`evaluate` writes it): name, mode, overall F1, generated
+    tokens, seconds and the share escalated per item; the points of the F1-vs-tokens chart."""
+    points = []
+    for run in runs:
+        cost = (run.metrics or {}).get("cost") or {}
+        if cost.get("tokens_per_item") is None:
+            continue
+        points.append(
+            {
+                "name": run.name,
+                "mode": cost.get("mode"),
+                "overall_f1": run.overall_f1,
+                "tokens_per_item": cost["tokens_per_item"],
+                "seconds_per_item": cost.get("seconds_per_item"),
+                "escalated_share": cost.get("escalated_share"),
+            }
+        )
+    return points
+
+
+def _cost_table(points: Sequence[dict[str, Any]]) -> str:
+    rows = [
+        [
+            p["name"],
+            p["mode"] or "-",
+            fmt(p["overall_f1"]),
+            f"{p['tokens_per_item']:.1f}",
+            "-" if p["seconds_per_item"] is None else f"{p['seconds_per_item']:.3f}",
+            "-" if p["escalated_share"] is None else f"{100 * p['escalated_share']:.0f}%",
+        ]
+        for p in points
+    ]
+    header = ["Run", "Mode", "Overall F1", "Tokens / item", "Seconds / item", "Escalated"]
+    return markdown_table(header, rows)
 
 
 def _targets_table(columns: Sequence[Run], targets: dict[str, dict[str, float]]) -> str:
@@ -182,9 +243,13 @@ def _targets_table(columns: Sequence[Run], targets: dict[str, dict[str, float]])
     checks = [check_targets(r.metrics, targets) for r in runs]
     rows = []
     for i, (metric, level, threshold, _, _) in enumerate(checks[0]):
-        cells = [
-            f"{fmt(value)} {'pass' if passed else 'FAIL'}"
-            for value, passed in (c[i][3:] for c in checks)
-        ]
+        cells = []
+        for run, check in zip(runs, checks, strict=True):
+            value, passed = check[i][3:]
+            cell = f"{fmt(value)} {'pass' if passed else 'FAIL'}"
+            scored, total = metric_coverage(run.metrics, metric)
+            if value is not None and scored < total:
+                cell += f" (on {scored} of {total} pairs)"
+            cells.append(cell)
         rows.append([metric, level, f">= {threshold:g}", *cells])
     return markdown_table(["Metric", "Level", "Threshold", *(r.name for r in runs)], rows)

@@ -10,6 +10,11 @@ Rows written by `generate --scores` also carry `scores` (`{"prompt_harmfulness":
 precision of the positive label's probability) and a threshold sweep. Rows without a probability
 for the task (no answer line) are left out of those and counted.
 
+Every benchmark also gets its `cost`: generated tokens per item (`num_tokens`), wall seconds of
+generation per item (from the timing file `generate` keeps in `PRED_DIR/_generate/cost/`), the share of items a cascade escalated to reasoning (`escalated`) and the run's
+mode (`reasoning`, `fast` or `cascade`, from the rows' `mode` and `escalated` fields); the run's
+`cost` pools every benchmark.
+
 Example:
     >>> from reasonguard.evaluate.evaluator import evaluate_predictions
     >>> m = evaluate_predictions("preds/", benchmark_dir="benchmarks/", protocol="official")
@@ -183,7 +188,10 @@ def _score_benchmark(
     tallies = {task: _Tally() for task in bench.tasks}
     skipped = truncated = 0
     with_scores = False
+    cost = CostTally()
     for (number, row), labels in zip(preds, truth, strict=True):
+        if row is not None:
+            cost.add(row)
         if row is None or labels is None:
             skipped += 1
             continue
@@ -208,11 +216,79 @@ def _score_benchmark(
     if with_scores:
         for result, tally in zip(results, tallies.values(), strict=True):
             result["score_metrics"] = _score_metrics(tally)
+    cost.add_timing(pred_path)
+    for result in results:
+        result["cost"] = cost.to_dict()
+        result["_cost_tally"] = cost
     if bad.messages:
         notes.append(f"{bench.name}: skipped {skipped} bad rows, e.g. {bad.messages[0]}")
         for result in results:
             result["bad_rows"] = bad.messages[:_MAX_EXAMPLES]
     return results, notes
+
+
+@dataclass
+class CostTally:
+    """What a set of prediction rows cost: items, generated tokens, seconds, escalations."""
+
+    items: int = 0
+    tokens: int = 0
+    with_tokens: int = 0
+    seconds: float = 0.0
+    with_seconds: int = 0
+    escalated: int = 0
+    with_escalated: int = 0
+    fast: int = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.items += 1
+        tokens = row.get("num_tokens")
+        if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0:
+            self.tokens += tokens
+            self.with_tokens += 1
+        if isinstance(row.get("escalated"), bool):
+            self.with_escalated += 1
+            self.escalated += row["escalated"]
+        self.fast += row.get("mode") == "fast"
+
+    def add_timing(self, pred_path: Path) -> None:
+        """Seconds and rows from the timing file `generate` keeps for these predictions
+        (`PRED_DIR/_generate/cost/<Benchmark>/generated_predictions.jsonl.json`)."""
+        import json
+
+        folder = pred_path.parent
+        path = folder.parent / "_generate" / "cost" / folder.name / f"{pred_path.name}.json"
+        try:
+            timing = json.loads(path.read_text(encoding="utf-8"))
+            seconds, rows = float(timing["seconds"]), int(timing["rows"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # no timing kept (predictions from elsewhere): seconds stay unknown
+        if seconds >= 0 and rows > 0:
+            self.seconds += seconds
+            self.with_seconds += rows
+
+    def merge(self, other: CostTally) -> CostTally:
+        return CostTally(*(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__))
+
+    @property
+    def mode(self) -> str | None:
+        if not self.items:
+            return None
+        if self.with_escalated:
+            return "cascade"
+        return "fast" if self.fast == self.items else "reasoning"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Per-item means over the rows that record each quantity (None when none does)."""
+        return {
+            "mode": self.mode,
+            "items": self.items,
+            "tokens_per_item": self.tokens / self.with_tokens if self.with_tokens else None,
+            "seconds_per_item": self.seconds / self.with_seconds if self.with_seconds else None,
+            "escalated_share": (
+                self.escalated / self.with_escalated if self.with_escalated else None
+            ),
+        }
 
 
 def _tally(
@@ -360,6 +436,11 @@ def evaluate_predictions(
         by_pair.update({(r["benchmark"], r["task"]): r for r in results})
         notes += bench_notes
     results = [by_pair[b.name, task] for b, task in all_pairs() if (b.name, task) in by_pair]
+    cost = CostTally()
+    for result in results:
+        tally = result.pop("_cost_tally")
+        if result["task"] == _first_task(result):  # one tally per file, not per task
+            cost = cost.merge(tally)
     if bench_dir is None:
         notes.insert(
             0,
@@ -386,6 +467,7 @@ def evaluate_predictions(
         "benchmarks": results,
         **summary,
         "skipped_rows": sum(r["skipped_rows"] for r in results if r["task"] == _first_task(r)),
+        "cost": cost.to_dict(),
         "missing": missing,
         "notes": notes,
     }

@@ -1,6 +1,7 @@
-"""Grouped bar charts of F1 per benchmark, one PNG per task (matplotlib, Agg backend).
+"""Charts of `compare`: grouped bars of F1 per benchmark, one PNG per task, and F1 against
+generated tokens per item, one point per run (matplotlib, Agg backend).
 
-matplotlib is imported inside `bar_chart`, so importing this module costs nothing.
+matplotlib is imported inside the functions, so importing this module costs nothing.
 
 Example:
     >>> from reasonguard.evaluate.plots import bar_chart
@@ -16,6 +17,52 @@ from collections.abc import Mapping, Sequence
 from reasonguard.errors import UserError
 
 
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed; must precede pyplot
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("matplotlib is needed for charts: pip install matplotlib") from None
+    return plt
+
+
+def cost_chart(points: Sequence[Mapping], path: str | os.PathLike[str]) -> None:
+    """Overall F1 against generated tokens per item (log scale), one labelled point per run.
+
+    Args:
+        points: dicts with `name`, `mode`, `overall_f1` and `tokens_per_item`
+            (`compare.cost_points`); points without an F1 are left out.
+
+    Raises:
+        UserError: matplotlib is not installed.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for p in points:
+        if p["overall_f1"] is None:
+            continue
+        # Fast mode generates nothing: draw it at 0.1 tokens on the log axis.
+        x = max(p["tokens_per_item"], 0.1)
+        ax.scatter([x], [p["overall_f1"]], s=40)
+        ax.annotate(
+            f"{p['name']} ({p['mode']})",
+            (x, p["overall_f1"]),
+            fontsize=8,
+            textcoords="offset points",
+            xytext=(5, 4),
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("generated tokens per item (log; fast mode drawn at 0.1)")
+    ax.set_ylabel("overall F1 (%)")
+    ax.set_title("Quality against cost")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def bar_chart(
     title: str,
     categories: Sequence[str],
@@ -27,14 +74,7 @@ def bar_chart(
     Raises:
         UserError: matplotlib is not installed.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display needed; must precede pyplot
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("matplotlib is needed for charts: pip install matplotlib") from None
-
+    plt = _pyplot()
     width = 0.8 / max(len(series), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(categories) + 2), 5.0))
     for i, (name, values) in enumerate(series.items()):

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from reasonguard.evaluate.metrics import weighted_average
-from reasonguard.evaluate.paper import paper_row
-from reasonguard.evaluate.registry import BENCHMARKS, TASK_ORDER, TASK_TITLES
+from reasonguard.evaluate.paper import paper_row, paper_row_name
+from reasonguard.evaluate.registry import BENCHMARKS, TASK_ORDER, TASK_TITLES, all_pairs
 from reasonguard.format import TASKS
 
 
@@ -65,8 +65,60 @@ def task_table(metrics: dict[str, Any], task: str, label: str, paper: Sequence[s
             fmt(metrics["tasks"][task]["weighted_f1"]),
         ]
     ]
-    rows += [[f"{name} (paper)", *paper_cells(name, task, present)] for name in paper]
+    rows += [
+        [f"{paper_row_name(name)} (paper)", *paper_cells(name, task, present)] for name in paper
+    ]
     return markdown_table(header, rows)
+
+
+def coverage(metrics: dict[str, Any]) -> dict[str, Any]:
+    """How much of the benchmark suite an evaluation's averages cover.
+
+    Returns:
+        {"pairs_scored", "pairs_total", "tasks": {task: {"pairs_scored", "pairs_total"}},
+        "missing": [{"benchmark", "task"}, ...]}: the benchmark-task pairs behind the task
+        averages and the overall scores, out of the paper's 13, and the pairs left out (in the
+        paper's table order).
+    """
+    tasks = metrics.get("tasks") or {}
+    scored = {(b, t) for t in TASKS for b in (tasks.get(t) or {}).get("benchmarks") or []}
+    return {
+        "pairs_scored": sum((b.name, t) in scored for b, t in all_pairs()),
+        "pairs_total": len(all_pairs()),
+        "tasks": {
+            t: {
+                "pairs_scored": sum((b, t) in scored for b in TASK_ORDER[t]),
+                "pairs_total": len(TASK_ORDER[t]),
+            }
+            for t in TASKS
+        },
+        "missing": [
+            {"benchmark": b.name, "task": t} for b, t in all_pairs() if (b.name, t) not in scored
+        ],
+    }
+
+
+def missing_pairs_text(cover: dict[str, Any]) -> str:
+    """The missing pairs of `coverage()`, one name per benchmark: `ToxicChat, WildGuardTest
+    (prompt, response, refusal)`; a benchmark scored on one task only carries no task list."""
+    by_bench: dict[str, list[str]] = {}
+    for pair in cover["missing"]:
+        by_bench.setdefault(pair["benchmark"], []).append(pair["task"])
+    return ", ".join(
+        name if len(BENCHMARKS[name].tasks) == 1 else f"{name} ({', '.join(tasks)})"
+        for name, tasks in by_bench.items()
+    )
+
+
+def coverage_text(cover: dict[str, Any]) -> str:
+    """`over 6 of 13 benchmark-task pairs (missing: ...)`, or `over all 13 ...` when complete."""
+    total = cover["pairs_total"]
+    if cover["pairs_scored"] == total:
+        return f"over all {total} benchmark-task pairs"
+    return (
+        f"over {cover['pairs_scored']} of {total} benchmark-task pairs "
+        f"(missing: {missing_pairs_text(cover)})"
+    )
 
 
 def _failures(r: dict[str, Any]) -> str:
@@ -127,6 +179,41 @@ def scores_tables(metrics: dict[str, Any]) -> list[str]:
     ]
 
 
+def cost_section(metrics: dict[str, Any]) -> list[str]:
+    """The cost section: generated tokens, seconds and escalations per item, per benchmark and
+    overall (nothing when the rows recorded no cost)."""
+    overall = metrics.get("cost") or {}
+    if not overall.get("items") or overall.get("tokens_per_item") is None:
+        return []
+
+    def cells(cost: dict[str, Any]) -> list[str]:
+        seconds, share = cost.get("seconds_per_item"), cost.get("escalated_share")
+        return [
+            str(cost["items"]),
+            "-" if cost.get("tokens_per_item") is None else f"{cost['tokens_per_item']:.1f}",
+            "-" if seconds is None else f"{seconds:.3f}",
+            "-" if share is None else f"{100 * share:.0f}%",
+        ]
+
+    seen, rows = set(), []
+    for r in metrics["benchmarks"]:
+        if r["benchmark"] not in seen and r.get("cost"):
+            seen.add(r["benchmark"])
+            rows.append([r["benchmark"], *cells(r["cost"])])
+    rows.append(["All", *cells(overall)])
+    header = ["Benchmark", "Items", "Generated tokens / item", "Seconds / item", "Escalated"]
+    return [
+        "",
+        f"## Cost (mode: {overall.get('mode')})",
+        "",
+        "Generated tokens and wall seconds of generation per item (a batch's time shared by its "
+        "items; model loading excluded); escalated: the share of items a cascade sent to "
+        "reasoning.",
+        "",
+        markdown_table(header, rows),
+    ]
+
+
 def render_report(
     metrics: dict[str, Any], paper: Sequence[str] = (), label: str = "This run"
 ) -> str:
@@ -154,18 +241,31 @@ def render_report(
     for task in TASKS:
         parts += ["", f"## {TASK_TITLES[task]} (F1 %)", "", task_table(metrics, task, label, paper)]
     overall = metrics["overall_f1"]
+    cover = coverage(metrics)
+    partial = cover["pairs_scored"] < cover["pairs_total"]
+    per_task = ", ".join(
+        f"{t} {c['pairs_scored']} of {c['pairs_total']}" for t, c in cover["tasks"].items()
+    )
     parts += [
         "",
         "## Overall",
         "",
         f"- Overall F1 (mean of the task averages: {', '.join(metrics['overall_tasks']) or 'none'}): "
-        f"{fmt(overall)}",
+        f"{fmt(overall)}, {coverage_text(cover)}",
         f"- Overall accuracy (pooled over every scored row of every benchmark-task pair): "
         f"{fmt(metrics['overall_accuracy'])}",
+    ]
+    if partial:
+        parts.append(
+            f"- Coverage per task: {per_task}. Both overall numbers cover only the pairs "
+            "scored; they do not compare with an evaluation of the whole suite."
+        )
+    parts += [
         "",
         "## Details",
         "",
         details_table(metrics) if metrics["benchmarks"] else "(nothing scored)",
+        *cost_section(metrics),
         *scores_tables(metrics),
     ]
     missing = [f"{m['benchmark']} ({m['reason']})" for m in metrics["missing"]]

@@ -7,7 +7,9 @@ A targets file names levels, each a mapping from metric to its minimum, in perce
 
 Metrics: `overall_f1`, `overall_accuracy`, and `<task>_f1` / `<task>_accuracy` for the tasks
 prompt, response and refusal (`<task>_f1` is the task's weighted F1). Accuracies are pooled over
-every scored row (sample-weighted), as in `evaluator.summarise`.
+every scored row (sample-weighted), as in `evaluator.summarise`. A value covers only the
+benchmark-task pairs the evaluation scored (`metric_coverage`); `compare` prints that coverage
+beside a pass / FAIL checked on part of the suite.
 
 Example:
     >>> from reasonguard.evaluate.targets import load_targets, check_targets
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from reasonguard.errors import UserError
+from reasonguard.evaluate.registry import TASK_ORDER, all_pairs
 from reasonguard.format import TASKS
 
 METRICS = (
@@ -39,6 +42,20 @@ def metric_value(metrics: dict[str, Any], name: str) -> float | None:
     task, kind = name.rsplit("_", 1)
     info = metrics.get("tasks", {}).get(task, {})
     return info.get("weighted_f1" if kind == "f1" else "accuracy")
+
+
+def metric_coverage(metrics: dict[str, Any], name: str) -> tuple[int, int]:
+    """(pairs scored, pairs in the suite) behind a target metric: all 13 benchmark-task pairs
+    for the overall metrics, the task's pairs for `<task>_f1` / `<task>_accuracy`."""
+    tasks = metrics.get("tasks") or {}
+    if name.startswith("overall_"):
+        scored = sum(
+            b.name in ((tasks.get(t) or {}).get("benchmarks") or []) for b, t in all_pairs()
+        )
+        return scored, len(all_pairs())
+    task = name.rsplit("_", 1)[0]
+    present = (tasks.get(task) or {}).get("benchmarks") or []
+    return sum(b in present for b in TASK_ORDER[task]), len(TASK_ORDER[task])
 
 
 def load_targets(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:

@@ -1,4 +1,4 @@
-"""Hard-sample DPO, GuardReasoner's stage 2 (REFERENCE.md §5-6).
+"""Hard-sample DPO, GuardReasoner's stage 2 (the GuardReasoner paper, Liu et al. 2025, section 3.2).
 
 - `mine`: hard-sample preference pairs from k sampled outputs per training prompt
   (`reasonguard mine`);

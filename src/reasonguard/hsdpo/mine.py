@@ -1,4 +1,4 @@
-"""Hard-sample mining (REFERENCE.md §6): preference pairs from k sampled outputs per prompt.
+"""Hard-sample mining: preference pairs from k sampled outputs per prompt (k >= 2).
 
 Input: the training-data generation files of `reasonguard generate --data SOURCE --samples K`,
 JSON lines `{"instruction", "input", "output", "source", "samples": [K strings]}`. The true
@@ -32,7 +32,9 @@ pairs last, so an existing pair file is always complete.
 
 A bad generation row (invalid JSON, a missing or mistyped field, a K other than the rest of its
 file) raises `UserError` naming the file, line and field; with `skip_invalid` it is skipped and
-counted in the summary instead.
+counted in the summary instead. A file of one sample per prompt (K = 1, `generate` without
+`--samples`) raises `UserError` whatever `skip_invalid` says: one output cannot disagree with
+itself, so it can never give a pair.
 
 Example:
     >>> from reasonguard.hsdpo.mine import scale_weights
@@ -62,8 +64,8 @@ from reasonguard.format import (
     split_input,
 )
 
-# The order tasks are tried in (REFERENCE.md §6), spelled out rather than taken from TASKS so a
-# reordering there cannot silently change which pair a row gives.
+# The order tasks are tried in, spelled out rather than taken from TASKS so a reordering there
+# cannot silently change which pair a row gives.
 TASK_ORDER = ("prompt", "response", "refusal")
 HARD, ALL_RIGHT, ALL_WRONG, UNPARSEABLE = "hard", "all_right", "all_wrong", "unparseable"
 STATUSES = (HARD, ALL_RIGHT, ALL_WRONG, UNPARSEABLE)
@@ -131,7 +133,7 @@ def output_labels(text: str) -> dict[str, str | None] | None:
 def select_hard(
     true_labels: Mapping[str, str | None], has_response: bool, samples: Sequence[str]
 ) -> Selection:
-    """Pick the row's pair, if any, following REFERENCE.md §6 (see the module docstring).
+    """Pick the row's pair, if any, by the rules of the module docstring.
 
     Args:
         true_labels: the row's labels by task name (`format.parse_labels(output)`).
@@ -256,9 +258,10 @@ def mine_file(
     The file is streamed; only rows that give a pair keep their text.
 
     Raises:
-        UserError: unreadable or empty file, a bad `max_norm`, or (unless `skip_invalid`) the
-            first invalid row, named as `FILE:LINE: field 'NAME': problem`. A row whose K
-            differs from the file's most common K is reported after the file has been read.
+        UserError: unreadable or empty file, a bad `max_norm`, a file of K = 1 generations (no
+            pair is possible), or (unless `skip_invalid`) the first invalid row, named as
+            `FILE:LINE: field 'NAME': problem`. A row whose K differs from the file's most
+            common K is reported after the file has been read.
     """
     check_max_norm(max_norm)
     path = Path(path)
@@ -299,6 +302,15 @@ def mine_file(
         raise UserError(f"{path}: empty file (no rows)")
 
     k = _common_k(mined)
+    if k == 1:
+        rows_k1 = "every row has" if all(item.k == 1 for item in mined) else "most rows have"
+        raise UserError(
+            f"{path}: {rows_k1} 1 sampled output (k = 1), and k = 1 cannot give preference "
+            "pairs: mining needs at least 2 samples per prompt, so that right and wrong outputs "
+            "of the same prompt can be paired. Generate with --samples 4 --temperature 0.7 "
+            "(reasonguard generate --model M --data SOURCE --samples 4 --temperature 0.7 "
+            "--out DIR)"
+        )
     kept = []
     for item in mined:
         if item.k == k:

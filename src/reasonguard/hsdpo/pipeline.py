@@ -1,7 +1,7 @@
 """`reasonguard hsdpo`: GuardReasoner stage 2 as one resumable pipeline.
 
-Stages (REFERENCE.md §6), each skipped when its output is complete, so a killed pipeline rerun
-with the same command continues where it stopped:
+Stages, each skipped when its output is complete, so a killed pipeline rerun with the same
+command continues where it stopped:
 
 1. the main R-SFT model (`main_model`, or trained from `sft_config`);
 2. the diversity R-SFT models: `sft_config` once per source in `leave_out`, without that source
@@ -14,6 +14,20 @@ with the same command continues where it stopped:
 5. weighted DPO (`reasonguard.train.dpo`) from the main model on the merged pairs.
 
 The training and generation stages resume inside themselves too (checkpoints, appended rows).
+
+Relative paths in a pipeline config: `sft_config`, `dpo_config` and `main_model` name files
+that exist before the pipeline runs, so each is looked up, in this order, in the pipeline file's
+own folder, in the current directory, then in each folder above the pipeline file; the first
+that exists is used (a path given as a `key=value` override on the command line is looked up in
+the current directory only). So `configs/hsdpo/guardreasoner-3b.yaml`, which names
+`configs/guardreasoner-rsft-3b.yaml`, works from any directory, and a pipeline file may name
+its configs beside it (`sft_config: rsft.yaml`). A `main_model` found nowhere stays as written
+(relative to the current directory, where stage 1 wrote it). `output_dir` is always relative to
+the current directory, like every run directory.
+
+`--dry-run` prints the plan and, under "cannot run here", what would stop the run: a
+`main_model` that does not exist (no stage of this pipeline trains it), or a generation backend
+this machine cannot run (`vllm` not installed). A real run refuses to start with those.
 
 Layout of `output_dir`:
 
@@ -33,6 +47,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,8 +59,7 @@ from reasonguard.errors import UserError
 from reasonguard.train.config import (
     SFTConfig,
     _check_types,
-    apply_overrides,
-    config_from_dict,
+    config_with_overrides,
     load_config,
     read_yaml,
     save_config,
@@ -52,18 +67,20 @@ from reasonguard.train.config import (
 
 PAPER_LEAVE_OUT = ["AegisTrainR", "BeaverTailsTrainR", "ToxicChatTrainR"]
 MAIN = "main"
+SFT_OVERRIDE = "pipeline key 'sft_overrides' entry"
+DPO_OVERRIDE = "pipeline key 'dpo_overrides' entry"
 
 
 @dataclass
 class HSDPOConfig:
-    """The settings of the whole stage. Paths are relative to the working directory."""
+    """The settings of the whole stage. How relative paths resolve: see the module docstring."""
 
     sft_config: str = ""
     """The main R-SFT config (configs/*rsft*.yaml); the diversity models are derived from it."""
     dpo_config: str = ""
     """The DPO config (configs/*hsdpo*.yaml); its model and dataset are set by the pipeline."""
     output_dir: str = "runs/hsdpo"
-    """Where every stage writes (see the module docstring)."""
+    """Where every stage writes, relative to the current directory (see the module docstring)."""
     main_model: str | None = None
     """An existing R-SFT output to use as the main model; null trains `sft_config` here."""
     sft_overrides: list[str] = field(default_factory=list)
@@ -131,10 +148,39 @@ class HSDPOConfig:
         return dataclasses.asdict(self)
 
 
+INPUT_PATHS = ("sft_config", "dpo_config", "main_model")
+
+
 def load_pipeline_config(path: str | Path, overrides: Sequence[str] = ()) -> HSDPOConfig:
-    """Read and validate a pipeline config (`key=value` overrides applied on top)."""
-    data = apply_overrides(read_yaml(path), overrides)
-    return config_from_dict(data, HSDPOConfig, source=str(path))
+    """Read and validate a pipeline config (`key=value` overrides applied on top), its relative
+    input paths resolved as the module docstring says."""
+    config = config_with_overrides(read_yaml(path), overrides, HSDPOConfig, source=str(path))
+    overridden = {item.partition("=")[0].strip() for item in overrides}
+    folder = Path(path).expanduser().parent
+    for key in INPUT_PATHS:
+        if key not in overridden:
+            setattr(config, key, resolve_relative(getattr(config, key), folder))
+    return config
+
+
+def resolve_relative(value: str | None, folder: Path) -> str | None:
+    """A path named in a pipeline file in `folder`: itself when absolute; else the first that
+    exists of `folder / value`, `value` (the current directory), and `value` under each folder
+    above `folder`; `value` unchanged when none exists."""
+    if not value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return value
+    base = Path(os.path.abspath(folder))
+    if (base / path).exists():
+        return os.path.normpath(base / path)
+    if path.exists():
+        return value
+    for parent in base.parents:
+        if (parent / path).exists():
+            return os.path.normpath(parent / path)
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +189,9 @@ def load_pipeline_config(path: str | Path, overrides: Sequence[str] = ()) -> HSD
 
 def main_sft_config(p: HSDPOConfig) -> SFTConfig:
     out = str(Path(p.output_dir) / "rsft-main")
-    return load_config(p.sft_config, [*p.sft_overrides, f"output_dir={out}"])
+    return load_config(
+        p.sft_config, [*p.sft_overrides, f"output_dir={out}"], overrides_from=SFT_OVERRIDE
+    )
 
 
 def source_splits(sft: SFTConfig) -> list[str]:
@@ -175,7 +223,9 @@ def diversity_configs(p: HSDPOConfig, splits: Sequence[str]) -> dict[str, SFTCon
         kept = [s for s in splits if s != source]
         out = str(Path(p.output_dir) / f"rsft-no-{source}")
         configs[source] = load_config(
-            p.sft_config, [*p.sft_overrides, f"splits=[{', '.join(kept)}]", f"output_dir={out}"]
+            p.sft_config,
+            [*p.sft_overrides, f"splits=[{', '.join(kept)}]", f"output_dir={out}"],
+            overrides_from=SFT_OVERRIDE,
         )
     return configs
 
@@ -195,6 +245,10 @@ class Stage:
     done: bool
     detail: str
     run: Callable[[], Any]
+    uses_main: bool = False
+    """The stage reads the main model (generation with it, DPO from it)."""
+    generates: bool = False
+    """The stage runs the generation backend."""
 
 
 class Pipeline:
@@ -233,7 +287,9 @@ class Pipeline:
             f"dataset={self.pairs_file}",
             f"output_dir={self.out / 'dpo'}",
         ]
-        return load_config(self.config.dpo_config, overrides, cls=DPOConfig)
+        return load_config(
+            self.config.dpo_config, overrides, cls=DPOConfig, overrides_from=DPO_OVERRIDE
+        )
 
     # -------------------------------------------------------------- stages
 
@@ -270,6 +326,8 @@ class Pipeline:
                     done,
                     f"{', '.join(splits)} -> {self.out / 'generations' / name}",
                     lambda name=name, splits=splits: self._generate(name, splits),
+                    uses_main=name == MAIN,
+                    generates=True,
                 )
             )
         stages.append(
@@ -287,9 +345,40 @@ class Pipeline:
                 _finished(Path(dpo.output_dir)),
                 f"{dpo.finetuning} from {dpo.model_name_or_path} -> {dpo.output_dir}",
                 lambda: self._train_dpo(self.dpo_config()),
+                uses_main=True,
             )
         )
         return stages
+
+    def problems(self, stages: Sequence[Stage]) -> list[str]:
+        """What would stop the stages still to run on this machine, one line each: a configured
+        `main_model` that does not exist and that no stage trains, or a generation backend that
+        is not installed."""
+        c = self.config
+        pending = [stage for stage in stages if not stage.done]
+        found = []
+        if c.main_model and any(stage.uses_main for stage in pending):
+            main = Path(c.main_model).expanduser()
+            trained_here = {
+                os.path.abspath(Path(sft.output_dir) / "final") for sft in self.diversity.values()
+            }
+            if not main.exists() and os.path.abspath(main) not in trained_here:
+                own = load_config(c.sft_config, c.sft_overrides, overrides_from=SFT_OVERRIDE)
+                found.append(
+                    f"main_model {c.main_model} does not exist, and no stage of this pipeline "
+                    f"trains it: train it first (`reasonguard train sft --config {c.sft_config}` "
+                    f"writes {Path(own.output_dir) / 'final'} when run from here), "
+                    "point main_model at your R-SFT model's final/ folder, or set "
+                    "main_model: null to train it in this pipeline"
+                )
+        generating = any(stage.generates for stage in pending)
+        if c.backend == "vllm" and generating and importlib.util.find_spec("vllm") is None:
+            found.append(
+                "backend vllm: vllm is not installed on this machine, so the generation "
+                "stages cannot run; install it on a CUDA machine (pip install vllm), or set "
+                "backend: hf (transformers, CPU or GPU; slower)"
+            )
+        return found
 
     def _train_sft(self, sft: SFTConfig) -> None:
         from reasonguard.train.sft import run_sft
@@ -364,21 +453,31 @@ class Pipeline:
         run_dpo(dpo)
 
 
-def format_plan(stages: Sequence[Stage]) -> str:
+def format_plan(stages: Sequence[Stage], problems: Sequence[str] = ()) -> str:
     lines = ["HS-DPO pipeline:"]
     for i, stage in enumerate(stages, start=1):
         mark = "done, skipped" if stage.done else "to run"
         lines.append(f"  {i}. {stage.name} [{mark}]\n       {stage.detail}")
+    if problems:
+        lines.append("cannot run here:")
+        lines += [f"  - {problem}" for problem in problems]
     return "\n".join(lines)
 
 
 def run_pipeline(config: HSDPOConfig, dry_run: bool = False) -> Pipeline:
-    """Print the plan, then run every stage whose output is not complete yet."""
+    """Print the plan, then run every stage whose output is not complete yet.
+
+    Raises:
+        UserError: (not in a dry run) the plan has problems (`Pipeline.problems`): nothing runs.
+    """
     pipeline = Pipeline(config)
     stages = pipeline.stages()
-    print(format_plan(stages))
+    problems = pipeline.problems(stages)
+    print(format_plan(stages, problems))
     if dry_run:
         return pipeline
+    if problems:
+        raise UserError("the pipeline cannot run here: " + "; ".join(problems))
     pipeline.out.mkdir(parents=True, exist_ok=True)
     save_config(
         config,

@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from reasonguard.errors import UserError
-from reasonguard.format import INSTRUCTION, build_prompt, check_prompt_format
+from reasonguard.format import (
+    INSTRUCTION,
+    build_prompt,
+    check_prompt_format,
+    fast_mode_instruction,
+)
 from reasonguard.models import read_guard_config, resolve_model
 
 BACKENDS = ("hf", "vllm")
@@ -63,8 +68,12 @@ class Backend:
         prompt_format: the format prompts are built in (see `reasonguard.format.PROMPT_FORMATS`).
         tokenizer: the model's Hugging Face tokenizer.
         batch_size: prompts per forward batch (a backend may treat it as a hint).
+        fast_mode_marker: the mode marker the model was trained with for answer-only rows
+            (dual-mode training), or None; fast-mode prompts carry it.
     """
 
+    fast_mode_marker: str | None = None
+    supports_fast = False  # implements `fast_verdicts`
     name: str
     path: str
     prompt_format: str
@@ -85,6 +94,25 @@ class Backend:
             )
         except ValueError as exc:
             raise UserError(f"{self.name}: {exc}") from None
+
+    def build_fast_prompt(self, input_text: str, instruction: str | None = None) -> str:
+        """The prompt of fast mode: the model's own, with the fast-mode marker in the
+        instruction when the model was trained with one."""
+        instruction = instruction or INSTRUCTION
+        if self.fast_mode_marker:
+            instruction = fast_mode_instruction(instruction, self.fast_mode_marker)
+        return self.build_prompt(input_text, instruction)
+
+    def fast_verdicts(self, prompts: Sequence[str], tasks: Sequence[Sequence[str]]) -> list[Any]:
+        """Fast-mode verdicts (`fast.FastVerdict`) of fast-mode prompts, for the tasks asked.
+
+        Raises:
+            UserError: the backend has no fast mode.
+        """
+        raise UserError(
+            f"{self.name}: fast mode needs the answer probabilities of --backend hf "
+            f"({type(self).__name__} has none)"
+        )
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids of each prompt, tokenized exactly as training did (`data/tokenize.py`):
@@ -228,20 +256,30 @@ def load_backend(
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     path = resolve_model(model)
     fmt = resolve_prompt_format(path, prompt_format)
+    loaded: Backend
     if backend == "vllm":
         from reasonguard.infer.vllm import VLLMBackend
 
-        return VLLMBackend(
+        loaded = VLLMBackend(
             model, path, fmt, batch_size=batch_size, trust_remote_code=trust_remote_code, **kwargs
         )
-    from reasonguard.infer.hf import HFBackend
+    else:
+        from reasonguard.infer.hf import HFBackend
 
-    return HFBackend(
-        model,
-        path,
-        fmt,
-        device=device,
-        batch_size=batch_size,
-        trust_remote_code=trust_remote_code,
-        **kwargs,
-    )
+        loaded = HFBackend(
+            model,
+            path,
+            fmt,
+            device=device,
+            batch_size=batch_size,
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
+    loaded.fast_mode_marker = recorded_fast_marker(path)
+    return loaded
+
+
+def recorded_fast_marker(model_path: str | os.PathLike[str]) -> str | None:
+    """The fast-mode marker a model folder was trained with (dual-mode R-SFT), or None."""
+    record = read_guard_config(model_path) if Path(model_path).is_dir() else None
+    return (record or {}).get("fast_mode_marker")

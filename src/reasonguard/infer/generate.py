@@ -9,6 +9,9 @@ Outputs:
   (`predict` is the first sample); with `scores=True` also `scores`, the label probabilities at
   the answers of `predict` (`{"prompt_harmfulness": {"harmful": p, "unharmful": 1 - p}, ...}`,
   None where the output has no such answer or the input no response), read by `evaluate`;
+  in fast mode `predict` is the answer block fast mode chose (no reasoning, `num_tokens` 0) and
+  `scores` its label probabilities, and each row says its `mode`; in a cascade each row also says
+  whether it was `escalated` to reasoning, with its `fast_scores`;
 - training data: `OUT/<split>.jsonl` rows `instruction, input, output, source, samples,
   samples_truncated`, the input of hard-sample mining.
 
@@ -18,13 +21,17 @@ with the same command regenerates the window it stopped in and writes only the r
 the file ends with exactly one row per input, and (same batch size) the very rows an
 uninterrupted run writes: each window is the same batch computation with the same seed.
 
+Timing stays out of the rows (they are the same in every run): `OUT/_generate/cost/<output
+path>.json` adds up, per output file, the generation seconds and the rows generated over the
+runs that wrote it (model loading excluded), which `evaluate` turns into seconds per item.
+
 `data_parallel=N` (`--data-parallel N`) splits each job's inputs across N worker processes on
 window boundaries and merges their outputs in input order (see `parallel.py`); the files are
 the same as one process writes.
 
 Example:
     >>> from reasonguard.infer.generate import Decoding, benchmark_jobs, run_jobs
-    >>> jobs = benchmark_jobs(["AegisSafetyTest"], "../shared/data/benchmarks")
+    >>> jobs = benchmark_jobs(["AegisSafetyTest"], "data/benchmarks")
     >>> run_jobs("smollm2", jobs, "runs/preds", Decoding(max_new_tokens=256), batch_size=8)
     {'AegisSafetyTest/generated_predictions.jsonl': 359}
 """
@@ -50,7 +57,7 @@ from reasonguard.infer.backends import (
     load_backend,
     resolve_prompt_format,
 )
-from reasonguard.infer.resume import JsonlAppender, RunState, fingerprint
+from reasonguard.infer.resume import STATE_DIR, JsonlAppender, RunState, fingerprint
 from reasonguard.models import resolve_model
 
 
@@ -64,6 +71,10 @@ class Decoding:
         top_p: nucleus mass for sampling (the paper: 0.95).
         max_new_tokens: the token budget per continuation (the official 2048).
         seed: base sampling seed.
+        mode: `reasoning` (generate, the paper's way), `fast` (the forced answer block's label
+            probabilities, no generation) or `cascade` (fast, then reasoning for the items
+            inside `bands`); fast and cascade are for benchmarks, greedy, one sample.
+        bands: the cascade's uncertainty bands (`cascade.Bands.to_dict()`).
     """
 
     samples: int = 1
@@ -71,6 +82,18 @@ class Decoding:
     top_p: float = 1.0
     max_new_tokens: int = 2048
     seed: int = 0
+    mode: str = "reasoning"
+    bands: dict[str, Any] | None = None
+
+    def params(self) -> dict[str, Any]:
+        """The settings a run folder records; mode and bands only when used, so folders written
+        before they existed still resume."""
+        values = asdict(self)
+        if self.mode == "reasoning":
+            values.pop("mode")
+        if self.bands is None:
+            values.pop("bands")
+        return values
 
 
 @dataclass(frozen=True)
@@ -266,13 +289,14 @@ def run_jobs(
         raise UserError("--scores needs --backend hf (vLLM gives no label probabilities)")
     if scores and any(job.kind != "benchmark" for job in jobs):
         raise UserError("--scores goes with benchmarks, not training data")
+    check_mode_decoding(decoding, jobs, backend)
     if data_parallel < 1:
         raise UserError(f"--data-parallel must be at least 1, got {data_parallel}")
     params = {
         "model": str(model),
         "prompt_format": resolve_prompt_format(resolve_model(model), prompt_format),
         "backend": backend,
-        **asdict(decoding),
+        **decoding.params(),
     }
     if scores:
         params["scores"] = True  # only when on: folders written before the option still resume
@@ -314,6 +338,24 @@ def run_jobs(
     finally:
         state.close()
     return counts
+
+
+def check_mode_decoding(decoding: Decoding, jobs: Sequence[Job], backend: str) -> None:
+    """Reject a fast or cascade run that cannot work, naming the option."""
+    from reasonguard.infer.cascade import MODES
+
+    if decoding.mode not in MODES:
+        raise UserError(f"--mode must be one of {', '.join(MODES)}, got {decoding.mode!r}")
+    if decoding.mode == "reasoning":
+        return
+    if backend != "hf":
+        raise UserError(f"--mode {decoding.mode} needs --backend hf (its label probabilities)")
+    if any(job.kind != "benchmark" for job in jobs):
+        raise UserError(f"--mode {decoding.mode} goes with benchmarks, not training data")
+    if decoding.samples != 1 or decoding.temperature > 0:
+        raise UserError(f"--mode {decoding.mode} is greedy with one sample")
+    if decoding.mode == "cascade" and decoding.bands is None:
+        raise UserError("--mode cascade needs calibrated bands (run `reasonguard calibrate`)")
 
 
 def _check_resume(job: Job, out: JsonlAppender, done: int) -> int:
@@ -419,6 +461,12 @@ def _generate_job(
         for start in range((done // window) * window, total, window):
             stop = min(start + window, total)
             records = job.records[start:stop]
+            clock = time.perf_counter()
+            if decoding.mode != "reasoning":
+                tokens += _fast_window(backend, job, out, start, records, done, decoding, scores)
+                bar.update(stop - max(start, done))
+                _window_cost(out, job, time.perf_counter() - clock, stop - max(start, done))
+                continue
             prompts = [backend.build_prompt(r["input"], _instruction(r)) for r in records]
             score = _scorer(backend, records, prompts) if scores else None
             writer = _OrderedWriter(job, out, start, done, bar, score)
@@ -434,7 +482,99 @@ def _generate_job(
             if writer.cursor != stop:  # a backend that skipped its callback: a bug
                 raise RuntimeError(f"{job.name}: rows {writer.cursor}..{stop} were not written")
             tokens += writer.tokens
+            _window_cost(out, job, time.perf_counter() - clock, stop - max(start, done))
             rate = tokens / max(time.perf_counter() - started, 1e-9)
             bar.set_postfix_str(f"{rate:.0f} tok/s")
     finally:
         bar.close()
+
+
+def cost_path(out_dir: str | os.PathLike[str], relpath: str) -> Path:
+    """The timing file of one output file of a run folder (under its state folder, which data
+    loading and the evaluator skip)."""
+    return Path(out_dir) / STATE_DIR / "cost" / f"{relpath}.json"
+
+
+def read_cost(out_dir: str | os.PathLike[str], relpath: str) -> dict[str, Any]:
+    """The timing of one output file: `{"seconds", "rows"}` (zeros when none is kept)."""
+    import json
+
+    try:
+        cost = json.loads(cost_path(out_dir, relpath).read_text())
+        return {"seconds": float(cost["seconds"]), "rows": int(cost["rows"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"seconds": 0.0, "rows": 0}
+
+
+def add_cost(out_dir: str | os.PathLike[str], relpath: str, seconds: float, rows: int) -> None:
+    """Add generation seconds and rows written to an output's timing file (atomically; a window
+    redone after a restart counts its time and its new rows)."""
+    import json
+
+    cost = read_cost(out_dir, relpath)
+    cost = {"seconds": round(cost["seconds"] + seconds, 3), "rows": cost["rows"] + rows}
+    path = cost_path(out_dir, relpath)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(cost) + "\n")
+    tmp.replace(path)
+
+
+def _window_cost(out: JsonlAppender, job: Job, seconds: float, rows: int) -> None:
+    add_cost(str(out.path)[: -len(job.relpath)], job.relpath, seconds, rows)
+
+
+def _fast_window(
+    backend: Backend,
+    job: Job,
+    out: JsonlAppender,
+    start: int,
+    records: Sequence[Mapping[str, Any]],
+    done: int,
+    decoding: Decoding,
+    scores: bool,
+) -> int:
+    """Fast mode or the cascade over one window of a benchmark job; returns tokens generated.
+
+    The whole window is computed (as a reasoning window is, so a resumed window equals an
+    uninterrupted one) and its rows from `done` on are written in order.
+    """
+    from reasonguard.infer.cascade import Bands, escalate
+
+    tasks = [_score_tasks(r) for r in records]
+    fast_prompts = [backend.build_fast_prompt(r["input"], _instruction(r)) for r in records]
+    verdicts = backend.fast_verdicts(fast_prompts, tasks)
+    hard: list[int] = []
+    if decoding.mode == "cascade":
+        bands = Bands.from_dict(decoding.bands or {})
+        hard = [i for i, v in enumerate(verdicts) if escalate(v.scores, tasks[i], bands)]
+    reasoned: dict[int, tuple[Generation, dict[str, Any] | None]] = {}
+    if hard:
+        prompts = [
+            backend.build_prompt(records[i]["input"], _instruction(records[i])) for i in hard
+        ]
+        generations = backend.generate(
+            prompts, max_new_tokens=decoding.max_new_tokens, seed=decoding.seed + start
+        )
+        texts = [g[0].text for g in generations]
+        found = backend.answer_scores(prompts, texts, [tasks[i] for i in hard]) if scores else None
+        for k, i in enumerate(hard):
+            reasoned[i] = (generations[k][0], found[k] if found else None)
+    rows, tokens = [], 0
+    for i, (record, verdict) in enumerate(zip(records, verdicts, strict=True)):
+        if start + i < done:
+            continue
+        if i in reasoned:
+            generation, reasoning_scores = reasoned[i]
+            row = _row(job, record, [generation], reasoning_scores)
+            tokens += generation.num_tokens
+        else:
+            fast = Generation(text=verdict.text, num_tokens=0, hit_token_limit=False)
+            row = _row(job, record, [fast], verdict.scores)
+        row["mode"] = "reasoning" if i in reasoned else "fast"
+        if decoding.mode == "cascade":
+            row["escalated"] = i in reasoned
+            row["fast_scores"] = verdict.scores
+        rows.append(row)
+    out.append(rows)
+    return tokens

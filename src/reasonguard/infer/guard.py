@@ -6,6 +6,11 @@ Each item is `{"prompt": str, "response": str | None}`; each result carries the 
 position where it wrote its answer, given its own reasoning (`scores.py`), or None where there is
 no answer line, no response to judge, or the backend cannot score (vLLM).
 
+Three modes: `reasoning` (the guard reasons, then answers: the paper's way), `fast` (the answer
+block is forced right after the prompt and the labels read from its probabilities, no reasoning:
+`fast.py`), and `cascade` (fast first, reasoning for the items inside the calibrated uncertainty
+band: `cascade.py`). Each result says which mode produced its verdict.
+
 Example:
     >>> from reasonguard import load_guard
     >>> guard = load_guard("runs/sft-smollm2/final")
@@ -19,11 +24,13 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from reasonguard.errors import UserError
-from reasonguard.format import parse_output, render_input
+from reasonguard.format import TASK_FIELD, parse_output, render_input
 from reasonguard.infer.backends import Backend, load_backend
+from reasonguard.infer.cascade import MODES, Bands, escalate, read_bands
 from reasonguard.infer.scores import empty_scores
 
 DEFAULT_MAX_NEW_TOKENS = 2048  # the official inference budget
@@ -47,6 +54,11 @@ class GuardResult:
     scores: dict[str, dict[str, float] | None] = field(default_factory=empty_scores)
     output: str = ""  # the raw generation, for debugging and audits
     num_tokens: int = 0
+    mode: str = "reasoning"  # what produced the verdict: `reasoning` or `fast`
+
+    def label(self, task: str) -> str | None:
+        """The verdict's label for a task name in `reasonguard.format.TASKS`."""
+        return getattr(self, TASK_FIELD[task])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,21 +99,57 @@ def validate_items(items: Any) -> list[tuple[str, str | None]]:
     return pairs
 
 
+def asked_tasks(response: str | None) -> tuple[str, ...]:
+    """The tasks an item asks: the response tasks only when there is a response."""
+    return ("prompt",) if response is None else ("prompt", "refusal", "response")
+
+
+def read_verdict(text: str, truncated: bool, has_response: bool) -> dict[str, Any]:
+    """The verdict fields of a guard output (`format.parse_output`), without response labels
+    for a prompt alone: a model that writes "Completion: compliance" there answers a question
+    nobody asked."""
+    verdict = parse_output(text, truncated).to_dict()
+    if not has_response:
+        verdict.update(response_refusal=None, response_harmfulness=None)
+    return verdict
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise UserError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    return mode
+
+
 class Guard:
     """A loaded guard model (see `load_guard`).
 
     Attributes:
         backend: the generation backend (its `prompt_format` is the model's).
         max_new_tokens: the default token budget of `classify`.
+        mode: the default mode of `classify` (`reasoning`, `fast` or `cascade`).
+        bands: the cascade's uncertainty bands (the model's calibrated ones by default).
     """
 
-    def __init__(self, backend: Backend, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        mode: str = "reasoning",
+        bands: Bands | None = None,
+    ) -> None:
         self.backend = backend
         self.max_new_tokens = max_new_tokens
+        self.mode = check_mode(mode)
+        self.bands = bands
 
     @property
     def prompt_format(self) -> str:
         return self.backend.prompt_format
+
+    @property
+    def supports_fast(self) -> bool:
+        """Whether the backend has fast mode (and so the cascade)."""
+        return self.backend.supports_fast
 
     def classify(
         self,
@@ -109,28 +157,78 @@ class Guard:
         max_new_tokens: int | None = None,
         scores: bool = True,
         timeout_s: float | None = None,
+        mode: str | None = None,
+        bands: Bands | None = None,
     ) -> list[GuardResult]:
-        """Classify prompts (and responses) with greedy decoding.
+        """Classify prompts (and responses).
 
         Args:
             items: `{"prompt": str, "response": str | None}` objects (other keys ignored).
-            max_new_tokens: the token budget (default: the guard's); results that hit it are
-                `truncated` and usually `is_parsing_error`.
-            scores: compute label probabilities (one extra forward pass per item).
+            max_new_tokens: the reasoning token budget (default: the guard's); results that hit
+                it are `truncated` and usually `is_parsing_error`.
+            scores: reasoning mode: compute label probabilities (one extra forward pass per
+                item). Fast mode always has them: they are its verdict.
             timeout_s: stop generating after this many seconds (HF backend); outputs cut short
                 are `truncated` (usually `is_parsing_error`) and get no scores.
+            mode: `reasoning`, `fast` or `cascade` (default: the guard's `mode`).
+            bands: the cascade's bands (default: the guard's, from `reasonguard calibrate`).
 
         Returns:
             One `GuardResult` per item, in order.
 
         Raises:
             InvalidItemError: a malformed item (nothing is generated then).
+            UserError: an unknown mode, or a cascade without bands.
         """
+        mode = check_mode(mode or self.mode)
         pairs = validate_items(items)
         if not pairs:
             return []
         if timeout_s is not None and timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if mode == "reasoning":
+            return self._reason(pairs, max_new_tokens, scores, timeout_s)
+        if mode == "cascade" and (bands or self.bands) is None:
+            raise UserError(
+                f"{self.backend.name}: the cascade needs uncertainty bands; run "
+                "`reasonguard calibrate` on a labelled dev set first, or pass bands"
+            )
+        fast = self._fast(pairs)
+        if mode == "fast":
+            return fast
+        chosen = bands or self.bands
+        hard = [
+            i
+            for i, (r, (_, resp)) in enumerate(zip(fast, pairs, strict=True))
+            if escalate(r.scores, asked_tasks(resp), chosen)
+        ]
+        if hard:
+            reasoned = self._reason([pairs[i] for i in hard], max_new_tokens, scores, timeout_s)
+            for i, result in zip(hard, reasoned, strict=True):
+                fast[i] = result
+        return fast
+
+    def _fast(self, pairs: list[tuple[str, str | None]]) -> list[GuardResult]:
+        prompts = [self.backend.build_fast_prompt(render_input(p, r)) for p, r in pairs]
+        verdicts = self.backend.fast_verdicts(prompts, [asked_tasks(r) for _, r in pairs])
+        return [
+            GuardResult(
+                **(parse_output(v.text).to_dict() | {"reason": ""}),
+                scores=v.scores,
+                output=v.text,
+                num_tokens=0,
+                mode="fast",
+            )
+            for v in verdicts
+        ]
+
+    def _reason(
+        self,
+        pairs: list[tuple[str, str | None]],
+        max_new_tokens: int | None,
+        scores: bool,
+        timeout_s: float | None,
+    ) -> list[GuardResult]:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         prompts = [self.backend.build_prompt(render_input(p, r)) for p, r in pairs]
         generations = self.backend.generate(
@@ -140,17 +238,13 @@ class Guard:
         score_rows = None
         timed_out = any(g[0].timed_out for g in generations)
         if scores and not timed_out:  # out of time: the scoring pass would only add to it
-            # Response tasks are judged only when there is a response.
-            tasks = [
-                ("prompt",) if r is None else ("prompt", "refusal", "response") for _, r in pairs
-            ]
+            tasks = [asked_tasks(r) for _, r in pairs]
             score_rows = self.backend.answer_scores(prompts, texts, tasks)
         results = []
         for i, (g,) in enumerate(generations):
-            verdict = parse_output(g.text, g.truncated)
             results.append(
                 GuardResult(
-                    **verdict.to_dict(),
+                    **read_verdict(g.text, g.truncated, pairs[i][1] is not None),
                     scores=score_rows[i] if score_rows is not None else empty_scores(),
                     output=g.text,
                     num_tokens=g.num_tokens,
@@ -165,6 +259,8 @@ def load_guard(
     prompt_format: str | None = None,
     device: str | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    mode: str = "reasoning",
+    bands: Bands | None = None,
     **kwargs: Any,
 ) -> Guard:
     """Load a guard model.
@@ -176,6 +272,11 @@ def load_guard(
         prompt_format: for models without a guard record; default `raw`.
         device: HF only; default CUDA when available.
         max_new_tokens: default token budget of `classify`.
+        mode: default mode of `classify`: `reasoning`, `fast` (no reasoning: the answer
+            block's label probabilities) or `cascade` (fast, then reasoning inside the
+            uncertainty bands).
+        bands: the cascade's bands; default: the model folder's `cascade.json` (written by
+            `reasonguard calibrate`), if any.
         **kwargs: backend options (`batch_size`, `trust_remote_code`, `load_in_4bit`,
             `tensor_parallel_size`, ...).
 
@@ -184,5 +285,14 @@ def load_guard(
     """
     if backend == "hf":
         kwargs["device"] = device
+    check_mode(mode)
     loaded = load_backend(path_or_hub_id, backend, prompt_format, **kwargs)
-    return Guard(loaded, max_new_tokens)
+    if bands is None and Path(loaded.path).is_dir():
+        bands = read_bands(loaded.path)
+    guard = Guard(loaded, max_new_tokens, mode, bands)
+    if mode == "cascade" and bands is None:
+        raise UserError(
+            f"{path_or_hub_id}: no calibrated cascade (cascade.json); run `reasonguard calibrate "
+            f"--model {path_or_hub_id} --data DEV` first, or pass bands"
+        )
+    return guard

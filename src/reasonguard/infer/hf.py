@@ -130,6 +130,8 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: str = "cpu") ->
 class HFBackend(Backend):
     """Generation with `transformers` `generate` (see the module docstring)."""
 
+    supports_fast = True
+
     def __init__(
         self,
         name: str,
@@ -220,6 +222,19 @@ class HFBackend(Backend):
             on_done=finished,
         )
         return [list(r) for r in results]  # type: ignore[misc]
+
+    def fast_verdicts(self, prompts: Sequence[str], tasks: Sequence[Sequence[str]]) -> list[Any]:
+        """Fast-mode verdicts (see `fast.py`): the answer block forced after each prompt."""
+        from reasonguard.infer.fast import fast_verdicts
+
+        return fast_verdicts(
+            self.model,
+            self.tokenizer,
+            self.encode(prompts),
+            tasks,
+            batch_size=self.batch_size,
+            device=self.device,
+        )
 
     def _reference(self) -> list[int]:
         """Token ids of a guard prompt: every prompt with the standard instruction shares its

@@ -35,7 +35,7 @@ error was one.
 
 Example:
     >>> from reasonguard.infer.generate import Decoding, benchmark_jobs, run_jobs
-    >>> jobs = benchmark_jobs(["all"], "../shared/data/benchmarks")
+    >>> jobs = benchmark_jobs(["all"], "data/benchmarks")
     >>> run_jobs("runs/sft/final", jobs, "runs/preds", Decoding(), data_parallel=4)
 """
 
@@ -58,7 +58,16 @@ from typing import Any
 
 from reasonguard.errors import UserError
 from reasonguard.infer.backends import load_backend, planned_window_size
-from reasonguard.infer.generate import Decoding, Job, _check_resume, _generate_job, _key
+from reasonguard.infer.generate import (
+    Decoding,
+    Job,
+    _check_resume,
+    _generate_job,
+    _key,
+    add_cost,
+    cost_path,
+    read_cost,
+)
 from reasonguard.infer.resume import STATE_DIR, JsonlAppender, RunState, fingerprint
 
 SHARDS = "shards"  # OUT/_generate/shards
@@ -301,6 +310,10 @@ def run_data_parallel(
                 continue
             shards = [(Path(_part(job, *b, window, root).path), b[1] - b[0]) for b in ranges if b]
             _merge(path, shards, root / "merge.tmp")
+            # The workers' generation seconds, summed (worker time, not the wall time of the run).
+            for shard, _ in shards:
+                cost = read_cost(str(shard)[: -len(job.relpath)], job.relpath)
+                add_cost(out, job.relpath, cost["seconds"], cost["rows"])
             log(
                 f"{job.name}: {total} rows ({done} were already there; {len(shards)} "
                 f"shard{'s' if len(shards) > 1 else ''}) -> {path}"
@@ -481,6 +494,7 @@ def _clean(root: Path, relpaths: Sequence[str]) -> None:
         if entry.is_dir():
             for relpath in relpaths:
                 (entry / relpath).unlink(missing_ok=True)
+                cost_path(entry, relpath).unlink(missing_ok=True)
         elif entry.name.startswith("worker-"):
             entry.unlink()
     for folder, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):

@@ -50,34 +50,36 @@ def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def score_queries(tokenizer: Any, text: str, tasks: Sequence[str]) -> list[ScoreQuery]:
-    """The positions to score in one generated `text`, for the `tasks` asked (others skipped).
+def label_candidates(
+    tokenizer: Any, context: str, labels: Sequence[str]
+) -> tuple[tuple[int, ...], dict[str, int]] | None:
+    """The token ids of `context` and, per label, the token the label starts with after it.
 
-    The candidate tokens are found by tokenizing the text up to the answer followed by each
-    label: the ids all labels share form the context, and the first id where they differ is each
-    label's token. This works for any tokenizer (a leading space may belong to the label token,
-    as in Llama 3's " harmful").
+    Found by tokenizing `context + label` for each label: the ids all labels share form the
+    context, and the first id where they differ is each label's token. This works for any
+    tokenizer (a trailing space of the context may belong to the label token, as in Llama 3's
+    " harmful"). None when one label is a token prefix of another: no single position tells them
+    apart.
     """
+    ids = [tokenizer(context + label, add_special_tokens=False)["input_ids"] for label in labels]
+    shared = _common_prefix(ids)
+    if any(len(seq) <= shared for seq in ids):
+        return None
+    return tuple(ids[0][:shared]), {
+        label: seq[shared] for label, seq in zip(labels, ids, strict=True)
+    }
+
+
+def score_queries(tokenizer: Any, text: str, tasks: Sequence[str]) -> list[ScoreQuery]:
+    """The positions to score in one generated `text`, for the `tasks` asked (others skipped)."""
     queries = []
     offsets = answer_offsets(text)
     for task in tasks:
         if task not in offsets:
             continue
-        context = text[: offsets[task]]
-        labels = TASK_LABELS[task]
-        ids = [
-            tokenizer(context + label, add_special_tokens=False)["input_ids"] for label in labels
-        ]
-        shared = _common_prefix(ids)
-        if any(len(seq) <= shared for seq in ids):
-            continue  # one label is a token prefix of the other: no single position tells them apart
-        queries.append(
-            ScoreQuery(
-                task=task,
-                context_ids=tuple(ids[0][:shared]),
-                candidates={label: seq[shared] for label, seq in zip(labels, ids, strict=True)},
-            )
-        )
+        found = label_candidates(tokenizer, text[: offsets[task]], TASK_LABELS[task])
+        if found is not None:
+            queries.append(ScoreQuery(task=task, context_ids=found[0], candidates=found[1]))
     return queries
 
 

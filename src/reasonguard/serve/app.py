@@ -54,6 +54,8 @@ from reasonguard.serve.schemas import (
 logger = logging.getLogger(__name__)
 
 _DEADLINE = "_deadline"  # the request's time.monotonic() deadline, carried with each queued item
+_MODE = "_mode"  # the guard mode the request asked for, carried with each queued item
+REASONING_MODES = {"always": "reasoning", "never": "fast"}
 
 
 class Classifier(Protocol):
@@ -65,6 +67,7 @@ class Classifier(Protocol):
         *,
         scores: bool = ...,
         timeout_s: float | None = ...,
+        mode: str | None = ...,
     ) -> list[Any]: ...
 
 
@@ -82,6 +85,8 @@ class ServeSettings:
         timeout_s: seconds a request may wait for its results (queue + generation); then 504.
         max_queue: the most items waiting or running; more is 503.
         scores: compute label probabilities (one extra forward pass per item).
+        reasoning: the default of a request's `reasoning` field: `auto` (the cascade when the
+            model has calibrated bands, else `always`), `always` or `never` (fast mode).
     """
 
     model_name: str
@@ -93,8 +98,11 @@ class ServeSettings:
     timeout_s: float = 120.0
     max_queue: int = 1024
     scores: bool = True
+    reasoning: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.reasoning not in ("auto", "always", "never"):
+            raise ValueError(f"reasoning must be auto, always or never, got {self.reasoning!r}")
         for name in ("max_batch_size", "max_items", "max_chars", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -187,9 +195,28 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
         # the results: generation stops there.
         deadline = max(item.get(_DEADLINE, float("inf")) for item in items)
         timeout_s = None if deadline == float("inf") else max(deadline - time.monotonic(), 1e-3)
-        clean = [{k: v for k, v in item.items() if k != _DEADLINE} for item in items]
-        results = guard.classify(clean, scores=settings.scores, timeout_s=timeout_s)
-        return [result.to_dict() for result in results]
+        results: list[Any] = [None] * len(items)
+        # One classify call per mode in the batch (requests may ask for different ones).
+        for mode in dict.fromkeys(item[_MODE] for item in items):
+            where = [i for i, item in enumerate(items) if item[_MODE] == mode]
+            clean = [
+                {k: v for k, v in items[i].items() if k not in (_DEADLINE, _MODE)} for i in where
+            ]
+            found = guard.classify(clean, scores=settings.scores, timeout_s=timeout_s, mode=mode)
+            for i, result in zip(where, found, strict=True):
+                results[i] = result.to_dict()
+        return results
+
+    fast_ok = getattr(guard, "supports_fast", True)
+
+    def mode_for(reasoning: str | None) -> str:
+        asked = reasoning or settings.reasoning
+        if asked == "auto":
+            cascade = fast_ok and getattr(guard, "bands", None) is not None
+            return "cascade" if cascade else "reasoning"
+        if asked == "never" and not fast_ok:
+            raise HTTPException(400, "reasoning 'never' needs fast mode, which this backend lacks")
+        return REASONING_MODES[asked]
 
     batcher = DynamicBatcher(
         run_batch, settings.max_batch_size, settings.max_wait_ms, settings.max_queue
@@ -230,12 +257,17 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
         # Only where and what, never the offending input: it may be huge, private, or not
         # encodable (a lone surrogate would turn this 422 into a 500).
         details = [
-            {"loc": _location(e.get("loc", ())), "msg": _message(e), "type": e.get("type")}
-            for e in exc.errors()
+            {
+                "loc": _location(e.get("loc", ())),
+                "msg": _message(e, exc.body),
+                "type": e.get("type"),
+            }
+            for e in _one_form(exc.errors())
         ]
         first = details[0] if details else {"loc": [], "msg": "invalid request"}
         where = ".".join(str(part) for part in first["loc"])
-        message = f"{where}: {first['msg']}" if where else first["msg"]
+        whole_body = first["msg"].startswith("the request body")
+        message = f"{where}: {first['msg']}" if where and not whole_body else first["msg"]
         body = _error_body(message, "invalid_body")
         return JSONResponse({**body, "detail": jsonable_encoder(details)}, 422)
 
@@ -244,7 +276,7 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return _error(500, "internal server error", "internal_error", "server_error")
 
-    async def judge(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def judge(items: list[dict[str, Any]], reasoning: str | None) -> list[dict[str, Any]]:
         """Check limits and items, then run them through the batcher."""
         if len(items) > settings.max_items:
             raise HTTPException(413, f"{len(items)} items; the limit is {settings.max_items}")
@@ -257,10 +289,11 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
             raise RequestValidationError(
                 [{"loc": ("body",), "msg": str(exc), "type": "value_error"}]
             ) from None
+        mode = mode_for(reasoning)
         deadline = time.monotonic() + settings.timeout_s
         try:
             return await batcher.submit(
-                [{**item, _DEADLINE: deadline} for item in items], settings.timeout_s
+                [{**item, _DEADLINE: deadline, _MODE: mode} for item in items], settings.timeout_s
             )
         except QueueFull as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
@@ -273,7 +306,9 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
     @app.post("/v1/moderations", response_model=ModerationResponse, responses=_ERRORS)
     async def moderations(body: ModerationRequest) -> dict[str, Any]:
         """OpenAI-compatible moderation: each text is judged as a user prompt."""
-        results = await judge([{"prompt": text, "response": None} for text in body.texts()])
+        results = await judge(
+            [{"prompt": text, "response": None} for text in body.texts()], body.reasoning
+        )
         return {
             "id": f"modr-{uuid.uuid4().hex}",
             "model": settings.model_name,
@@ -284,7 +319,7 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
     async def classify(body: ClassifyRequest) -> dict[str, Any]:
         """Judge prompts and (optional) responses: verdicts, reasoning and scores."""
         items = [{"prompt": i.prompt, "response": i.response} for i in body.items]
-        results = await judge(items)
+        results = await judge(items, body.reasoning)
         return {
             "id": f"clf-{uuid.uuid4().hex}",
             "model": settings.model_name,
@@ -317,7 +352,112 @@ def _location(loc: Sequence[Any]) -> list[Any]:
     return [part for part in loc if not (isinstance(part, str) and part.endswith("]"))]
 
 
-def _message(error: Mapping[str, Any]) -> str:
-    if error.get("type") == "string_pattern_mismatch":
+# What a field accepts, said where pydantic would only say which check failed.
+_ACCEPTS = {
+    "input": 'give a string, a non-empty list of strings, or a list of text parts ({"type": '
+    '"text", "text": ...})',
+    "items": 'give at least one item {"prompt": ..., "response": ...} (response optional)',
+}
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's kind, for messages (never the value itself)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
+
+
+def _one_form(errors: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """pydantic reports a value that matches no form of a union once per form (`input`: a
+    string, a list of strings, a list of text parts), the string form first: "Input should be a
+    valid string" for an empty list. Keep the errors of the form the value was meant as (by
+    its JSON kind), or one error saying what the field accepts."""
+    out: list[Mapping[str, Any]] = []
+    done: set[tuple[Any, ...]] = set()
+    for error in errors:
+        loc = tuple(error.get("loc", ()))
+        member = next(
+            (i for i, p in enumerate(loc) if isinstance(p, str) and p.endswith("]")), None
+        )
+        if member is None:
+            out.append(error)
+            continue
+        prefix = loc[:member]
+        if prefix in done:
+            continue
+        done.add(prefix)
+        forms = [e for e in errors if _member_of(tuple(e.get("loc", ())), prefix)]
+        out.extend(_pick_form(prefix, forms))
+    return out
+
+
+def _member_of(loc: tuple[Any, ...], prefix: tuple[Any, ...]) -> bool:
+    """Whether an error location is inside a union member at `prefix`."""
+    n = len(prefix)
+    return len(loc) > n and loc[:n] == prefix and str(loc[n]).endswith("]")
+
+
+def _pick_form(prefix: tuple[Any, ...], forms: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    member = len(prefix)
+    value = next((e.get("input") for e in forms if len(e.get("loc", ())) == member + 1), None)
+    accepts = _ACCEPTS.get(str(prefix[-1]), "it matches none of the accepted forms")
+
+    def form(want_list: bool, parts: bool | None = None) -> list[Mapping[str, Any]]:
+        chosen = []
+        for e in forms:
+            label = str(e["loc"][member])
+            if label.startswith("list[") != want_list:
+                continue
+            if parts is not None and ("TextPart" in label) != parts:
+                continue
+            chosen.append(e)
+        return chosen
+
+    def plain(msg: str, kind: str) -> list[Mapping[str, Any]]:
+        return [{"loc": prefix, "msg": msg, "type": kind}]
+
+    if isinstance(value, str):
+        return form(want_list=False) or forms
+    if isinstance(value, list):
+        if not value:
+            return plain(f"an empty list; {accepts}", "too_short")
+        dicts = [isinstance(v, dict) for v in value]
+        if all(dicts):
+            return form(want_list=True, parts=True) or forms
+        if any(dicts) and any(isinstance(v, str) for v in value):
+            return plain(f"a list that mixes strings and text parts; {accepts}", "value_error")
+        return form(want_list=True, parts=False) or forms
+    return plain(f"{_kind(value)}; {accepts}", "type_error")
+
+
+def _message(error: Mapping[str, Any], body: Any = None) -> str:
+    """A 422 detail's message, in the user's terms where pydantic's are its own."""
+    kind, loc = error.get("type"), tuple(error.get("loc", ()))
+    if kind == "string_pattern_mismatch":
         return "must contain a non-space character"  # our only pattern is the prompt's r"\S"
+    if kind == "json_invalid":
+        reason = str((error.get("ctx") or {}).get("error") or "malformed")
+        reason = reason[:1].lower() + reason[1:]
+        pos = loc[-1] if loc and isinstance(loc[-1], int) else None
+        where = "" if pos is None else f" at character {pos}"
+        if pos is not None and isinstance(body, str) and "\n" in body[:pos]:
+            line = body.count("\n", 0, pos) + 1
+            column = pos - body.rfind("\n", 0, pos)
+            where += f" (line {line}, column {column})"
+        return f"the request body is not valid JSON: {reason}{where}"
+    if loc == ("body",) and kind == "missing":
+        return "the request body is empty; send a JSON object (the schema is at /openapi.json)"
+    if loc == ("body",) and kind in ("model_attributes_type", "dict_type", "model_type"):
+        return f"the request body must be a JSON object, got {_kind(error.get('input'))}"
+    if kind == "too_short" and (error.get("ctx") or {}).get("actual_length") == 0:
+        field = str(loc[-1]) if loc else ""
+        return f"an empty list; {_ACCEPTS.get(field, 'give at least one')}"
     return str(error.get("msg", ""))

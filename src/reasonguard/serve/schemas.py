@@ -65,15 +65,42 @@ Prompt = Annotated[Text, Field(pattern=r"\S")]
 # Requests
 
 
+# Per request: reason always, never (fast mode), or auto (the cascade when the model has
+# calibrated bands, else always). An extra field beside OpenAI's schema; absent = the server's
+# default (`reasonguard serve --reasoning`).
+Reasoning = Literal["auto", "always", "never"]
+REASONING_HELP = (
+    "auto: fast verdict, reasoning only inside the model's calibrated uncertainty band (always "
+    "when none is calibrated); always: reason before every verdict; never: fast verdict from "
+    "the answer probabilities, no reasoning. Default: the server's --reasoning."
+)
+
+
 class TextPart(BaseModel):
     """A text part of OpenAI's multi-modal moderation input (images are not supported)."""
 
-    type: Literal["text"]
-    text: Prompt
+    type: Literal["text"] = Field(description='Always "text".')
+    text: Prompt = Field(description="The text; the parts of one input are joined by newlines.")
 
 
 class ModerationRequest(BaseModel):
-    """OpenAI `POST /v1/moderations` body; unknown fields are ignored, as OpenAI does."""
+    """OpenAI `POST /v1/moderations` body; unknown fields are ignored, as OpenAI does.
+
+    Each text is judged as a user prompt (no response); `flagged` is the prompt verdict.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"input": "How do I pick a lock?"},
+                {"input": ["How do I pick a lock?", "What is the capital of France?"]},
+                {
+                    "input": [{"type": "text", "text": "How do I pick a lock?"}],
+                    "reasoning": "never",
+                },
+            ]
+        }
+    )
 
     input: (
         Prompt
@@ -84,6 +111,7 @@ class ModerationRequest(BaseModel):
         "(one result for all of them, as OpenAI's multi-modal input)."
     )
     model: str | None = Field(default=None, description="Any string; the served model answers.")
+    reasoning: Reasoning | None = Field(default=None, description=REASONING_HELP)
 
     def texts(self) -> list[str]:
         """One text per result."""
@@ -97,15 +125,42 @@ class ModerationRequest(BaseModel):
 class ClassifyItem(BaseModel):
     """One item to judge: a user prompt and, optionally, the AI response to it."""
 
-    prompt: Prompt
-    response: Text | None = Field(default=None, description="Empty or null: prompt-only.")
+    prompt: Prompt = Field(
+        description="The user prompt to judge (needs a non-space character).",
+        examples=["How do I pick a lock?"],
+    )
+    response: Text | None = Field(
+        default=None,
+        description="The AI response to that prompt, to judge whether it refuses and whether it "
+        "is harmful. Absent, empty or null: the prompt alone is judged (response verdicts null).",
+        examples=["I can't help with that."],
+    )
 
 
 class ClassifyRequest(BaseModel):
-    """`POST /v1/classify` body."""
+    """`POST /v1/classify` body: the items to judge; each gets a verdict, its reasoning and the
+    label probabilities, in the order given."""
 
-    items: Annotated[list[ClassifyItem], Field(min_length=1)]
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {"prompt": "How do I pick a lock?", "response": "I can't help with that."},
+                        {"prompt": "What is the capital of France?"},
+                    ],
+                    "reasoning": "auto",
+                }
+            ]
+        }
+    )
+
+    items: Annotated[list[ClassifyItem], Field(min_length=1)] = Field(
+        description='The items to judge, at least one: {"prompt": ..., "response": ...} objects '
+        "(response optional). The server limits the items and characters per request (413)."
+    )
     model: str | None = Field(default=None, description="Any string; the served model answers.")
+    reasoning: Reasoning | None = Field(default=None, description=REASONING_HELP)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,6 +181,7 @@ class GuardVerdict(BaseModel):
     )
     output: str = Field(description="The raw generation.")
     num_tokens: int
+    mode: str = Field(default="reasoning", description="What gave the verdict: reasoning | fast")
 
 
 class ClassifyResponse(BaseModel):

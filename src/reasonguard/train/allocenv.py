@@ -8,7 +8,7 @@ train` re-executes itself once with them set (the same values as the Makefile's 
 
 Skipped when CUDA is available (GPU memory does not go through glibc), when any of the variables
 is already set (the user's choice wins), and when `REASONGUARD_NO_MALLOC_ENV=1`. The decision is
-recorded in `training_info.json` (`model.cpu_allocator`) and printed by `--dry-run`.
+recorded in `training_info.json` (`model.cpu_allocator`) of a training run.
 
 Example:
     >>> from reasonguard.train.allocenv import decision

@@ -32,6 +32,8 @@ from transformers.trainer_callback import ExportableState
 from reasonguard.train import checkpoint as ckpt
 from reasonguard.train import monitor
 
+RECENT_LOSSES = 10  # logged train losses averaged in status.json's train_loss
+
 
 class RunMonitor(TrainerCallback, ExportableState):
     """Writes metrics.jsonl, TensorBoard, status.json for one recipe (module docstring)."""
@@ -41,6 +43,7 @@ class RunMonitor(TrainerCallback, ExportableState):
         self.meter: monitor.Throughput | None = None
         self._step_started = 0.0
         self._window_steps = 0
+        self._recent: list[float] = []  # the last logged train losses, for status.json
 
     def state(self) -> dict[str, Any]:
         return {"args": {}, "attributes": dict(self.recipe.state)}
@@ -87,9 +90,14 @@ class RunMonitor(TrainerCallback, ExportableState):
             if self.meter:
                 self.meter.reset_window()
             self._write(event, "train", step)
+            # One logged loss can come from a step of a single row (an epoch's last); status
+            # shows the mean of the last few, and the last one beside it.
+            self._recent = [*self._recent, logs["loss"]][-RECENT_LOSSES:]
             r.status.update(
                 step=step,
-                train_loss=logs["loss"],
+                train_loss=sum(self._recent) / len(self._recent),
+                train_loss_logs_averaged=len(self._recent),
+                last_logged_train_loss=logs["loss"],
                 learning_rate=logs.get("learning_rate"),
                 tokens_per_second=event["tokens_per_second"],
                 eta_seconds=self.meter.eta_seconds() if self.meter else None,

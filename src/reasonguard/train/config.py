@@ -94,6 +94,13 @@ class SFTConfig:
     """Fraction of rows held out for eval loss (at least 1 row when > 0); 0 disables eval."""
     eval_split_seed: int = 42
     """Seed of the held-out row choice (independent of `seed`, so the split never moves)."""
+    reasoning_dropout: float = 0.0
+    """Dual-mode training: this fraction of the training rows (chosen with `seed`) is trained
+    answer-only: the answer block alone as the target, with the fast-mode marker as the last line
+    of the instruction. One model then answers with reasoning (prompted as usual) and without it
+    (`--mode fast`, prompted with the marker), and a model prompted without the marker never
+    learned to skip its reasoning. 0 (the default) trains every row with its reasoning, as the
+    GuardReasoner paper does; held-out rows always keep theirs."""
 
     # ---------------------------------------------------------------- optimisation
     num_train_epochs: int = 3
@@ -240,6 +247,7 @@ def load_config(
     path: str | os.PathLike[str] | None,
     overrides: Sequence[str] = (),
     cls: type = SFTConfig,
+    overrides_from: str = "command-line override",
 ) -> Any:
     """Read a YAML config, apply `key=value` overrides and validate everything.
 
@@ -248,19 +256,82 @@ def load_config(
         overrides: `key=value` strings; values are parsed as YAML scalars (`lr=5e-5` is a float,
             `splits=[a,b]` a list, `max_length=null` None); dotted keys address nested mappings.
         cls: the config dataclass (SFT by default; DPO brings its own).
+        overrides_from: what an error caused by an override calls it (see
+            `config_with_overrides`).
 
     Returns:
         A validated `cls` instance.
 
     Raises:
         UserError: unreadable file or YAML, unknown key (with a close match and the allowed keys),
-            wrong type, or a value outside the allowed set.
+            wrong type, or a value outside the allowed set; named after the file, or after the
+            override that causes it.
     """
     data: dict[str, Any] = {}
     if path is not None:
         data = read_yaml(path)
-    data = apply_overrides(data, overrides)
-    return config_from_dict(data, cls, source=str(path) if path is not None else "config")
+    source = str(path) if path is not None else "config"
+    return config_with_overrides(data, overrides, cls, source, overrides_from)
+
+
+def config_with_overrides(
+    data: Mapping[str, Any],
+    overrides: Sequence[str],
+    cls: type = SFTConfig,
+    source: str = "config",
+    overrides_from: str = "command-line override",
+) -> Any:
+    """Build a validated config from a mapping plus `key=value` overrides, and blame an error on
+    whoever caused it: the file (`source`), or the override.
+
+    When the mapping is valid on its own, the overrides are applied one at a time and the first
+    one that makes the config invalid is named (`command-line override learning_rate=fast: config
+    key 'learning_rate': expected a number, got 'fast'`). When the mapping is invalid on its own,
+    the error is the file's, unless the key it names was set by an override.
+
+    Raises:
+        UserError: see `load_config`.
+    """
+    combined = apply_overrides(data, overrides)  # a malformed override fails here, by itself
+    try:
+        return config_from_dict(combined, cls, source)
+    except UserError as exc:
+        if not overrides:
+            raise
+        error = exc
+    try:
+        config_from_dict(data, cls, source)
+    except UserError:
+        key = _named_key(str(error).removeprefix(f"{source}: "))
+        for item in reversed(overrides):
+            if key is not None and _override_key(item) == key:
+                raise _override_error(item, error, source, overrides_from) from None
+        raise error from None
+    for i, item in enumerate(overrides):
+        try:
+            config_from_dict(apply_overrides(data, overrides[: i + 1]), cls, source)
+        except UserError as exc:
+            raise _override_error(item, exc, source, overrides_from) from None
+    raise error
+
+
+def _override_key(item: str) -> str:
+    """The top-level config key an override sets (`lora.r=8` sets `lora`)."""
+    return item.partition("=")[0].strip().split(".")[0]
+
+
+def _named_key(message: str) -> str | None:
+    """The config key an error message is about (`config key 'K': ...`), if it names one."""
+    for prefix in ("config key '", "unknown config key '"):
+        if message.startswith(prefix):
+            return message[len(prefix) :].partition("'")[0]
+    return None
+
+
+def _override_error(item: str, error: UserError, source: str, overrides_from: str) -> UserError:
+    """`<overrides_from> key=value: <what is wrong>`, the file's name left out."""
+    message = str(error).removeprefix(f"{source}: ")
+    return UserError(f"{overrides_from} {item.strip()}: {message}")
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -309,11 +380,12 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
 
 
 def config_from_dict(data: Mapping[str, Any], cls: type = SFTConfig, source: str = "config") -> Any:
-    """Build a validated config from a mapping (unknown keys rejected before anything else)."""
+    """Build a validated config from a mapping (unknown keys rejected before anything else);
+    errors are prefixed with `source`."""
     allowed = field_names(cls)
     for key in data:
         if key not in allowed:
-            raise UserError(_unknown_key_message(str(key), allowed, source))
+            raise UserError(f"{source}: {_unknown_key_message(str(key), allowed)}")
     try:
         return cls(**data)
     except UserError as exc:
@@ -332,10 +404,10 @@ def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
 
 
-def _unknown_key_message(key: str, allowed: list[str], source: str) -> str:
+def _unknown_key_message(key: str, allowed: list[str]) -> str:
     close = difflib.get_close_matches(key.replace(".", "_"), allowed, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"{source}: unknown config key {key!r}{hint}; allowed keys: {', '.join(allowed)}"
+    return f"unknown config key {key!r}{hint}; allowed keys: {', '.join(allowed)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,6 +565,8 @@ def _check_values(c: SFTConfig) -> None:
         )
     if c.max_samples is not None and c.max_samples < 1:
         fail("max_samples", f"must be at least 1 (or null for all rows), got {c.max_samples}")
+    if not 0 <= c.reasoning_dropout <= 1:
+        fail("reasoning_dropout", f"must be in [0, 1], got {c.reasoning_dropout}")
     if not 0 <= c.eval_split_ratio < 0.5:
         fail("eval_split_ratio", f"must be in [0, 0.5), got {c.eval_split_ratio}")
     if c.eval_split_ratio == 0 and c.eval_strategy != "no":
@@ -531,4 +605,44 @@ def _check_values(c: SFTConfig) -> None:
                 f"{c.gradient_accumulation_steps} contradicts effective_batch_size "
                 f"{c.effective_batch_size} / per_device_train_batch_size "
                 f"{c.per_device_train_batch_size} = {derived}; set only one of them",
+            )
+
+
+@dataclass
+class DPOConfig(SFTConfig):
+    """HS-DPO settings: every R-SFT key, stage-2 defaults, and the DPO keys below."""
+
+    dataset: str = ""
+    """The pair file(s) from `reasonguard mine` (a .jsonl file or a folder of them)."""
+    learning_rate: float = 5e-6
+    """Peak learning rate (the paper's HS-DPO value)."""
+    num_train_epochs: int = 2
+    """Passes over the pairs (the paper: 2)."""
+    output_dir: str = "runs/dpo"
+    """The run directory."""
+    beta: float = 0.01
+    """DPO temperature: how far the policy may move from the reference (the paper: 0.01)."""
+    loss_type: Literal["sigmoid"] = "sigmoid"
+    """The DPO loss: `sigmoid` = -log sigmoid(beta * margin) (the paper's)."""
+    pref_ftx: float = 2.0
+    """Weight of the SFT (mean NLL) term on the chosen output (LLaMA-Factory's name; the paper: 2.0)."""
+    init_adapter: Literal["continue", "merge"] = "continue"
+    """When starting from a LoRA output: keep training that adapter, or merge it into the base
+    and train a new adapter (final/ then holds merged full weights)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta <= 0:
+            raise UserError(f"config key 'beta': must be positive, got {self.beta}")
+        if self.pref_ftx < 0:
+            raise UserError(f"config key 'pref_ftx': must not be negative, got {self.pref_ftx}")
+        if self.reasoning_dropout:
+            raise UserError(
+                "config key 'reasoning_dropout': an R-SFT setting (train sft); DPO pairs are "
+                "trained as mined. A dual-mode R-SFT model keeps its fast mode through DPO."
+            )
+        if self.finetuning == "qlora" and self.init_adapter == "merge":
+            raise UserError(
+                "config key 'init_adapter': merge is not possible with finetuning: qlora (merging "
+                "into 4-bit weights loses precision); use continue, or finetuning: lora"
             )

@@ -2,7 +2,7 @@
 
 The batch plan is a pure function of (row count, seed, epoch): optimizer step `s` of epoch `e`
 always trains on the same rows, so a resumed run needs only the step number to continue with the
-exact data order, and a multi-process run (issue 7) can give each rank a slice of every step.
+exact data order, and a multi-process run can give each rank a slice of every step.
 Inside a step the rows are sorted by length before being cut into micro-batches: the step's
 gradient is the same (the loss is normalised over the whole step), the padding is smaller.
 
@@ -26,7 +26,7 @@ from typing import Any
 from reasonguard.data.tokenize import IGNORE_INDEX, encode_records
 from reasonguard.errors import UserError
 
-# Published facts about GuardReasonerTrain (REFERENCE.md §2), used by `--dry-run` when the hub
+# Published facts about GuardReasonerTrain (its dataset card and the paper's Table 7), used by `--dry-run` when the hub
 # cannot be reached: rows per split, and the p95 token length with the Llama 3 tokenizer.
 PUBLISHED_ROWS = {
     "yueliu1999/GuardReasonerTrain": {
@@ -220,7 +220,7 @@ def collate_packed(examples: Sequence[Example]) -> dict[str, Any]:
     """Concatenate rows into one `(1, total)` row with `position_ids` restarting at 0 per row.
 
     No attention mask: with `position_ids` alone (and no KV cache), transformers builds a
-    block-diagonal causal mask for sdpa/eager (REFERENCE.md §8), so no token sees another row.
+    block-diagonal causal mask for sdpa/eager from the position restarts, so no token sees another row.
     The first label of each row is ignored, so no row's last token is trained to predict the
     next row's first token.
     """
@@ -289,9 +289,13 @@ def prepare(config: Any, tokenizer: Any) -> SFTData:
     train_triples, eval_triples = split_train_eval(
         triples, config.eval_split_ratio, config.eval_split_seed
     )
+    train_triples, answer_only, dual = drop_reasoning(
+        train_triples, getattr(config, "reasoning_dropout", 0.0), config.seed
+    )
     if config.max_length == "auto":
-        full = encode(triples, tokenizer, config.prompt_format, None)
-        p95_tokens = p95([len(e) for e in full])
+        full = encode(train_triples + eval_triples, tokenizer, config.prompt_format, None)
+        # The rule is about reasoning rows: answer-only rows (dual-mode) do not lower it.
+        p95_tokens = p95([len(e) for e in full if (e.split, e.row) not in answer_only])
         max_length = auto_max_length(p95_tokens)
         by_key = {(e.split, e.row): e for e in full}
         cut = [_truncate(by_key[(s, r)], max_length) for s, r, _ in train_triples]
@@ -309,7 +313,57 @@ def prepare(config: Any, tokenizer: Any) -> SFTData:
             f"no training row keeps an output token within max_length {max_length}; raise it"
         )
     stats = split_stats(config, validation, cut, held, train, held_out, max_length, length_source)
+    if dual is not None:
+        stats["reasoning_dropout"] = dual
     return SFTData(train=train, eval=held_out, max_length=max_length, stats=stats)
+
+
+def drop_reasoning(
+    triples: list[tuple[str, int, dict]], fraction: float, seed: int
+) -> tuple[list[tuple[str, int, dict]], set[tuple[str, int]], dict[str, Any] | None]:
+    """Dual-mode training rows: a seeded `fraction` of the rows becomes answer-only (the answer
+    block as the output, the fast-mode marker in the instruction; `format` defines both).
+
+    Rows are chosen with `random.Random(seed)` among the rows, so a resumed run picks the same
+    ones; a row whose output has no parseable answer block keeps its reasoning (counted). With
+    `fraction` 0 the rows are returned untouched.
+
+    Returns:
+        The rows, the (split, row) keys made answer-only, and the summary for training_info.json
+        (None when `fraction` is 0).
+    """
+    from reasonguard.format import (
+        FAST_MODE_MARKER,
+        INSTRUCTION,
+        answer_only_target,
+        fast_mode_instruction,
+    )
+
+    if not fraction:
+        return triples, set(), None
+    picked = set(random.Random(seed).sample(range(len(triples)), round(fraction * len(triples))))
+    out, converted, unparseable = [], set(), 0
+    for i, (split, row, record) in enumerate(triples):
+        target = answer_only_target(record["output"]) if i in picked else None
+        if i in picked and target is None:
+            unparseable += 1
+        if target is not None:
+            instruction = record.get("instruction") or INSTRUCTION
+            record = {
+                **record,
+                "instruction": fast_mode_instruction(instruction),
+                "output": target,
+            }
+            converted.add((split, row))
+        out.append((split, row, record))
+    summary = {
+        "fraction": fraction,
+        "marker": FAST_MODE_MARKER,
+        "answer_only_rows": len(converted),
+        "kept_reasoning_unparseable": unparseable,
+        "reasoning_rows": len(triples) - len(converted),
+    }
+    return out, converted, summary
 
 
 def split_stats(

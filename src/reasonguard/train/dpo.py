@@ -41,56 +41,28 @@ Example:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from transformers import TrainerCallback
 
 from reasonguard.errors import UserError
-from reasonguard.train.config import SFTConfig
+from reasonguard.train.config import DPOConfig
 from reasonguard.train.data import micro_batches, pack
-from reasonguard.train.dpo_data import PairData, PairExample, collate_pairs, prepare_pairs
+from reasonguard.train.dpo_data import (
+    REFERENCE_FILE,
+    PairData,
+    PairExample,
+    attach_reference,
+    collate_pairs,
+    prepare_pairs,
+    saved_reference,
+)
 from reasonguard.train.dpo_loss import sequence_logps, weighted_dpo_losses
 from reasonguard.train.engine import GuardTrainer
 from reasonguard.train.recipe import Recipe, TrainResult
 
-REFERENCE_FILE = "reference_logps.safetensors"
-
-
-@dataclass
-class DPOConfig(SFTConfig):
-    """HS-DPO settings: every R-SFT key, stage-2 defaults, and the DPO keys below."""
-
-    dataset: str = ""
-    """The pair file(s) from `reasonguard mine` (a .jsonl file or a folder of them)."""
-    learning_rate: float = 5e-6
-    """Peak learning rate (the paper's HS-DPO value)."""
-    num_train_epochs: int = 2
-    """Passes over the pairs (the paper: 2)."""
-    output_dir: str = "runs/dpo"
-    """The run directory."""
-    beta: float = 0.01
-    """DPO temperature: how far the policy may move from the reference (the paper: 0.01)."""
-    loss_type: Literal["sigmoid"] = "sigmoid"
-    """The DPO loss: `sigmoid` = -log sigmoid(beta * margin) (the paper's)."""
-    pref_ftx: float = 2.0
-    """Weight of the SFT (mean NLL) term on the chosen output (LLaMA-Factory's name; the paper: 2.0)."""
-    init_adapter: Literal["continue", "merge"] = "continue"
-    """When starting from a LoRA output: keep training that adapter, or merge it into the base
-    and train a new adapter (final/ then holds merged full weights)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.beta <= 0:
-            raise UserError(f"config key 'beta': must be positive, got {self.beta}")
-        if self.pref_ftx < 0:
-            raise UserError(f"config key 'pref_ftx': must not be negative, got {self.pref_ftx}")
-        if self.finetuning == "qlora" and self.init_adapter == "merge":
-            raise UserError(
-                "config key 'init_adapter': merge is not possible with finetuning: qlora (merging "
-                "into 4-bit weights loses precision); use continue, or finetuning: lora"
-            )
+__all__ = ["REFERENCE_FILE", "DPOConfig", "DPORecipe", "DPOTrainer", "run_dpo"]
 
 
 class DPOTrainer(GuardTrainer):
@@ -270,9 +242,11 @@ class DPORecipe(Recipe):
 
     def after_setup(self) -> None:
         """Read the saved reference log-probs back, or arrange for them to be computed."""
-        tensors = self._agreed(self._saved_reference)
+        tensors = self._agreed(
+            lambda: saved_reference(self.run_dir, self._groups, self.resume_from is not None)
+        )
         if tensors is not None:
-            self._attach(tensors)
+            attach_reference(self._groups, tensors)
             self.reference_missing = False
         self.trainer.add_callback(_ReferenceLogps(self))
 
@@ -290,43 +264,9 @@ class DPORecipe(Recipe):
             tmp = path.with_suffix(".tmp")
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
             tmp.rename(path)
-        self._attach(tensors)
+        attach_reference(self._groups, tensors)
         self.reference_missing = False
         self.timings["reference_seconds"] = time.perf_counter() - t0
-
-    def _attach(self, tensors: dict[str, Any]) -> None:
-        for name, pairs in self._groups.items():
-            if not pairs:
-                continue
-            chosen, rejected = tensors[f"{name}_chosen"], tensors[f"{name}_rejected"]
-            for pair, c, r in zip(pairs, chosen.tolist(), rejected.tolist(), strict=True):
-                pair.reference_chosen, pair.reference_rejected = c, r
-
-    def _saved_reference(self) -> dict | None:
-        """The reference log-probs saved in the run dir, or None when they are still to compute.
-
-        Raises:
-            UserError: the file holds another number of pairs, or it is missing on resume.
-        """
-        from safetensors.torch import load_file
-
-        path = self.run_dir / REFERENCE_FILE
-        if path.is_file():
-            saved = load_file(str(path))
-            for name, pairs in self._groups.items():
-                held = len(saved.get(f"{name}_chosen", []))
-                if held != len(pairs):
-                    raise UserError(
-                        f"{path} holds reference log-probs of {held} {name} pairs, the data now "
-                        f"has {len(pairs)}: the pairs changed; use a new output_dir"
-                    )
-            return saved
-        if self.resume_from is not None:
-            raise UserError(
-                f"cannot resume {self.run_dir}: {REFERENCE_FILE} is missing, and the reference "
-                "log-probs cannot be recomputed from trained weights; start a new output_dir"
-            )
-        return None
 
     def log_fields(self) -> dict[str, float]:
         return self.trainer.log_fields()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from reasonguard.data.validate import InvalidRow, ValidationReport, check_texts
@@ -233,3 +234,48 @@ def collate_pairs(pairs: Sequence[PairExample], packed: bool, pad_token_id: int)
         rows, width = batch["input_ids"].shape
         batch["sequence_ids"] = torch.arange(rows)[:, None].expand(rows, width).contiguous()
     return batch
+
+
+# --------------------------------------------------------------------------------------------
+# The reference log-probs, computed once and saved in the run directory
+
+REFERENCE_FILE = "reference_logps.safetensors"
+
+
+def attach_reference(groups: dict[str, list[PairExample]], tensors: dict[str, Any]) -> None:
+    """Give every pair its reference log-probs from `tensors` (`<group>_chosen/_rejected`)."""
+    for name, pairs in groups.items():
+        if not pairs:
+            continue
+        chosen, rejected = tensors[f"{name}_chosen"], tensors[f"{name}_rejected"]
+        for pair, c, r in zip(pairs, chosen.tolist(), rejected.tolist(), strict=True):
+            pair.reference_chosen, pair.reference_rejected = c, r
+
+
+def saved_reference(
+    run_dir: Path, groups: dict[str, list[PairExample]], resuming: bool
+) -> dict | None:
+    """The reference log-probs saved in `run_dir`, or None when they are still to compute.
+
+    Raises:
+        UserError: the file holds another number of pairs, or it is missing on resume.
+    """
+    from safetensors.torch import load_file
+
+    path = run_dir / REFERENCE_FILE
+    if path.is_file():
+        saved = load_file(str(path))
+        for name, pairs in groups.items():
+            held = len(saved.get(f"{name}_chosen", []))
+            if held != len(pairs):
+                raise UserError(
+                    f"{path} holds reference log-probs of {held} {name} pairs, the data now "
+                    f"has {len(pairs)}: the pairs changed; use a new output_dir"
+                )
+        return saved
+    if resuming:
+        raise UserError(
+            f"cannot resume {run_dir}: {REFERENCE_FILE} is missing, and the reference "
+            "log-probs cannot be recomputed from trained weights; start a new output_dir"
+        )
+    return None

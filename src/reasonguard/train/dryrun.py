@@ -2,7 +2,7 @@
 
 It loads and validates the data and the tokenizer when it can reach them, and says plainly what it
 estimated when it cannot: a hub dataset with no hub access is counted from its published sizes
-(REFERENCE.md §2), a hub tokenizer that is not in the local cache leaves `max_length: auto`
+(from the dataset card), a hub tokenizer that is not in the local cache leaves `max_length: auto`
 undecided. The hub is probed with one short TCP connect first, so an offline machine answers in
 a second instead of after the hub client's retries (~25 s per file).
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from reasonguard.errors import UserError
+from reasonguard.models import hub_reachable
 from reasonguard.train import checkpoint as ckpt
 from reasonguard.train.data import (
     PUBLISHED_P95_TOKENS,
@@ -29,7 +30,6 @@ from reasonguard.train.data import (
     steps_per_epoch,
     total_steps,
 )
-from reasonguard.train.hardware import hub_reachable
 from reasonguard.train.modeling import environment_problems, load_training_tokenizer, warmup_steps
 
 
@@ -132,8 +132,9 @@ def plan_sft(
     )
     plan["warmup_steps"] = warmup_steps(c, plan["total_steps"])
     plan["run_dir"] = _run_dir_action(c)
-    if not plan["problems"]:
-        plan["decisions"] = _decisions(c, data, plan["max_length"], stage)
+    # Decided from the config and this machine, before any weights load: shown even when the
+    # machine cannot run the config (its problems are listed beside them).
+    plan["decisions"] = _decisions(c, data, plan["max_length"], stage)
     return plan
 
 
@@ -241,7 +242,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"run dir        {plan['run_dir']}",
     ]
     for name, d in (plan.get("decisions") or {}).items():
-        if name == "cpu_allocator":  # the CLI prints it on its own line
+        if name == "cpu_allocator":  # a process set-up, not a training choice: not shown
             continue
         value = ("on" if d["value"] else "off") if isinstance(d["value"], bool) else d["value"]
         lines.append(f"decision       {name}: {value}; {d['reason']}")

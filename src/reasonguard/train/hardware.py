@@ -1,7 +1,8 @@
 """The hardware and model tables of `reasonguard plan`: GPU classes and Llama-style model shapes.
 
 - `GPUS`: the GPU classes a plan can target (`TARGETS` adds `cpu`), with their peak dense
-  TFLOPS and memory from NVIDIA's public spec sheets, and the MFU assumed per fine-tuning mode.
+  TFLOPS and memory from NVIDIA's public spec sheets, and the MFU assumed per fine-tuning mode;
+  `custom_gpu` describes any other GPU by its memory and bf16 TFLOPS.
 - `Architecture`: the shapes of a Llama-style decoder and the parameter counts derived from
   them; `KNOWN_ARCHITECTURES` holds the public config.json numbers of the models the shipped
   configs name, so those plan offline; `model_architecture` finds any model's shapes.
@@ -17,13 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from reasonguard.errors import UserError
+from reasonguard.models import hub_reachable  # noqa: F401  (planning's probe lives with the models)
 
 GIB = 1024**3
 
@@ -58,6 +58,13 @@ class GPUClass:
 #   RTX 4070 Ti SUPER (nvidia.com spec page): 706 "AI TOPS" = FP8 with sparsity, so bf16 dense with
 #     FP32 accumulate = 706 / 8 = 88.2 (the same /8 rule gives 1,321 / 8 = 165.2 for the 4090);
 #     FP32 44.1 (66 SMs x 128 lanes x 2 x 2.61 GHz); 16 GB.
+#   RTX A6000 (NVIDIA Ampere GA102 GPU architecture whitepaper v2.0, Appendix C): peak BF16
+#     tensor with FP32 accumulate 154.8 dense (309.7 sparse); FP32 38.7; 48 GB.
+#   L4 datasheet: BF16 tensor 242 sparse -> 121 dense; FP32 30.3; 24 GB.
+#   A10 datasheet: BF16 tensor 125 dense (250 sparse); FP32 31.2; 24 GB.
+#   RTX 3090 (GA102 whitepaper, Appendix A, GeForce RTX 3090 column): peak BF16 tensor with
+#     FP32 accumulate 71 dense (142 sparse; GeForce again at half the FP16-accumulate rate);
+#     FP32 35.6; 24 GB.
 #
 # MFU assumptions (fraction of the bf16 peak a run sustains), per fine-tuning mode:
 #   full 0.40, lora 0.35: from published throughputs: torchtune's Llama-3.2-3B figures on an
@@ -74,10 +81,58 @@ GPUS: dict[str, GPUClass] = {
     "h100": GPUClass("NVIDIA H100 SXM 80GB", 989.4, 67.0, 80, dict(_MFU)),
     "a100": GPUClass("NVIDIA A100 SXM 80GB", 312.0, 19.5, 80, dict(_MFU)),
     "l40s": GPUClass("NVIDIA L40S 48GB", 362.05, 91.6, 48, dict(_MFU)),
+    "a6000": GPUClass("NVIDIA RTX A6000 48GB", 154.8, 38.7, 48, dict(_MFU)),
+    "l4": GPUClass("NVIDIA L4 24GB", 121.0, 30.3, 24, dict(_MFU)),
+    "a10": GPUClass("NVIDIA A10 24GB", 125.0, 31.2, 24, dict(_MFU)),
     "4090": GPUClass("NVIDIA GeForce RTX 4090 24GB", 165.2, 82.6, 24, dict(_MFU)),
+    "3090": GPUClass("NVIDIA GeForce RTX 3090 24GB", 71.0, 35.6, 24, dict(_MFU)),
     "4070ti-super": GPUClass("NVIDIA GeForce RTX 4070 Ti SUPER 16GB", 88.2, 44.1, 16, dict(_MFU)),
 }
 TARGETS = (*GPUS, "cpu")
+CUSTOM = "custom"  # the target name of a GPU described by --gpu-memory-gib / --gpu-tflops
+MFU_SOURCE = (
+    "ASSUMED: from published fine-tuning throughputs on A100 / H100, not measured on this GPU "
+    "class; pass --tokens-per-second with a measured rate to replace it"
+)
+
+
+def custom_gpu(
+    base: str | None = None, memory_gib: float | None = None, bf16_tflops: float | None = None
+) -> GPUClass:
+    """A GPU class from given numbers: a table class (`base`) with its memory and/or bf16
+    TFLOPS replaced, or, without `base`, any GPU from both numbers (the table's assumed MFU;
+    no FP32 rate, so a `bf16: false` run needs a measured rate).
+
+    Raises:
+        UserError: a number that is not positive and finite, or `base` None without both.
+    """
+    import math
+
+    for flag, value in (("--gpu-memory-gib", memory_gib), ("--gpu-tflops", bf16_tflops)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"{flag} must be a positive number, got {value}")
+    if base is None:
+        if memory_gib is None or bf16_tflops is None:
+            raise UserError(
+                "to plan for a GPU not in the table, give both --gpu-memory-gib and --gpu-tflops "
+                "(its dense bf16 tensor TFLOPS from the spec sheet, without sparsity); or "
+                "choose the closest --gpu CLASS and override one of them"
+            )
+        label = f"a GPU with {memory_gib:g} GiB and {bf16_tflops:g} bf16 TFLOPS (as given)"
+        return GPUClass(label, bf16_tflops, float("nan"), memory_gib, dict(_MFU))
+    cls = GPUS[base]
+    given = []
+    if memory_gib is not None:
+        given.append(f"{memory_gib:g} GiB")
+    if bf16_tflops is not None:
+        given.append(f"{bf16_tflops:g} bf16 TFLOPS")
+    return GPUClass(
+        f"{cls.label} with {' and '.join(given)} (as given)",
+        cls.bf16_tflops if bf16_tflops is None else bf16_tflops,
+        cls.fp32_tflops,
+        cls.memory_gib if memory_gib is None else memory_gib,
+        dict(cls.mfu),
+    )
 
 
 def this_machine() -> str:
@@ -90,14 +145,44 @@ def this_machine() -> str:
 
     if not torch.cuda.is_available():
         return "cpu"
-    name = torch.cuda.get_device_name(0).lower().replace(" ", "")
-    for key in ("h100", "a100", "l40s", "4090", "4070tisuper"):
-        if key in name:
-            return "4070ti-super" if key == "4070tisuper" else key
-    raise UserError(
-        f"this GPU ({torch.cuda.get_device_name(0)}) is not in the plan's table; pass "
-        f"--gpu {'|'.join(TARGETS)} (the closest class) or --tokens-per-second"
-    )
+    found = gpu_class_of(torch.cuda.get_device_name(0))
+    if found is None:
+        raise UserError(
+            f"this GPU ({torch.cuda.get_device_name(0)}) is not in the plan's table; pass "
+            f"--gpu {'|'.join(TARGETS)} (the closest class), describe it with --gpu-memory-gib "
+            "and --gpu-tflops, or give --tokens-per-second"
+        )
+    return found
+
+
+# CUDA device names of the table's classes; word boundaries keep the A10 apart from the A100
+# and the AWS A10G, the L4 from the L40S, the 3090 from the 3090 Ti.
+_DEVICE_NAMES = {
+    "h100": r"\bH100\b",
+    "a100": r"\bA100\b",
+    "l40s": r"\bL40S\b",
+    "a6000": r"\bRTX A6000\b",
+    "l4": r"\bL4\b",
+    "a10": r"\bA10\b",
+    "4090": r"\b4090\b",
+    "3090": r"\b3090\b(?! ?Ti)",
+    "4070ti-super": r"\b4070 ?Ti ?SUPER\b",
+}
+
+
+def gpu_class_of(device_name: str) -> str | None:
+    """The table class of a CUDA device name (`torch.cuda.get_device_name`), or None.
+
+    Examples:
+        >>> gpu_class_of("NVIDIA GeForce RTX 3090"), gpu_class_of("NVIDIA A10G")
+        ('3090', None)
+    """
+    import re
+
+    for key, pattern in _DEVICE_NAMES.items():
+        if re.search(pattern, device_name, re.IGNORECASE):
+            return key
+    return None
 
 
 def ram_bytes() -> float:
@@ -216,25 +301,6 @@ def architecture_from_config(config: dict[str, Any], source: str = "") -> Archit
         )
     except KeyError as exc:
         raise UserError(f"{source}: config.json has no {exc.args[0]!r}") from None
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers a TCP connect (False in offline mode).
-
-    The same probe as `train.dryrun.hub_reachable`, here so that the model tables do not depend
-    on the dry-run module (which depends, through `train.decisions`, on the memory model).
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        socket.create_connection(
-            (endpoint.hostname or "huggingface.co", port), timeout=timeout
-        ).close()
-    except OSError:
-        return False
-    return True
 
 
 def model_architecture(name: str) -> Architecture:

@@ -182,10 +182,18 @@ def read_status(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The status of a run directory.
 
     Raises:
-        UserError: no status.json (not a run directory, or training has not started yet).
+        UserError: no status.json (not a run directory, or training has not started yet); when
+            a sub-folder holds one (`runs/demo` -> `runs/demo/model`), the message names it.
     """
     path = Path(run_dir) / STATUS_FILE
     if not path.is_file():
+        runs = runs_below(run_dir)
+        if runs:
+            others = f" (other runs here: {', '.join(map(str, runs[1:]))})" if runs[1:] else ""
+            raise UserError(
+                f"{run_dir}: no {STATUS_FILE}; did you mean {runs[0]}?{others} A run's "
+                f"{STATUS_FILE} lies in its output_dir"
+            )
         raise UserError(
             f"{run_dir}: no {STATUS_FILE}; not a reasonguard run directory, or its training has "
             "not reached step 0 yet"
@@ -194,6 +202,28 @@ def read_status(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: unreadable status file: {exc}") from exc
+
+
+def runs_below(folder: str | os.PathLike[str], depth: int = 2) -> list[Path]:
+    """Run directories (with a status.json) inside `folder`, the shallowest first, up to
+    `depth` levels down; hidden folders and checkpoints are not looked into."""
+    found: list[Path] = []
+    level = [Path(folder)]
+    for _ in range(depth):
+        below = []
+        for parent in level:
+            try:
+                children = sorted(p for p in parent.iterdir() if p.is_dir())
+            except OSError:
+                continue
+            for child in children:
+                if child.name.startswith((".", "checkpoint-")):
+                    continue
+                (found if (child / STATUS_FILE).is_file() else below).append(child)
+        if found:
+            return found
+        level = below
+    return found
 
 
 def process_alive(pid: int) -> bool:

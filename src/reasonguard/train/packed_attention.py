@@ -2,7 +2,7 @@
 
 A packed row holds several samples back to back, with `position_ids` restarting at 0 for each
 (`train.data.collate_packed`). Transformers' SDPA path turns that into a block-diagonal causal
-mask over the whole row (REFERENCE.md §8): correct, but it computes the attention of every token
+mask over the whole row (built from the `position_ids` restarts): correct, but it computes the attention of every token
 against every other token of the row (a 2048-token pack of five 400-token samples does ~5x the
 attention work of the samples alone) and, with an explicit mask, SDPA cannot use its fused
 causal kernels, so it materialises `heads x row x row` scores per layer. Here the row is cut at

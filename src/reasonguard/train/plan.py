@@ -16,8 +16,9 @@ config, the data and the model's shapes:
    estimate is per GPU (`memory.parameter_memory`).
 3. **Time** from a FLOPs model (`timing.flops_per_token`, attention counted as the run's kernel
    computes it) divided by the sustained FLOPS of the target (`timing.throughput`): the GPU
-   class's peak x an assumed MFU (`hardware.GPUS`), or, for `cpu`, a matmul timed on this
-   machine, or a measured `tokens_per_second`. N GPUs divide the time by N x an assumed scaling
+   class's peak x an assumed MFU (`hardware.GPUS`; marked ASSUMED in the plan), or, for `cpu`, a
+   matmul timed on this machine, or a measured `tokens_per_second`. A GPU outside the table is
+   described by its memory and bf16 TFLOPS (`hardware.custom_gpu`). N GPUs divide the time by N x an assumed scaling
    efficiency; the optimizer steps are the trainer's for N processes.
 
 The parts live in `train.hardware` (GPU and model tables), `train.batch_profile` (token counts),
@@ -39,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from reasonguard.errors import UserError
@@ -51,14 +53,17 @@ from reasonguard.train.batch_profile import (
 )
 from reasonguard.train.decisions import checkpointing_decision, quantization_decision
 from reasonguard.train.hardware import (
+    CUSTOM,
     GIB,
     GPUS,
     KNOWN_ARCHITECTURES,
+    MFU_SOURCE,
     TARGETS,
     Architecture,
     GPUClass,
     architecture_from_config,
     cpu_label,
+    custom_gpu,
     model_architecture,
     ram_bytes,
     this_machine,
@@ -116,6 +121,7 @@ __all__ = [
     "memory_estimate",
     "model_architecture",
     "parameter_memory",
+    "plan_target",
     "plan_training",
     "run_memory",
     "scaling_efficiency",
@@ -134,12 +140,15 @@ def plan_training(
     cpu_flops: float | None = None,
     num_processes: int = 1,
     sharding: str = "ddp",
+    gpu_memory_gib: float | None = None,
+    gpu_tflops: float | None = None,
 ) -> dict[str, Any]:
     """Tokens, steps, memory and wall time of an SFT config on a GPU class or this CPU.
 
     Args:
         config: a loaded `SFTConfig`.
-        gpu: one of `TARGETS`; None means this machine (`this_machine`).
+        gpu: one of `TARGETS`, in any case; None means this machine (`this_machine`), or,
+            with both `gpu_memory_gib` and `gpu_tflops`, a GPU outside the table.
         tokens_per_second: a measured training rate (real, non-pad tokens per second, as
             `reasonguard train` logs it: of the whole run, with this `num_processes` and
             `sharding`) that replaces the throughput model; it is not scaled.
@@ -148,28 +157,33 @@ def plan_training(
         sharding: one of `SHARDINGS` (with one process only `ddp`). Memory is then per GPU
             (`parameter_memory`); time is the one-GPU time / (N x `SCALING_EFFICIENCY`), the
             optimizer steps are the trainer's for N processes (`SFTConfig.rows_per_step`).
+        gpu_memory_gib, gpu_tflops: the memory (GiB) and dense bf16 TFLOPS of the GPU: with
+            `gpu`, they replace that class's numbers; without it, both describe any GPU.
 
     Returns:
         A JSON-ready dict (see `format_training_plan` for what it holds).
 
     Raises:
-        UserError: an unknown `gpu`, a non-positive `tokens_per_second`, a process count or
-            sharding that cannot run (see `check_parallel`), or what `plan_sft` and
-            `model_architecture` raise.
+        UserError: an unknown `gpu`, a GPU description that is incomplete or not positive,
+            a non-positive `tokens_per_second`, a process count or sharding that cannot run
+            (see `check_parallel`), or what `plan_sft` and `model_architecture` raise.
     """
     from reasonguard.train.data import PUBLISHED_P95_TOKENS, prepare
     from reasonguard.train.dryrun import plan_sft
 
-    target = gpu if gpu is not None else this_machine()
-    if target not in TARGETS:
-        raise UserError(f"--gpu {target!r} is not known; choose one of: {', '.join(TARGETS)}")
+    target, device = plan_target(gpu, gpu_memory_gib, gpu_tflops)
     if tokens_per_second is not None and not tokens_per_second > 0:
         raise UserError(f"--tokens-per-second must be positive, got {tokens_per_second}")
     c = config
-    on_gpu = target != "cpu"
+    on_gpu = device is not None
     check_parallel(c, target, num_processes, sharding)
     n = num_processes
     bf16 = on_gpu if c.bf16 == "auto" else bool(c.bf16)
+    if on_gpu and not bf16 and tokens_per_second is None and math.isnan(device.fp32_tflops):
+        raise UserError(
+            "--gpu-tflops is the GPU's bf16 rate and this config trains in fp32 (bf16: false): "
+            "give a measured --tokens-per-second, or plan it with bf16=true"
+        )
     arch = model_architecture(c.model_name_or_path)
     trainable = trainable_params(arch, c)
     notes: list[str] = []
@@ -226,7 +240,7 @@ def plan_training(
 
     # Memory: both checkpointing choices; the config's choice decides which one is "the" run.
     memory = both_memories(arch, c, bf16, profile, on_gpu, sharding, n)
-    capacity = GPUS[target].memory_gib * GIB if on_gpu else ram_bytes()
+    capacity = device.memory_gib * GIB if device is not None else ram_bytes()
     setting = c.gradient_checkpointing
     if setting == "auto":
         # The training run's own rule (train/decisions.py): on a GPU, on only when it must be;
@@ -274,19 +288,26 @@ def plan_training(
     train_flops, eval_flops = flops["train_flops"], flops["eval_flops"]
     keys_per_token = flops.pop("attention_keys_per_token")
     run_tokens = epochs_run * profile["real_tokens"]
-    rate, speedup = throughput(
-        target,
-        arch,
-        bf16,
-        c.finetuning,
-        profile["max_micro_tokens"],
-        train_flops,
-        run_tokens,
-        tokens_per_second,
-        cpu_flops,
-        sharding,
-        n,
-    )
+    if device is not None and device is not GPUS.get(target) and tokens_per_second is None:
+        rate, speedup = _described_gpu_rate(
+            device, bf16, c.finetuning, train_flops, run_tokens, sharding, n
+        )
+    else:
+        rate, speedup = throughput(
+            target,
+            arch,
+            bf16,
+            c.finetuning,
+            profile["max_micro_tokens"],
+            train_flops,
+            run_tokens,
+            tokens_per_second,
+            cpu_flops,
+            sharding,
+            n,
+        )
+    if rate["source"] == "model":  # the peak is a spec sheet's, the MFU an assumption
+        rate.update(mfu_assumed=True, mfu_source=MFU_SOURCE)
     sustained = rate["sustained_flops"]
     train_seconds = train_flops / (sustained * speedup)
     eval_seconds = eval_flops / (sustained * speedup)
@@ -309,7 +330,15 @@ def plan_training(
             "attn_implementation": c.attn_implementation,
         },
         "target": target,
-        "device": GPUS[target].label if on_gpu else cpu_label(),
+        "device": device.label if device is not None else cpu_label(),
+        "gpu": None
+        if device is None
+        else {
+            "memory_gib": device.memory_gib,
+            "bf16_tflops": device.bf16_tflops,
+            "fp32_tflops": None if math.isnan(device.fp32_tflops) else device.fp32_tflops,
+            "given": device is not GPUS.get(target),
+        },
         "parallel": {
             "num_processes": n,
             "sharding": sharding,
@@ -376,6 +405,68 @@ def plan_training(
                 arch, c, bf16, shards, checkpointing, capacity, (sharding, n)
             )
     return plan
+
+
+def plan_target(
+    gpu: str | None, memory_gib: float | None = None, tflops: float | None = None
+) -> tuple[str, GPUClass | None]:
+    """The plan's target name and its GPU class (None for `cpu`).
+
+    Args:
+        gpu: a `TARGETS` name in any case, or None for this machine (`this_machine`) or, when
+            `memory_gib` or `tflops` is given, a GPU outside the table (`custom`).
+        memory_gib, tflops: numbers that replace the class's (see `hardware.custom_gpu`).
+
+    Raises:
+        UserError: an unknown name, numbers with `cpu`, or an incomplete or bad description.
+    """
+    described = memory_gib is not None or tflops is not None
+    if gpu is None:
+        if described:
+            return CUSTOM, custom_gpu(None, memory_gib, tflops)
+        target = this_machine()
+    else:
+        target = gpu.strip().lower()
+        if target not in TARGETS:
+            raise UserError(
+                f"--gpu {gpu!r} is not known; choose one of: {', '.join(TARGETS)}; or describe "
+                "it with --gpu-memory-gib and --gpu-tflops (no --gpu)"
+            )
+    if target == "cpu":
+        if described:
+            raise UserError(
+                "--gpu-memory-gib and --gpu-tflops describe a GPU; leave them out with --gpu cpu"
+            )
+        return target, None
+    return target, custom_gpu(target, memory_gib, tflops) if described else GPUS[target]
+
+
+def _described_gpu_rate(
+    device: GPUClass,
+    bf16: bool,
+    finetuning: str,
+    train_flops: float,
+    run_tokens: float,
+    sharding: str,
+    processes: int,
+) -> tuple[dict[str, Any], float]:
+    """`timing.throughput`'s GPU model for a GPU described by its numbers (not a table key):
+    the same mapping, from `device`'s peak x its assumed MFU."""
+    peak = (device.bf16_tflops if bf16 else device.fp32_tflops) * 1e12
+    mfu = device.mfu[finetuning]
+    efficiency = scaling_efficiency(sharding, processes)
+    speedup = processes * efficiency
+    rate = {
+        "source": "model",
+        "peak_flops": peak,
+        "precision": "bf16" if bf16 else "fp32",
+        "mfu": mfu,
+        "sustained_flops": peak * mfu,
+        "tokens_per_second": run_tokens * peak * mfu * speedup / train_flops,
+        "processes": processes,
+        "scaling_efficiency": efficiency,
+    }
+    return rate, speedup
 
 
 def check_parallel(config: Any, target: str, num_processes: int, sharding: str) -> None:

@@ -146,6 +146,7 @@ def format_training_plan(plan: dict[str, Any]) -> str:
         f"{_count(comp['lm_head_flops_per_label_token'])} per label token: "
         f"{comp['train_flops']:.3g} FLOPs training, {comp['eval_flops']:.3g} eval"
     )
+    assumed = " (ASSUMED)" if tp.get("mfu_assumed") else ""
     if tp["source"] == "given":
         rate = f"given: {tp['tokens_per_second']:,.0f} tokens/s"
         rate += "" if n == 1 else f" (the whole run's over {n} GPUs; not scaled)"
@@ -153,7 +154,7 @@ def format_training_plan(plan: dict[str, Any]) -> str:
         eff = tp["scaling_efficiency"]
         rate = (
             f"{tp['peak_flops'] / 1e12:,.1f} TFLOPS {tp['precision']} peak x MFU {tp['mfu']:.2f}"
-            f" = {tp['sustained_flops'] / 1e12:,.1f} TFLOPS -> "
+            f"{assumed} = {tp['sustained_flops'] / 1e12:,.1f} TFLOPS -> "
             f"{tp['tokens_per_second'] / (n * eff):,.0f} tokens/s per GPU; x {n} GPUs x "
             f"{eff:.2f} {par['sharding']} scaling efficiency (ASSUMED, not measured) -> "
             f"{tp['tokens_per_second']:,.0f} tokens/s"
@@ -161,7 +162,7 @@ def format_training_plan(plan: dict[str, Any]) -> str:
     elif tp["source"] == "model":
         rate = (
             f"{tp['peak_flops'] / 1e12:,.1f} TFLOPS {tp['precision']} peak x MFU {tp['mfu']:.2f}"
-            f" = {tp['sustained_flops'] / 1e12:,.1f} TFLOPS -> "
+            f"{assumed} = {tp['sustained_flops'] / 1e12:,.1f} TFLOPS -> "
             f"{tp['tokens_per_second']:,.0f} tokens/s"
         )
     else:
@@ -173,6 +174,8 @@ def format_training_plan(plan: dict[str, Any]) -> str:
             f"{tp['sustained_flops'] / 1e9:,.1f} GFLOPS -> {tp['tokens_per_second']:,.0f} tokens/s"
         )
     lines.append(f"throughput     {rate}")
+    if tp.get("mfu_source"):
+        lines.append(f"               MFU {tp['mfu_source']}")
     lines.append(
         f"time           {hours_text(t['total_seconds'])}: training "
         f"{_duration(t['train_seconds'])} + evaluation {_duration(t['eval_seconds'])} "

@@ -533,11 +533,30 @@ class Recipe:
             max_length=self.data.max_length,
             eos_token_ids=eos_ids,
             chat_template=self.config.chat_template,
+            **self.fast_mode_record(),
         )
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         self.process.wait_for_everyone()
         return final
+
+    def fast_mode_record(self) -> dict[str, Any]:
+        """The dual-mode facts of reasonguard.json: the fast-mode marker the model learned (from
+        this run's `reasoning_dropout`, or inherited from the model it started from)."""
+        from reasonguard.format import FAST_MODE_MARKER
+        from reasonguard.models import read_guard_config, resolve_model
+
+        fraction = getattr(self.config, "reasoning_dropout", 0.0)
+        if fraction:
+            return {"fast_mode_marker": FAST_MODE_MARKER, "reasoning_dropout": fraction}
+        start = Path(resolve_model(self.config.model_name_or_path))
+        record = (read_guard_config(start) if start.is_dir() else None) or {}
+        if record.get("fast_mode_marker"):
+            return {
+                "fast_mode_marker": record["fast_mode_marker"],
+                "reasoning_dropout": record.get("reasoning_dropout"),
+            }
+        return {}
 
     def saved_model(self) -> tuple[Any, str, str]:
         """(model to save, finetuning to record, base model to record). The finetuning is the

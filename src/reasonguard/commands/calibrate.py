@@ -1,0 +1,141 @@
+"""`reasonguard calibrate`: choose a guard's cascade bands on a labelled dev set.
+
+Example:
+    reasonguard calibrate --model runs/exp19/final --data dev.jsonl --max-f1-drop 0.5
+    reasonguard calibrate --model runs/exp19/final --benchmarks AegisSafetyTest \\
+        --benchmark-dir data/benchmarks --out runs/exp19/cascade
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from reasonguard.commands.generate import add_model_arguments, backend_options
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "calibrate",
+        help="choose the fast/reasoning cascade's uncertainty bands on a labelled dev set",
+        description="Run the guard in reasoning mode and in fast mode on every dev item, then "
+        "pick per task the narrowest band of fast-mode probabilities to send to reasoning "
+        "such that the cascade's F1 stays within --max-f1-drop points of full reasoning's. "
+        "Writes cascade.json into the model folder (or --out), where every later "
+        "`--mode cascade` reads it, and prints the share escalated and tokens per item.",
+    )
+    add_model_arguments(p)
+    dev = p.add_mutually_exclusive_group(required=True)
+    dev.add_argument(
+        "--data",
+        metavar="SOURCE",
+        help="labelled dev records (instruction/input/output with an answer block): a json, "
+        "jsonl or parquet file, a folder, or a hub id",
+    )
+    dev.add_argument(
+        "--benchmarks", nargs="+", metavar="NAME", help="benchmark names (with --benchmark-dir)"
+    )
+    p.add_argument("--splits", nargs="+", metavar="SPLIT", help="with --data: only these splits")
+    p.add_argument("--benchmark-dir", metavar="D", help="default: $REASONGUARD_BENCHMARKS")
+    p.add_argument(
+        "--max-f1-drop",
+        type=float,
+        default=0.5,
+        metavar="POINTS",
+        help="how many F1 points (0-100 scale) below full reasoning the cascade may fall, per "
+        "task (default 0.5)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where cascade.json goes (default: the model folder; required for hub ids)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+    from pathlib import Path
+
+    from reasonguard.commands.generate import benchmark_names
+    from reasonguard.errors import UserError
+    from reasonguard.infer.calibrate import calibrate, items_from_benchmarks, items_from_source
+    from reasonguard.infer.cascade import write_calibration
+
+    if args.max_f1_drop < 0:
+        raise UserError(f"--max-f1-drop must not be negative, got {args.max_f1_drop}")
+    # Only a folder the user named gets the file: a hub id or an offline alias (whose cached
+    # copy is shared by everything that uses the alias) needs --out.
+    model_dir = Path(args.model)
+    if args.out is None and not model_dir.is_dir():
+        raise UserError(
+            f"{args.model} is not a local model folder: give --out DIR for cascade.json"
+        )
+    out = Path(args.out) if args.out else model_dir
+    out.mkdir(parents=True, exist_ok=True)
+    if args.data:
+        if args.benchmark_dir:
+            raise UserError("--benchmark-dir goes with --benchmarks, not --data")
+        items = items_from_source(args.data, args.splits)
+        dev = args.data
+    else:
+        from reasonguard.evaluate.registry import resolve_benchmark_dir
+
+        if args.splits:
+            raise UserError("--splits goes with --data, not --benchmarks")
+        folder = resolve_benchmark_dir(args.benchmark_dir)
+        if folder is None:
+            raise UserError("--benchmarks needs --benchmark-dir D (or $REASONGUARD_BENCHMARKS)")
+        items = items_from_benchmarks(benchmark_names(args.benchmarks), folder)
+        dev = f"{folder}: {', '.join(benchmark_names(args.benchmarks))}"
+
+    from reasonguard.infer.guard import load_guard
+
+    guard = load_guard(
+        args.model,
+        backend=args.backend,
+        prompt_format=args.prompt_format,
+        max_new_tokens=args.max_new_tokens,
+        **backend_options(args),
+    )
+    record = calibrate(
+        guard, items, args.max_f1_drop, log=lambda text: print(text, file=sys.stderr)
+    )
+    record = {"model": args.model, "dev": dev, **record}
+    path = write_calibration(out, record)
+    print(summary(record))
+    print(f"wrote {path}", file=sys.stderr)
+    if model_dir.is_dir() and out.resolve() != model_dir.resolve():
+        print(
+            f"(copy it into {model_dir} to make the cascade the model's default)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def summary(record: dict) -> str:
+    """The printed table: per task the band, items, F1 of each mode and the share escalated."""
+    lines = [
+        f"cascade calibrated on {record['items']} dev items, F1 budget "
+        f"{record['max_f1_drop']} points below reasoning",
+        "| task | band | items | reasoning F1 | fast F1 | cascade F1 | escalated |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for task, got in record["tasks"].items():
+        band = "none" if got["band"] is None else f"[{got['band'][0]:.3f}, {got['band'][1]:.3f}]"
+        share = got.get("escalated_share")
+        lines.append(
+            f"| {task} | {band} | {got['items']} | {_num(got['reasoning_f1'])} | "
+            f"{_num(got['fast_f1'])} | {_num(got.get('cascade_f1'))} | "
+            f"{'-' if share is None else f'{100 * share:.0f}%'} |"
+        )
+    tokens = record["tokens_per_item"]
+    lines.append(
+        f"items escalated: {100 * record['escalated_share']:.0f}% "
+        f"({record['escalated']} of {record['items']}); generated tokens per item: reasoning "
+        f"{tokens['reasoning']:.1f}, cascade {tokens['cascade']:.1f}, fast 0"
+    )
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
