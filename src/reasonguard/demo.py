@@ -81,7 +81,7 @@ def run_demo(
     config: str | Path | None = None,
     overrides: Sequence[str] = (),
     max_new_tokens: int = 320,
-    batch_size: int = 8,
+    batch_size: int = 16,
     fresh: bool = False,
 ) -> dict[str, Any]:
     """Run the demo end to end and return the held-out metrics.

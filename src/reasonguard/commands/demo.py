@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--config", default=None, help="training config (default configs/demo-cpu.yaml)")
     p.add_argument("--max-new-tokens", type=int, default=320, help="generation budget per item")
-    p.add_argument("--batch-size", type=int, default=8, help="generation batch size")
+    p.add_argument("--batch-size", type=int, default=16, help="generation batch size (16)")
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing it")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
     p.set_defaults(func=run)
