@@ -107,19 +107,23 @@ def fast_verdicts(
         One `FastVerdict` per item, in order.
     """
     contexts = _Contexts(tokenizer)
-    results: list[FastVerdict] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        results.extend(
-            _batch(
-                model,
-                contexts,
-                prompt_ids[start : start + batch_size],
-                tasks[start : start + batch_size],
-                device,
-                tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-            )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Batches of similar lengths: a left-padded batch computes every row at the longest width.
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    results: list[FastVerdict | None] = [None] * len(prompt_ids)
+    for start in range(0, len(order), batch_size):
+        picked = order[start : start + batch_size]
+        found = _batch(
+            model,
+            contexts,
+            [prompt_ids[i] for i in picked],
+            [tasks[i] for i in picked],
+            device,
+            pad,
         )
-    return results
+        for i, verdict in zip(picked, found, strict=True):
+            results[i] = verdict
+    return results  # type: ignore[return-value]
 
 
 def _batch(
