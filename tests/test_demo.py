@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from reasonguard.data.sources import load_source
@@ -27,7 +28,7 @@ def test_split_is_stratified_disjoint_and_deterministic():
     assert _samples() == records  # the caller's records are untouched
 
 
-def test_demo_end_to_end_on_tiny_model(tmp_path):
+def test_demo_end_to_end_on_tiny_model(tmp_path, capsys):
     """The demo's four steps with the tiny random model (SmolLM2 is what `make demo` uses)."""
     out = tmp_path / "demo"
     metrics = run_demo(
@@ -46,6 +47,11 @@ def test_demo_end_to_end_on_tiny_model(tmp_path):
     # The report says what a newcomer is looking at and what produces a real guard.
     assert "not" in report.split("What you are looking at:")[1].split("\n\n")[0]
     assert "configs/exp19-qlora-3b-instruct.yaml" in report
+    printed = capsys.readouterr().out
+    # Stage times as it goes, and a readable total (not a raw dict).
+    assert printed.count("      done in ") == 4
+    assert re.search(r"Demo finished in \d+ s \(model \d+ s, training \d+ s, generation", printed)
+    assert "{" not in printed.split("Demo finished in", 1)[1].splitlines()[0]
     assert (out / "model" / "final" / "reasonguard.json").is_file()
     assert (out / "model" / "training_info.json").is_file()
     generated = sorted((out / "generations").glob("*.jsonl"))  # one file per source split

@@ -220,6 +220,11 @@ def test_generate_fast_mode_scores_with_evaluate(tmp_path, shared_dir, cli) -> N
         assert result["parse_failures"] == 0 and result["f1"] is not None
         assert result["score_metrics"]["rows"] == 5
     assert "## Cost (mode: fast)" in stdout
+    # compare draws F1 against tokens per item, one point per run with a cost.
+    code, stdout, err = cli("compare", tmp_path / "eval", "--out", tmp_path / "cmp")
+    assert code == 0, err
+    assert "## Cost per item" in stdout and "| fast |" in stdout
+    assert (tmp_path / "cmp/f1_vs_tokens.png").stat().st_size > 1000
 
 
 def test_calibrate_writes_bands_and_the_cascade_reads_them(tmp_path, shared_dir, cli) -> None:

@@ -168,6 +168,15 @@ def test_run_directory_listing_is_exactly_as_documented(tmp_path: Path) -> None:
     assert info["data"]["eval_rows"] == 2 and info["data"]["validation"]["num_invalid"] == 0
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == status["total_steps"] == total
+    # train_loss is the mean of the last logged losses (one log can be a one-row step's spike)
+    logged = [
+        e["train_loss"]
+        for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if e.get("train_loss") is not None
+    ][-10:]
+    assert status["train_loss_logs_averaged"] == len(logged) > 1
+    assert abs(status["train_loss"] - sum(logged) / len(logged)) < 1e-9
+    assert status["last_logged_train_loss"] == logged[-1]
     assert (run_dir / "config.yaml").read_text().startswith("# Resolved config")
 
     # Rerunning the same command finds the finished run and does nothing.

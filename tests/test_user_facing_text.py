@@ -58,3 +58,43 @@ def test_readme_links_resolve() -> None:
     local = [link for link in links if not re.match(r"[a-z]+://|mailto:", link)]
     missing = [link for link in local if not (REPO / link).exists()]
     assert not missing, f"README links to files that do not exist: {missing}"
+
+
+def _gpu_section_commands() -> list[list[str]]:
+    """The `reasonguard ...` command lines of the README's "With a GPU" section (continuation
+    lines joined, comments cut)."""
+    import shlex
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## With a GPU", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words and words[0] == "reasonguard":
+                commands.append(words[1:])
+    return commands
+
+
+def test_readme_gpu_section_commands_parse(cli, capsys) -> None:
+    """Every command of the GPU section parses with the arguments shown: the dry runs and
+    `plan` run (they need no GPU), the others parse up to `--help`."""
+    from reasonguard.cli import main
+
+    commands = _gpu_section_commands()
+    verbs = {c[0] for c in commands}
+    assert {"plan", "train", "evaluate", "compare", "hsdpo", "benchmarks"} <= verbs, verbs
+    for argv in commands:
+        if argv[0] == "plan" or "--dry-run" in argv:
+            code, _, err = cli(*argv)
+            assert code == 0, (argv, err)
+        elif argv[:2] == ["train", "sft"]:
+            code, _, err = cli(*argv, "--dry-run")
+            assert code == 0, (argv, err)
+        else:
+            try:
+                main([*argv, "--help"])
+            except SystemExit as exc:
+                assert exc.code == 0, (argv, capsys.readouterr().err)
+            else:
+                raise AssertionError(f"{argv}: --help did not exit")

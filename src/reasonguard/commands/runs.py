@@ -60,7 +60,13 @@ def format_status(status: dict[str, Any]) -> str:
         f"state        {state}" + (f": {status['message']}" if status.get("message") else ""),
         f"step         {step if step is not None else '?'}/{total if total is not None else '?'}"
         + (f"  (epoch {status['epoch']:.2f})" if status.get("epoch") is not None else ""),
-        f"train loss   {_num(status.get('train_loss'))}",
+        f"train loss   {_num(status.get('train_loss'))}"
+        + (
+            f" (mean of the last {status['train_loss_logs_averaged']} logs; last "
+            f"{_num(status.get('last_logged_train_loss'))})"
+            if (status.get("train_loss_logs_averaged") or 0) > 1
+            else ""
+        ),
         f"eval loss    {_num(status.get('eval_loss'))}  (best {_num(status.get('best_eval_loss'))})",
         f"speed        {_num(status.get('tokens_per_second'), '{:,.0f}')} tokens/s",
         f"elapsed      {format_duration(status.get('elapsed_seconds'))}   "
