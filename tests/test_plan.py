@@ -318,7 +318,7 @@ def test_packed_attention_flops_are_the_sum_over_samples() -> None:
 
 
 def test_padded_rows_cost_the_padded_square_unless_flash_unpads_them() -> None:
-    config = load_config(DEMO, ["per_device_train_batch_size=2"])
+    config = load_config(DEMO, ["per_device_train_batch_size=2", "packing=false"])
     lengths, labels = [100, 300, 200, 200], [50, 150, 100, 100]
     # One 4-row step; sdpa on padded rows gets an explicit mask: width^2 per row.
     padded = token_profile(lengths, labels, config, 1024, per_sample_attention("sdpa", False, True))

@@ -288,24 +288,20 @@ def plan_training(
     train_flops, eval_flops = flops["train_flops"], flops["eval_flops"]
     keys_per_token = flops.pop("attention_keys_per_token")
     run_tokens = epochs_run * profile["real_tokens"]
-    if device is not None and device is not GPUS.get(target) and tokens_per_second is None:
-        rate, speedup = _described_gpu_rate(
-            device, bf16, c.finetuning, train_flops, run_tokens, sharding, n
-        )
-    else:
-        rate, speedup = throughput(
-            target,
-            arch,
-            bf16,
-            c.finetuning,
-            profile["max_micro_tokens"],
-            train_flops,
-            run_tokens,
-            tokens_per_second,
-            cpu_flops,
-            sharding,
-            n,
-        )
+    rate, speedup = throughput(
+        target,
+        arch,
+        bf16,
+        c.finetuning,
+        profile["max_micro_tokens"],
+        train_flops,
+        run_tokens,
+        tokens_per_second,
+        cpu_flops,
+        sharding,
+        n,
+        device=device,
+    )
     if rate["source"] == "model":  # the peak is a spec sheet's, the MFU an assumption
         rate.update(mfu_assumed=True, mfu_source=MFU_SOURCE)
     sustained = rate["sustained_flops"]
@@ -439,34 +435,6 @@ def plan_target(
             )
         return target, None
     return target, custom_gpu(target, memory_gib, tflops) if described else GPUS[target]
-
-
-def _described_gpu_rate(
-    device: GPUClass,
-    bf16: bool,
-    finetuning: str,
-    train_flops: float,
-    run_tokens: float,
-    sharding: str,
-    processes: int,
-) -> tuple[dict[str, Any], float]:
-    """`timing.throughput`'s GPU model for a GPU described by its numbers (not a table key):
-    the same mapping, from `device`'s peak x its assumed MFU."""
-    peak = (device.bf16_tflops if bf16 else device.fp32_tflops) * 1e12
-    mfu = device.mfu[finetuning]
-    efficiency = scaling_efficiency(sharding, processes)
-    speedup = processes * efficiency
-    rate = {
-        "source": "model",
-        "peak_flops": peak,
-        "precision": "bf16" if bf16 else "fp32",
-        "mfu": mfu,
-        "sustained_flops": peak * mfu,
-        "tokens_per_second": run_tokens * peak * mfu * speedup / train_flops,
-        "processes": processes,
-        "scaling_efficiency": efficiency,
-    }
-    return rate, speedup
 
 
 def check_parallel(config: Any, target: str, num_processes: int, sharding: str) -> None:

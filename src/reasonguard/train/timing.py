@@ -150,6 +150,7 @@ def throughput(
     cpu_flops: float | None = None,
     sharding: str = "ddp",
     processes: int = 1,
+    device: Any = None,
 ) -> tuple[dict[str, Any], float]:
     """The sustained rate of a run on `target` (a `hardware.TARGETS` key).
 
@@ -160,6 +161,8 @@ def throughput(
         tokens_per_second: a measured rate of the whole run, used as given (not scaled).
         cpu_flops: the CPU matmul rate to use instead of timing one.
         sharding, processes: N GPUs keep N x `scaling_efficiency` of one GPU's rate.
+        device: the GPU class to use instead of `GPUS[target]` (a GPU described by its memory
+            and TFLOPS).
 
     Returns:
         The plan's `throughput` mapping (`source`, `sustained_flops` of one GPU,
@@ -170,7 +173,7 @@ def throughput(
         sustained = tokens_per_second * train_flops / run_tokens
         rate: dict[str, Any] = {"source": "given", "tokens_per_second": tokens_per_second}
     elif target != "cpu":
-        cls = GPUS[target]
+        cls = device or GPUS[target]
         peak = (cls.bf16_tflops if bf16 else cls.fp32_tflops) * 1e12
         mfu = cls.mfu[finetuning]
         sustained = peak * mfu
