@@ -98,3 +98,14 @@ def test_readme_gpu_section_commands_parse(cli, capsys) -> None:
                 assert exc.code == 0, (argv, capsys.readouterr().err)
             else:
                 raise AssertionError(f"{argv}: --help did not exit")
+
+
+def test_package_metadata_uses_an_spdx_license() -> None:
+    # A `license = {text = ...}` table made setuptools print a deprecation warning on every
+    # `make setup`; an SPDX expression is the current form.
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    build = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]
+    assert any(req.startswith("setuptools>=77") for req in build["requires"])
