@@ -14,7 +14,7 @@ one, else `--band LOW HIGH` for every task (default 0.2 0.8).
 
 Run (after `make demo`, on an otherwise idle machine):
     .venv/bin/python bench/fast_verdicts.py --model runs/demo/model/final \\
-        --benchmark-dir ../shared/data/benchmarks --json runs/bench-fast-verdicts.json
+        --benchmark-dir data/benchmarks --json runs/bench-fast-verdicts.json
 """
 
 from __future__ import annotations
