@@ -18,7 +18,7 @@ INTERNAL = {
     "an internal reference document": re.compile(
         r"(REFERENCE|ARCHITECTURE|STYLE|DEVELOPERS)\.md|REFERENCE §|§ ?\d"
     ),
-    "the experiment plan called 'the seed'": re.compile(r"\bthe seed'?s\b|\bseed bugs\b"),
+    "the experiment plan called 'the seed'": re.compile(r"(?i)\bthe seed\b|\bseed bugs\b"),
     "an issue number": re.compile(r"\b[Ii]ssues? \d+\b|\(issue \d+\)"),
     "a development machine's path": re.compile(r"/work/|\.\./shared\b|/root/"),
     "development history": re.compile(r"\bno GPU (was|is|has been) lent\b|\blent\b"),

@@ -28,7 +28,7 @@ CHUNK_SIZE = 1024  # rows per tokenizer call: big enough to batch, small enough 
 
 
 def auto_max_length(p95: float, low: int = 1024, high: int = 2048) -> int:
-    """The seed's rule: the 95th percentile of token lengths, clamped to [low, high].
+    """Experiment 19's rule: the 95th percentile of token lengths, clamped to [low, high].
 
     Examples:
         >>> auto_max_length(930.2), auto_max_length(1500.1), auto_max_length(4000)
