@@ -104,19 +104,29 @@ def _record(row: Any, where: str) -> dict:
     return record
 
 
-def _load_folder(folder: Path) -> dict[str, list[dict]]:
+def split_files(folder: Path) -> list[Path]:
+    """The split files of a data folder (`<split>.json|jsonl|parquet`), sorted.
+
+    Raises:
+        UserError: no split file, or two files for one split.
+    """
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
     if not files:
         raise UserError(
             f"{folder}: no split files found (expected <split>.json, <split>.jsonl or "
             "<split>.parquet)"
         )
-    by_split: dict[str, list[dict]] = {}
     seen: dict[str, Path] = {}
     for path in files:
         if path.stem in seen:
             raise UserError(f"split {path.stem!r} appears twice: {seen[path.stem]} and {path}")
         seen[path.stem] = path
+    return files
+
+
+def _load_folder(folder: Path) -> dict[str, list[dict]]:
+    by_split: dict[str, list[dict]] = {}
+    for path in split_files(folder):
         rows = _read_rows(path)
         if isinstance(rows, dict):
             raise UserError(f"{path}: a split file must hold a list of records, not {{split: ...}}")

@@ -211,15 +211,7 @@ def load_located(
         return records, {split: [None] * len(rows) for split, rows in records.items()}
     by_split: dict[str, list[tuple[Any, str | None]]] = {}
     if path.is_dir():
-        files = [p for p in sorted(path.iterdir()) if p.is_file()]
-        files = [p for p in files if p.suffix.lower() in sources.FILE_SUFFIXES]
-        if not files:
-            return sources.load_source(source, splits), {}  # its own "no split files" error
-        seen: dict[str, Path] = {}
-        for file in files:
-            if file.stem in seen:
-                raise UserError(f"split {file.stem!r} appears twice: {seen[file.stem]} and {file}")
-            seen[file.stem] = file
+        for file in sources.split_files(path):
             rows = _read_located(file)
             if isinstance(rows, dict):
                 raise UserError(
