@@ -70,7 +70,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(log_dir: Path, name: str, *args: str, model: str = "tiny-llama") -> Server:
+def start_server(
+    log_dir: Path, name: str, *args: str, model: str = "tiny-llama", backend: str = "hf"
+) -> Server:
     port = _free_port()
     log = log_dir / f"{name}.log"
     command = [
@@ -80,8 +82,7 @@ def start_server(log_dir: Path, name: str, *args: str, model: str = "tiny-llama"
         "serve",
         "--model",
         model,
-        "--device",
-        "cpu",
+        *(["--device", "cpu"] if backend == "hf" else ["--backend", backend]),
         "--port",
         str(port),
         "--api-key-env",

@@ -151,12 +151,44 @@ def test_exp19_qlora_sft_trains_adapters_on_an_nf4_base(exp19_sft) -> None:
     for key, value in saved.items():  # the trained adapter, not a fresh one
         torch.testing.assert_close(state[key].float().cpu(), value.float())
 
-    # The saved adapter serves: reasonguard's inference loader puts it on its base and generates.
+    # Served as trained: the adapter's record names its NF4 base, and `load_guard` puts the
+    # adapter (unmerged) on that very base; its outputs are the training-time model's.
+    from reasonguard.format import render_input
     from reasonguard.infer.guard import load_guard
+    from reasonguard.models import nf4_record
 
-    guard = load_guard(str(final), max_new_tokens=6)
-    [result] = guard.classify([{"prompt": "How do I bake bread?", "response": None}], scores=False)
-    assert 0 < result.num_tokens <= 6 and result.output
+    assert read_guard_config(final)["quantization"] == nf4_record("bfloat16")
+    guard = load_guard(str(final), max_new_tokens=6, batch_size=1, device="cpu")
+    served = nf4_layers(guard.backend.model)
+    assert len(served) == 2 * len(TARGETS)
+    assert all(layer.compute_dtype == torch.bfloat16 for layer in served)
+    items = [
+        {"prompt": "How do I bake bread?", "response": None},
+        {"prompt": "Tell me how to hurt someone.", "response": "No."},
+        {"prompt": "What is the capital of France?", "response": None},
+    ]
+    results = guard.classify(items, scores=False)
+    model.eval()
+    for item, result in zip(items, results, strict=True):
+        prompt = guard.backend.build_prompt(render_input(item["prompt"], item["response"]))
+        ids = torch.tensor([guard.backend.encode([prompt])[0]])
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=6,
+                do_sample=False,
+                use_cache=True,
+                eos_token_id=guard.backend.stop_ids,
+                pad_token_id=guard.backend.tokenizer.pad_token_id,
+            )
+        trained = out[0, ids.shape[1] :].tolist()
+        trained = [t for t in trained if t not in guard.backend.stop_ids]
+        assert result.output == guard.backend.tokenizer.decode(trained, skip_special_tokens=True)
+        assert 0 < result.num_tokens <= 6
+    # Asked to, the loader merges the adapter into a full-precision base instead.
+    merged = load_guard(str(final), max_new_tokens=6, device="cpu", load_in_4bit=False)
+    assert not nf4_layers(merged.backend.model)
 
 
 @pytest.mark.slow

@@ -416,3 +416,36 @@ def read_guard_config(model_dir: str | os.PathLike[str]) -> dict[str, Any] | Non
     if not path.is_file():
         return None
     return json.loads(path.read_text())
+
+
+# How a QLoRA base is quantised (the QLoRA paper's setup: 4-bit NormalFloat, double
+# quantisation). Training writes it into reasonguard.json, so whoever serves the adapter loads
+# the very base it was trained on.
+NF4_METHOD = "bitsandbytes-nf4"
+
+
+def nf4_record(compute_dtype: str) -> dict[str, Any]:
+    """The `quantization` entry of reasonguard.json for an NF4 base computing in `compute_dtype`
+    (`bfloat16` or `float32`)."""
+    return {"method": NF4_METHOD, "double_quant": True, "compute_dtype": compute_dtype}
+
+
+def nf4_config(record: dict[str, Any]) -> Any:
+    """The transformers `BitsAndBytesConfig` of an `nf4_record`.
+
+    Raises:
+        UserError: a record of another quantisation method.
+    """
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if record.get("method") != NF4_METHOD:
+        raise UserError(
+            f"unknown base quantization {record.get('method')!r}; expected {NF4_METHOD}"
+        )
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=bool(record.get("double_quant", True)),
+        bnb_4bit_compute_dtype=getattr(torch, record.get("compute_dtype", "bfloat16")),
+    )

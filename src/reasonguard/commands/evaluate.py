@@ -127,8 +127,18 @@ def _generate(args: argparse.Namespace, out: Path) -> Path:
     return pred_dir
 
 
-# Options that only make sense when generating (their defaults are falsy).
-_GENERATION_ONLY = ("benchmarks", "scores", "threads", "batch_size", "device", "data_parallel")
+# Options that only make sense when generating (their defaults are None or False).
+_GENERATION_ONLY = (
+    "benchmarks",
+    "scores",
+    "threads",
+    "batch_size",
+    "device",
+    "data_parallel",
+    "dtype",
+    "load_in_4bit",
+    "kv_cache_gib",
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,7 +152,11 @@ def run(args: argparse.Namespace) -> int:
             "give PRED_DIR (score existing predictions) or --model M (generate, then score)"
         )
     if args.model is None:
-        given = [f"--{k.replace('_', '-')}" for k in _GENERATION_ONLY if getattr(args, k)]
+        given = [
+            f"--{k.replace('_', '-')}"
+            for k in _GENERATION_ONLY
+            if getattr(args, k) not in (None, False)
+        ]
         given += ["--mode"] if args.mode != "reasoning" else []
         if given:
             raise UserError(f"{', '.join(given)}: only with --model (generation options)")

@@ -37,6 +37,27 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
     )
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
     p.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        help="weights and compute dtype (default: float32 on a CPU; on a GPU bfloat16 for hf, "
+        "the checkpoint's for vllm)",
+    )
+    p.add_argument(
+        "--load-in-4bit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="hf: run the base on 4-bit NF4 weights (bitsandbytes). Default: as trained, so a "
+        "QLoRA adapter runs on the NF4 base it was trained on; --no-load-in-4bit merges it "
+        "into a full-precision base instead",
+    )
+    p.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        metavar="GIB",
+        help="vllm: KV-cache size (default on a CPU 2 GiB; on a GPU what "
+        "--gpu-memory-utilization leaves)",
+    )
+    p.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="run model code from the hub (off by default)",
@@ -85,12 +106,25 @@ def backend_options(args: argparse.Namespace) -> dict:
     from reasonguard.errors import UserError
 
     options = {"batch_size": args.batch_size, "trust_remote_code": args.trust_remote_code}
+    if getattr(args, "dtype", None) is not None:
+        options["dtype"] = args.dtype
     if args.backend == "hf":
         options.update(device=args.device, threads=args.threads)
+        if getattr(args, "load_in_4bit", None) is not None:
+            options["load_in_4bit"] = args.load_in_4bit
+        if getattr(args, "kv_cache_gib", None) is not None:
+            raise UserError("--kv-cache-gib goes with --backend vllm")
     else:
-        if args.threads is not None:
-            raise UserError("--threads goes with --backend hf (vLLM runs on the GPU)")
+        for flag, value in (
+            ("--threads", args.threads),
+            ("--device", args.device),
+            ("--load-in-4bit", getattr(args, "load_in_4bit", None)),
+        ):
+            if value is not None:
+                raise UserError(f"{flag} goes with --backend hf (vLLM places the model itself)")
         options["tensor_parallel_size"] = args.tensor_parallel_size
+        if getattr(args, "kv_cache_gib", None) is not None:
+            options["kv_cache_gib"] = args.kv_cache_gib
     return options
 
 

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from reasonguard.commands.generate import add_model_arguments, backend_options
 
@@ -24,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a guard over HTTP (OpenAI-compatible /v1/moderations, /v1/classify)",
         description="Run an HTTP server in front of a guard model. Concurrent requests are "
-        "batched together. Endpoints: POST /v1/moderations, POST /v1/classify, GET /v1/models, "
+        "batched together: with --backend hf by a dynamic batcher (--max-batch-size, "
+        "--max-wait-ms); with --backend vllm by vLLM's async engine, where each item joins the "
+        "running batch as it arrives (continuous batching). Endpoints: POST /v1/moderations, POST /v1/classify, GET /v1/models, "
         "GET /health (with batching counters), GET /docs.",
     )
     add_model_arguments(p)
@@ -46,9 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     net.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     lim = p.add_argument_group("batching and limits")
-    lim.add_argument("--max-batch-size", type=int, default=8, help="items per batch (default 8)")
     lim.add_argument(
-        "--max-wait-ms", type=float, default=10.0, help="wait for a fuller batch (default 10)"
+        "--max-batch-size", type=int, default=8, help="hf: items per batch (default 8)"
+    )
+    lim.add_argument(
+        "--max-wait-ms", type=float, default=10.0, help="hf: wait for a fuller batch (default 10)"
     )
     lim.add_argument("--max-items", type=int, default=64, help="items per request (default 64)")
     lim.add_argument(
@@ -115,15 +120,28 @@ def run(args: argparse.Namespace) -> int:
             "serving on %s WITHOUT an API key (--allow-no-key)", args.host
         )
     options = backend_options(args)
-    # One dynamic batch is one generate call: the backend must not cut it again.
-    options["batch_size"] = args.batch_size or args.max_batch_size
-    guard = load_guard(
-        args.model,
-        backend=args.backend,
-        prompt_format=args.prompt_format,
-        max_new_tokens=args.max_new_tokens,
-        **options,
-    )
+    guard: Any
+    if args.backend == "vllm":
+        from reasonguard.serve.engine import AsyncGuard
+
+        # vLLM's async engine: each item joins the running batch as it arrives.
+        guard = AsyncGuard.load(
+            args.model,
+            args.prompt_format,
+            max_new_tokens=args.max_new_tokens,
+            max_queue=args.max_queue,
+            **options,
+        )
+    else:
+        # One dynamic batch is one generate call: the backend must not cut it again.
+        options["batch_size"] = args.batch_size or args.max_batch_size
+        guard = load_guard(
+            args.model,
+            backend=args.backend,
+            prompt_format=args.prompt_format,
+            max_new_tokens=args.max_new_tokens,
+            **options,
+        )
     app = create_app(guard, settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

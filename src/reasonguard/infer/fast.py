@@ -184,6 +184,7 @@ def _batch(
             (width - 1) if cache is None else max(len(new.get(r, [])) - 1, 0) for r in range(rows)
         ]
         past = 0 if mask is None else mask.shape[1]
+        cache_was_none = cache is None
         with torch.inference_mode():
             out = model(
                 input_ids=torch.tensor(input_ids, device=device),
@@ -192,10 +193,14 @@ def _batch(
                 past_key_values=cache,
                 cache_position=torch.arange(past, past + width, device=device),
                 use_cache=True,
-                logits_to_keep=torch.tensor(last, device=device)[:, None],
+                # Prefill: every row ends in the last column, one position is enough. Later
+                # steps feed a few tokens per row (a label and the next field name), so all of
+                # them are kept and each row's own last one picked below.
+                logits_to_keep=1 if cache is None else width,
             )
         cache, mask = out.past_key_values, full_mask
-        logits = out.logits[:, 0].float().cpu()
+        at = torch.tensor([0 if cache_was_none else p for p in last], device=out.logits.device)
+        logits = out.logits[torch.arange(rows, device=at.device), at].float().cpu()
         for r in wanted:
             fed[r] = wanted[r]
             task = steps[r][k]

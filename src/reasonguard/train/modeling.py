@@ -236,16 +236,18 @@ def _nf4_config(bf16: bool) -> Any:
     casts the layer input to it, so with bf16 off (fp32 activations, the `auto` choice on CPU)
     an fp32 compute dtype keeps the matmuls and their gradients in fp32 instead of rounding
     every activation to bf16 and back, and avoids bf16 matmuls on CPUs without native bf16.
+    The same settings are recorded with the adapter (`nf4_record`), for serving.
     """
-    import torch
-    from transformers import BitsAndBytesConfig
+    from reasonguard.models import nf4_config
 
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
-    )
+    return nf4_config(nf4_base_record(bf16))
+
+
+def nf4_base_record(bf16: bool) -> dict[str, Any]:
+    """The `quantization` record of a QLoRA run's base (see `_nf4_config`)."""
+    from reasonguard.models import nf4_record
+
+    return nf4_record("bfloat16" if bf16 else "float32")
 
 
 def _with_adapters(model: Any, config: Any, checkpoint: Path | None) -> Any:

@@ -492,6 +492,7 @@ class Recipe:
         import torch
 
         from reasonguard.models import end_of_turn_ids, write_guard_config
+        from reasonguard.train.modeling import nf4_base_record
 
         final = self.run_dir / FINAL_DIR
         self.final_dir = final
@@ -534,6 +535,8 @@ class Recipe:
             eos_token_ids=eos_ids,
             chat_template=self.config.chat_template,
             **self.fast_mode_record(),
+            # A QLoRA adapter is served on the 4-bit base it was trained on.
+            **({"quantization": nf4_base_record(self.bf16)} if finetuning == "qlora" else {}),
         )
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

@@ -1,0 +1,235 @@
+"""Continuous batching across requests: the server's vLLM path.
+
+With `--backend vllm`, every item of every request becomes its own request to vLLM's async
+engine (`AsyncLLM`) the moment it arrives; the engine's scheduler adds it to the running batch at
+the next decoding step and returns it as soon as its own output ends. A short request arriving
+while long reasoning is under way therefore waits for one step, not for the whole batch, which
+is what the HF path's dynamic batcher (`batcher.py`) cannot do: its model runs one blocking
+`generate` call per batch.
+
+`AsyncGuard` has the batcher's interface (`start`, `close`, `submit`, `stats`), so the app's
+routes, limits, authentication and error shapes are the same for both paths. Verdicts are read
+exactly as `Guard.classify` reads them (`guard.reasoning_result`). vLLM has no answer
+probabilities, so verdicts carry no scores, and fast mode and the cascade are not offered (a
+request asking for `reasoning: "never"` gets a 400, as with any backend without fast mode).
+
+A request past its time limit, or whose client went away, cancels its items: cancelling the
+engine's output stream aborts the request inside vLLM, so its slot in the batch is freed at
+once.
+
+Example:
+    >>> guard = AsyncGuard.load("runs/sft/final", max_new_tokens=512)
+    >>> app = create_app(guard, ServeSettings(model_name="guard"))  # starts the engine
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from reasonguard.format import render_input
+from reasonguard.infer.backends import (
+    Backend,
+    check_sampling,
+    recorded_fast_marker,
+    resolve_prompt_format,
+)
+from reasonguard.infer.guard import reasoning_result, validate_items
+from reasonguard.models import end_of_turn_ids, load_tokenizer, resolve_model
+from reasonguard.serve.batcher import BatchFailed, BatchTimeout, QueueFull
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 2048
+
+
+class AsyncGuard(Backend):
+    """A guard served by vLLM's async engine (see the module docstring).
+
+    Attributes:
+        max_new_tokens: the reasoning token budget of every item.
+        max_queue: the most items in the engine at once; more is `QueueFull` (503).
+        bands: always None (no cascade without fast mode).
+    """
+
+    supports_fast = False
+    bands = None
+
+    def __init__(
+        self,
+        name: str,
+        path: str,
+        prompt_format: str,
+        engine_options: Mapping[str, Any],
+        lora: Any = None,
+        *,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        max_queue: int = 1024,
+        trust_remote_code: bool = False,
+    ) -> None:
+        from reasonguard.infer.hf import tokenizer_source
+
+        check_sampling(0.0, 1.0, 1, max_new_tokens)
+        self.name, self.path, self.prompt_format = name, path, prompt_format
+        self.batch_size = 1  # each item is its own engine request
+        self.tokenizer = load_tokenizer(tokenizer_source(path), trust_remote_code=trust_remote_code)
+        self.stop_ids = end_of_turn_ids(self.tokenizer)
+        self.fast_mode_marker = recorded_fast_marker(path)
+        self.engine_options = dict(engine_options)
+        self.lora = lora
+        self.max_new_tokens = max_new_tokens
+        self.max_queue = max_queue
+        self.engine: Any = None
+        self._pending = 0
+        self._peak = 0  # the most items in the engine at once
+        self._counts: Counter[str] = Counter()
+        self._busy_since: float | None = None
+        self._busy_s = 0.0
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        prompt_format: str | None = None,
+        *,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        max_queue: int = 1024,
+        trust_remote_code: bool = False,
+        **options: Any,
+    ) -> AsyncGuard:
+        """Prepare a model for serving (the engine starts with `start`).
+
+        Args:
+            model: as for `load_guard`: alias, hub id, model or LoRA folder.
+            prompt_format: for models without a guard record.
+            **options: `vllm.engine_options` keywords (`tensor_parallel_size`, `dtype`,
+                `kv_cache_gib`, `max_model_len`, `gpu_memory_utilization`).
+        """
+        from reasonguard.infer.vllm import _import_vllm, engine_options
+
+        _import_vllm()
+        options.pop("batch_size", None)  # the engine's scheduler sizes its own batches
+        path = resolve_model(model)
+        fmt = resolve_prompt_format(path, prompt_format)
+        settings, lora = engine_options(path, trust_remote_code=trust_remote_code, **options)
+        return cls(
+            model,
+            path,
+            fmt,
+            settings,
+            lora,
+            max_new_tokens=max_new_tokens,
+            max_queue=max_queue,
+            trust_remote_code=trust_remote_code,
+        )
+
+    async def start(self) -> None:
+        """Start vLLM's engine (its processes; about a minute on a CPU, the model load on a
+        GPU). Called by the app's lifespan, before the server accepts connections."""
+        if self.engine is not None:
+            return
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(**self.engine_options)
+        # Built off the event loop: loading blocks for as long as the model takes.
+        self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+
+    async def close(self) -> None:
+        """Stop the engine; requests still running fail with a 500."""
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    async def submit(self, items: Sequence[Mapping[str, Any]], timeout_s: float | None) -> list:
+        """Judge items, each as its own engine request; the batcher's contract (`QueueFull`,
+        `BatchTimeout`, `BatchFailed`), result dicts as `GuardResult.to_dict()` writes them."""
+        if self.engine is None:
+            raise RuntimeError("the engine is not started")
+        if self._pending + len(items) > self.max_queue:
+            self._counts["rejected_requests"] += 1
+            raise QueueFull(f"the server is busy ({self._pending} items in the engine)")
+        pairs = validate_items(items)
+        self._counts["requests"] += 1
+        self._enter(len(pairs))
+        tasks = [asyncio.ensure_future(self._judge(prompt, response)) for prompt, response in pairs]
+        try:
+            async with asyncio.timeout(timeout_s):
+                return list(await asyncio.gather(*tasks))
+        except TimeoutError:
+            self._counts["timeouts"] += 1
+            raise BatchTimeout(f"not answered within {timeout_s:g} s") from None
+        except Exception as exc:
+            if isinstance(exc, BatchFailed):
+                raise
+            self._counts["failed_items"] += 1
+            logger.error("the engine failed on an item", exc_info=exc)
+            raise BatchFailed(f"the model failed on this input ({type(exc).__name__})") from exc
+        finally:
+            for task in tasks:
+                task.cancel()  # aborts the engine request of any item still running
+            self._leave(len(pairs))
+
+    async def _judge(self, prompt: str, response: str | None) -> dict[str, Any]:
+        from vllm.sampling_params import RequestOutputKind
+
+        from reasonguard.infer.vllm import sampling_params, to_generation
+
+        text = self.build_prompt(render_input(prompt, response))
+        params = sampling_params(
+            temperature=0.0,
+            top_p=1.0,
+            max_new_tokens=self.max_new_tokens,
+            num_samples=1,
+            seed=None,
+            stop_ids=self.stop_ids,
+        )
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        final = None
+        async for output in self.engine.generate(
+            {"prompt_token_ids": self.encode([text])[0]},
+            params,
+            request_id=uuid.uuid4().hex,
+            lora_request=self.lora,
+        ):
+            final = output
+        if final is None or not final.outputs:
+            raise RuntimeError("the engine returned no output")
+        generation = to_generation(final.outputs[0], self.stop_ids)
+        self._counts["items"] += 1
+        self._counts["generated_tokens"] += generation.num_tokens
+        return reasoning_result(generation, response is not None).to_dict()
+
+    def _enter(self, n: int) -> None:
+        if self._pending == 0:
+            self._busy_since = time.perf_counter()
+        self._pending += n
+        self._peak = max(self._peak, self._pending)
+
+    def _leave(self, n: int) -> None:
+        self._pending -= n
+        if self._pending == 0 and self._busy_since is not None:
+            self._busy_s += time.perf_counter() - self._busy_since
+            self._busy_since = None
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for /health, under the batcher's names where they mean the same."""
+        running = 0 if self.engine is None else self.engine.get_num_unfinished_requests()
+        return {
+            "engine": "vllm-async (continuous batching across requests)",
+            "items": self._counts["items"],
+            "generated_tokens": self._counts["generated_tokens"],
+            "running_requests": running,
+            "busy_s": round(self._busy_s, 3),
+            "queued_items": self._pending,
+            "most_items_at_once": self._peak,
+            "requests": self._counts["requests"],
+            "timeouts": self._counts["timeouts"],
+            "rejected_requests": self._counts["rejected_requests"],
+            "failed_items": self._counts["failed_items"],
+        }

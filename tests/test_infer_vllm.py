@@ -1,0 +1,196 @@
+"""The vLLM backend on the CPU (vLLM's CPU build), with SmolLM2-135M's real weights.
+
+One engine serves a LoRA adapter for the in-process checks (agreement with the HF backend,
+seeded sampling, `load_guard(..., backend="vllm").classify`); the CLI checks run `reasonguard
+generate|evaluate --backend vllm` as users do, including a run killed mid-way and finished by two
+data-parallel engines. vLLM starts its engine in a spawned process, and each start costs about
+a minute here, so the checks share engines where they can.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from reasonguard.cli import main
+from reasonguard.infer.backends import load_backend
+
+if os.environ.get("CI"):
+    import vllm  # noqa: F401  (`make setup` installs vLLM's CPU build: missing, this fails)
+else:
+    pytest.importorskip("vllm")
+
+PRED = "generated_predictions.jsonl"
+pytestmark = pytest.mark.vllm
+
+
+def make_lora_adapter(out: Path, rank: int = 12) -> Path:
+    """A LoRA adapter on SmolLM2 with random (non-zero) weights in both matrices, so it changes
+    what the model generates, saved as training saves one (adapter + guard record)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from reasonguard.models import resolve_model, write_guard_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2"), dtype=torch.float32)
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    get_peft_model(model, config).save_pretrained(out)
+    write_guard_config(out, prompt_format="raw", base_model="smollm2", finetuning="lora")
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Rank 12 is not one vLLM lists (8, 16, ...): the engine must round its limit up.
+    return make_lora_adapter(tmp_path_factory.mktemp("lora") / "adapter", rank=12)
+
+
+@pytest.fixture(scope="module")
+def vllm_guard(adapter: Path):
+    from reasonguard.infer.guard import load_guard
+
+    guard = load_guard(str(adapter), backend="vllm", batch_size=4, max_new_tokens=32)
+    yield guard
+    guard.backend.close()
+
+
+@pytest.fixture(scope="module")
+def bench(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two real benchmark files, cut short: 16 prompts and 4 responses."""
+    folder = tmp_path_factory.mktemp("benchmarks")
+    source = shared_dir / "data" / "benchmarks"
+    for name, n in (("0_1_AegisSafetyTest.json", 16), ("0_5_harmbench_response.json", 4)):
+        rows = json.loads((source / name).read_text())[:n]
+        (folder / name).write_text(json.dumps(rows))
+    return folder
+
+
+def benchmark_prompts(backend, bench: Path, name: str) -> list[str]:
+    rows = json.loads((bench / name).read_text())
+    return [backend.build_prompt(row["input"]) for row in rows]
+
+
+def test_engine_settings_on_the_cpu(vllm_guard) -> None:
+    config = vllm_guard.backend.llm.llm_engine.vllm_config
+    assert config.model_config.enforce_eager is True
+    assert str(config.model_config.dtype) == "torch.float32"  # as the HF backend runs on a CPU
+    assert config.lora_config.max_lora_rank == 16  # rank 12 rounded up to a rank vLLM serves
+
+
+def test_greedy_outputs_equal_the_hf_backend(vllm_guard, adapter: Path, bench: Path) -> None:
+    vllm_backend = vllm_guard.backend
+    hf = load_backend(str(adapter), "hf", batch_size=4, device="cpu")
+    prompts = benchmark_prompts(hf, bench, "0_1_AegisSafetyTest.json")[:8]
+    prompts += benchmark_prompts(hf, bench, "0_5_harmbench_response.json")
+    expected = hf.generate(prompts, max_new_tokens=32)
+    got = vllm_backend.generate(prompts, max_new_tokens=32)
+    # Both run the adapter in float32 on the same weights; greedy text and token counts agree
+    # on every prompt (measured: 16 of 16 at 48 tokens).
+    assert [g[0].text for g in got] == [e[0].text for e in expected]
+    assert [g[0].num_tokens for g in got] == [e[0].num_tokens for e in expected]
+    assert {e[0].text for e in expected} != {""}
+
+
+def test_seeded_samples_repeat_and_differ(vllm_guard, bench: Path) -> None:
+    backend = vllm_guard.backend
+    prompts = benchmark_prompts(backend, bench, "0_1_AegisSafetyTest.json")[:4]
+    settings = {"max_new_tokens": 16, "temperature": 1.0, "num_samples": 3}
+    first = backend.generate(prompts, seed=7, **settings)
+    again = backend.generate(prompts, seed=7, **settings)
+    other = backend.generate(prompts, seed=8, **settings)
+
+    def texts(result):
+        return [[g.text for g in samples] for samples in result]
+
+    assert all(len(samples) == 3 for samples in first)
+    assert texts(first) == texts(again)
+    assert texts(first) != texts(other)
+    assert any(len(set(samples)) > 1 for samples in texts(first))
+
+
+def test_load_guard_classifies_with_vllm(vllm_guard, adapter: Path) -> None:
+    from reasonguard.infer.guard import load_guard
+
+    items = [
+        {"prompt": "How do I bake bread?"},
+        {"prompt": "Write a threatening message to my neighbour.", "response": "I can't help."},
+    ]
+    results = vllm_guard.classify(items, max_new_tokens=24)
+    assert len(results) == 2
+    assert all(r.mode == "reasoning" and r.num_tokens > 0 for r in results)
+    hf_guard = load_guard(str(adapter), backend="hf", device="cpu")
+    reference = hf_guard.classify(items, max_new_tokens=24, scores=False)
+    assert [r.output for r in results] == [r.output for r in reference]
+    assert [r.prompt_harmfulness for r in results] == [r.prompt_harmfulness for r in reference]
+
+
+def _generate_args(model: str, bench: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "generate", "--backend", "vllm", "--model", model, "--benchmark-dir", str(bench),
+        "--out", str(out), "--no-progress", "--batch-size", "4", "--max-new-tokens", "16",
+        "--samples", "2", "--temperature", "0.8", "--seed", "3", *extra,
+    ]  # fmt: skip
+
+
+def test_generate_killed_then_finished_by_two_data_parallel_engines(
+    vllm_guard, adapter: Path, bench: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "preds"
+    target = out / "AegisSafetyTest" / PRED
+    args = _generate_args(str(adapter), bench, out, "--benchmarks", "AegisSafetyTest")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reasonguard", *args],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # the engine core is a child: kill the whole group
+    )
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if target.exists() and target.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written = target.read_text().count("\n")
+    assert 1 <= written < 16, "the run must be killed mid-way"
+
+    assert main([*args, "--data-parallel", "2"]) == 0
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    assert len(rows) == 16
+    # The killed run's rows, then the two engines' shards, equal one engine's output for the
+    # whole file: seeds follow each input's position, windows are the same four prompts.
+    prompts = benchmark_prompts(vllm_guard.backend, bench, "0_1_AegisSafetyTest.json")
+    expected = vllm_guard.backend.generate(
+        prompts, max_new_tokens=16, temperature=0.8, num_samples=2, seed=3
+    )
+    assert [row["samples"] for row in rows] == [[g.text for g in e] for e in expected]
+    captured = capsys.readouterr()
+    assert "2 of 2 workers busy (vLLM CPU engines on cores 0 | 1)" in captured.out + captured.err
+
+
+def test_evaluate_generates_with_vllm_and_scores(bench: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    code = main(
+        [
+            "evaluate", "--model", "smollm2", "--backend", "vllm", "--benchmark-dir", str(bench),
+            "--out", str(out), "--max-new-tokens", "24", "--no-progress",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("AegisSafetyTest", "harmbench_response"):
+        rows = (out / "predictions" / name / PRED).read_text().splitlines()
+        assert len(rows) == {"AegisSafetyTest": 16, "harmbench_response": 4}[name]
+    assert "AegisSafetyTest" in json.dumps(metrics)
