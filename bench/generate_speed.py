@@ -1,16 +1,20 @@
-"""Generation throughput of the HF backend: one prompt at a time vs batched, in one run.
+"""Generation throughput of the HF backend: one prompt at a time vs batched, in one run; with
+`--vllm`, the vLLM backend on the same prompts too.
 
 Runs the same benchmark prompts through `HFBackend.generate` (continuous batching) with each
 batch size (greedy, fixed `max_new_tokens`) and prints rows/s and generated tokens/s, each batch
 size's speed-up over the first, and a JSON line for BENCHMARKS.md. With `--static` it also runs
 transformers' own `generate` on static, length-sorted batches of the largest size (what the
-backend did before continuous batching), for comparison. A warm-up call runs first so one-off
+backend did before continuous batching), for comparison. With `--vllm` the vLLM backend (its CPU
+build on a CPU: float32, as the HF backend) then generates the same prompts in one call, and the
+share of prompts whose greedy text equals the HF backend's is reported. A warm-up call runs
+before each backend's timed runs so one-off
 costs are not timed. `--quiet-load L` waits (up to `--quiet-wait-s`) until the 1-minute load
 average is below L, so other jobs on a shared machine do not skew the numbers.
 
 Example:
     .venv/bin/python bench/generate_speed.py --model smollm2 --rows 32 --max-new-tokens 128 \\
-        --batch-sizes 1 8 16 --static --quiet-load 0.7 --benchmark-dir data/benchmarks
+        --batch-sizes 1 8 16 --static --vllm --quiet-load 0.7 --benchmark-dir data/benchmarks
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--static", action="store_true", help="also time static HF generate")
+    parser.add_argument("--vllm", action="store_true", help="also time the vLLM backend")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet-load", type=float, help="wait for a 1-min load below this")
@@ -135,13 +140,42 @@ def main() -> None:
             f"{r['tokens_per_s']:7.1f} tok/s  ({tokens} tokens, {limit} hit the limit)",
             flush=True,
         )
+    hf_texts = [g.text for [g] in out] if args.batch_sizes else []
+    vllm_agreement = None
+    if args.vllm:
+        del backend.model  # the HF model's memory, before vLLM reserves its own
+        vllm_backend = load_backend(args.model, "vllm", batch_size=len(prompts))
+        vllm_backend.generate(prompts[:2], max_new_tokens=4)  # warm-up
+        name = f"vllm, {len(prompts)} prompts in one call"
+        start = time.perf_counter()
+        out = vllm_backend.generate(prompts, max_new_tokens=args.max_new_tokens)
+        seconds = time.perf_counter() - start
+        tokens = sum(g.num_tokens for [g] in out)
+        results[name] = r = {
+            "seconds": round(seconds, 2),
+            "rows_per_s": round(len(prompts) / seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1),
+            "generated_tokens": tokens,
+            "hit_limit": sum(g.hit_token_limit for [g] in out),
+        }
+        vllm_agreement = sum(a == g.text for a, [g] in zip(hf_texts, out, strict=False)) / max(
+            len(hf_texts), 1
+        )
+        print(
+            f"{name:>32}: {r['seconds']:7.2f} s  {r['rows_per_s']:6.3f} rows/s  "
+            f"{r['tokens_per_s']:7.1f} tok/s  ({tokens} tokens); greedy text equal to the HF "
+            f"backend's on {vllm_agreement:.0%} of the prompts",
+            flush=True,
+        )
+        vllm_backend.close()
+        runs.append((name, None))
     base = results[runs[0][0]]["tokens_per_s"]
     speedups = {name: round(r["tokens_per_s"] / base, 2) for name, r in results.items()}
     for name, ratio in speedups.items():
         print(f"speed-up of {name} over {runs[0][0]}: {ratio:.2f}x")
     summary = {
         "model": args.model,
-        "device": str(backend.device),
+        "device": str(getattr(backend, "device", "cpu")),
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
@@ -152,6 +186,7 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens,
         "results": results,
         "speedups": speedups,
+        "vllm_greedy_agreement": vllm_agreement,
     }
     print(json.dumps(summary))
 

@@ -2,7 +2,8 @@
 
 A backend owns a model and its tokenizer and knows the prompt format the model was trained
 with, so callers hand it rendered inputs (`build_prompt`) and get text back (`generate`).
-Two implementations: `hf.HFBackend` (transformers, CPU or GPU) and `vllm.VLLMBackend` (GPU).
+Two implementations: `hf.HFBackend` (transformers, CPU or GPU) and `vllm.VLLMBackend` (GPU, or
+an x86 CPU with vLLM's CPU build).
 
 Example:
     >>> from reasonguard.infer.backends import load_backend
@@ -244,8 +245,9 @@ def load_backend(
         device: HF only: `cpu`, `cuda`, `cuda:1`; default CUDA when available.
         batch_size: prompts per batch (HF default 8; vLLM schedules itself, default 256).
         trust_remote_code: allow model code from the hub (off: it runs arbitrary code).
-        **kwargs: backend options (HF: `load_in_4bit`, `threads`; vLLM: `tensor_parallel_size`,
-            `gpu_memory_utilization`, `max_model_len`).
+        **kwargs: backend options (both: `dtype`; HF: `load_in_4bit` (default: as trained),
+            `threads`; vLLM: `tensor_parallel_size`, `gpu_memory_utilization`, `max_model_len`,
+            `kv_cache_gib`).
 
     Raises:
         UserError: unknown backend, vLLM not installed, model not found, bad prompt format.

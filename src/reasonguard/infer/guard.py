@@ -273,7 +273,8 @@ def load_guard(
     Args:
         path_or_hub_id: a trained model folder (its recorded prompt format is used), a hub id,
             or an offline alias (`smollm2`, `tiny-llama`).
-        backend: `hf` (CPU or GPU) or `vllm` (GPU; no scores).
+        backend: `hf` (CPU or GPU) or `vllm` (GPU, or an x86 CPU with vLLM's CPU build; no
+            scores, no fast mode).
         prompt_format: for models without a guard record; default `raw`.
         device: HF only; default CUDA when available.
         max_new_tokens: default token budget of `classify`.
