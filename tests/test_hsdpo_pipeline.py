@@ -1,4 +1,5 @@
-"""`reasonguard hsdpo` end to end on the tiny Llama (CPU): plan, kill mid-way, resume, finish."""
+"""`reasonguard hsdpo` end to end on the tiny Llama (CPU): plan, kill mid-way, resume, finish;
+each training and generation stage in a child process of its own, a failing one named."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 
+from reasonguard.cli import build_parser
 from reasonguard.errors import UserError
 from reasonguard.format import render_answers, render_input
 from reasonguard.hsdpo.pipeline import (
@@ -22,6 +25,7 @@ from reasonguard.hsdpo.pipeline import (
     generation_plan,
     load_pipeline_config,
 )
+from reasonguard.train.config import DPOConfig, SFTConfig, load_config
 from test_train_support import CPU_ENV, REPO, cli_env
 
 _PROMPTS = [
@@ -203,13 +207,16 @@ def test_pipeline_killed_mid_way_resumes_without_redoing_finished_stages(
     path = write_pipeline(tmp_path, model, data)
     out = tmp_path / "out"
     first = run_cli(path, tmp_path / "first.log")
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 480  # a loaded machine: each stage starts a Python process
     while not (out / "generations" / "no-B").exists():  # the R-SFT stages are done
         assert first.poll() is None, (tmp_path / "first.log").read_text()
         assert time.monotonic() < deadline, "the pipeline did not reach generation in time"
         time.sleep(0.05)
+    stage_processes = psutil.Process(first.pid).children(recursive=True)
     first.send_signal(signal.SIGKILL)
     first.wait()
+    assert stage_processes, "the generation stage has no process of its own"
+    assert not still_running(stage_processes, timeout=30), "a stage outlived its pipeline"
     assert not (out / "dpo").exists()
     trained = {
         name: (out / name / "training_info.json").stat().st_mtime_ns
@@ -217,7 +224,7 @@ def test_pipeline_killed_mid_way_resumes_without_redoing_finished_stages(
     }
 
     second = run_cli(path, tmp_path / "second.log")
-    second.wait(timeout=300)
+    second.wait(timeout=600)
     log = (tmp_path / "second.log").read_text()
     assert second.returncode == 0, log
     for name in ("R-SFT main model", "R-SFT without A", "R-SFT without B"):
@@ -241,3 +248,146 @@ def test_pipeline_killed_mid_way_resumes_without_redoing_finished_stages(
     log = (tmp_path / "third.log").read_text()
     assert third.returncode == 0, log
     assert log.count("done before, skipped") == 8  # 3 R-SFT, 3 generation, mining, DPO
+
+
+def still_running(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """The processes still running (not exited, not zombies) after up to `timeout` seconds;
+    those are killed before returning."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in processes if _running(p)]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for process in alive:
+        process.kill()
+    return alive
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def run_cli_watching_children(
+    path: Path, log: Path, timeout: float
+) -> tuple[int, int, dict[int, list[str]]]:
+    """Run the real CLI to its end, noting every process it starts: (its exit code, its own
+    pid, `{pid: command line}` of its children running `reasonguard`)."""
+    proc = run_cli(path, log)
+    children: dict[int, list[str]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            try:
+                for child in psutil.Process(proc.pid).children():
+                    command = child.cmdline()  # the pipeline's own until the child execs
+                    if command[1:3] == ["-m", "reasonguard"] and command[3:4] != ["hsdpo"]:
+                        children[child.pid] = command
+            except psutil.NoSuchProcess:  # the pipeline or a child ended while being listed
+                pass
+            time.sleep(0.02)  # a stage lives for seconds: it loads torch and a model
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, proc.pid, children
+
+
+def test_stage_commands_carry_the_pipeline_settings(tmp_path) -> None:
+    data = write_split_data(tmp_path / "d.jsonl")
+    path = write_pipeline(
+        tmp_path, Path("tiny-llama"), data, seed=7, generation_limit=3, data_parallel=2
+    )
+    pipeline = Pipeline(load_pipeline_config(path))
+    args = build_parser().parse_args(pipeline.generate_argv("no-B", ["A"]))
+    c = pipeline.config
+    assert (args.command, args.model, args.data, args.splits, args.out) == (
+        "generate",
+        str(tmp_path / "out" / "rsft-no-B" / "final"),
+        str(data),
+        ["A"],
+        str(tmp_path / "out" / "generations" / "no-B"),
+    )
+    assert (args.samples, args.temperature, args.top_p, args.max_new_tokens, args.seed) == (
+        c.samples,
+        c.temperature,
+        c.top_p,
+        c.max_new_tokens,
+        c.seed,
+    )
+    assert (args.backend, args.batch_size, args.limit, args.data_parallel) == ("hf", 8, 3, 2)
+    assert (args.mode, args.prompt_format, args.scores) == ("reasoning", None, False)
+
+    vllm = Pipeline(load_pipeline_config(path, ["backend=vllm", "tensor_parallel_size=2"]))
+    args = build_parser().parse_args(vllm.generate_argv("main", ["W"]))
+    assert (args.backend, args.tensor_parallel_size, args.limit) == ("vllm", 2, 3)
+
+    # The training stages read their config back from the file the pipeline writes.
+    from reasonguard.hsdpo.stages import save_stage_config
+
+    for config, cls, stage in (
+        (pipeline.main_sft, SFTConfig, "sft"),
+        (pipeline.diversity["A"], SFTConfig, "sft"),
+        (pipeline.dpo_config(), DPOConfig, "dpo"),
+    ):
+        written = save_stage_config(config, tmp_path / f"{stage}.yaml", stage)
+        assert load_config(written, cls=cls) == config
+
+
+def test_each_training_and_generation_stage_runs_in_a_process_of_its_own(
+    tmp_path, format_model
+) -> None:
+    model, data = format_model
+    path = write_pipeline(tmp_path, model, data, main_model=str(model))
+    out = tmp_path / "out"
+    code, pipeline, children = run_cli_watching_children(path, tmp_path / "run.log", 600)
+    log = (tmp_path / "run.log").read_text()
+    assert code == 0, log
+    commands = {pid: command[3:] for pid, command in children.items()}
+    expected = [
+        ["train", "sft", "--config", str(out / "configs" / "rsft-no-A.yaml")],
+        ["train", "sft", "--config", str(out / "configs" / "rsft-no-B.yaml")],
+        *(
+            ["generate", "--model", str(model_dir), "--data", str(data), "--splits", split]
+            for model_dir, split in (
+                (model, "W"),
+                (out / "rsft-no-B" / "final", "A"),
+                (out / "rsft-no-A" / "final", "B"),
+            )
+        ),
+        ["train", "dpo", "--config", str(out / "configs" / "dpo.yaml")],
+    ]
+    # One fresh process per stage, in the plan's order (mining runs in the pipeline itself).
+    assert len(commands) == len(expected), commands
+    for command, start in zip(commands.values(), expected, strict=True):
+        assert command[: len(start)] == start, (command, start)
+        assert f"$ reasonguard {' '.join(start)}" in log  # each command is shown before it runs
+    # The training runs record their own process: a child of the pipeline, not the pipeline.
+    for run_dir in ("rsft-no-A", "rsft-no-B", "dpo"):
+        pid = json.loads((out / run_dir / "status.json").read_text())["pid"]
+        assert pid != pipeline and pid in commands, (run_dir, pid, commands)
+    for name in ("main", "no-A", "no-B"):
+        assert list((out / "generations" / name).glob("*.jsonl"))
+    assert (out / "dpo" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_a_failing_stage_stops_the_pipeline_named_with_its_exit_code(tmp_path) -> None:
+    data = write_split_data(tmp_path / "d.jsonl")
+    rows = data.read_text().splitlines()
+    bad = {**json.loads(rows[-1]), "output": ""}  # the last row of split B: training refuses it
+    data.write_text("\n".join([*rows[:-1], json.dumps(bad)]) + "\n")
+    path = write_pipeline(tmp_path, Path("tiny-llama"), data)
+    proc = run_cli(path, tmp_path / "run.log")
+    proc.wait(timeout=300)
+    log = (tmp_path / "run.log").read_text()
+    assert proc.returncode == 2, log  # the child's UserError code, passed on
+    config = tmp_path / "out" / "configs" / "rsft-main.yaml"
+    assert (
+        f"error: stage 'R-SFT main model' failed: `reasonguard train sft --config {config}` "
+        "exited with code 2"
+    ) in log
+    assert "'output'" in log  # the child's own message, on the same output
+    assert "[2/" not in log and not (tmp_path / "out" / "rsft-no-A").exists()

@@ -19,7 +19,9 @@ model per left-out source, (3) k sampled outputs per training prompt (each left-
 sampled by the diversity models that trained on it, the other sources by the main model),
 (4) mining and merging the hard samples, (5) weighted DPO from the main model. It prints the plan
 first; a stage whose output is complete is skipped, so rerunning the same command after a crash
-continues where it stopped. With --dry-run the plan also lists what would stop the run here (a
+continues where it stopped. Each training and generation stage runs as its own reasonguard
+command in a child process (printed before it starts), so it returns its GPU memory when it ends;
+when one fails, the pipeline stops with that stage's exit code. With --dry-run the plan also lists what would stop the run here (a
 main_model that does not exist, a backend that is not installed); a real run refuses to start
 with those.
 
@@ -49,35 +51,28 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from reasonguard.hsdpo.pipeline import Pipeline, load_pipeline_config, run_pipeline
+    from reasonguard.hsdpo.stages import StageFailed, save_stage_config
 
     config = load_pipeline_config(args.config, args.overrides)
     if args.export_configs:
-        from reasonguard.train.config import save_config
-
         pipeline = Pipeline(config)
         out = Path(args.export_configs)
         out.mkdir(parents=True, exist_ok=True)
-        written = [
-            save_config(
-                pipeline.main_sft,
-                out / "rsft-main.yaml",
-                header=f"# reasonguard train sft --config {out / 'rsft-main.yaml'}",
-            )
-        ]
+        written = [save_stage_config(pipeline.main_sft, out / "rsft-main.yaml", "sft")]
         for source, sft in pipeline.diversity.items():
-            path = out / f"rsft-no-{source}.yaml"
-            written.append(
-                save_config(sft, path, header=f"# reasonguard train sft --config {path}")
-            )
-        path = out / "dpo.yaml"
-        written.append(
-            save_config(
-                pipeline.dpo_config(), path, header=f"# reasonguard train dpo --config {path}"
-            )
-        )
+            written.append(save_stage_config(sft, out / f"rsft-no-{source}.yaml", "sft"))
+        written.append(save_stage_config(pipeline.dpo_config(), out / "dpo.yaml", "dpo"))
         for item in written:
             print(item)
         return 0
-    run_pipeline(config, dry_run=args.dry_run)
+    try:
+        run_pipeline(config, dry_run=args.dry_run)
+    except StageFailed as exc:
+        # The child already printed why; its exit code says how (2: bad input, as for any
+        # reasonguard command), so a script sees the same code as from the stage run by hand.
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0

