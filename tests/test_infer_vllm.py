@@ -194,3 +194,41 @@ def test_evaluate_generates_with_vllm_and_scores(bench: Path, tmp_path: Path) ->
         rows = (out / "predictions" / name / PRED).read_text().splitlines()
         assert len(rows) == {"AegisSafetyTest": 16, "harmbench_response": 4}[name]
     assert "AegisSafetyTest" in json.dumps(metrics)
+
+
+def test_lora_rank_limits_round_up_to_what_vllm_serves() -> None:
+    from reasonguard.errors import UserError
+    from reasonguard.infer.vllm import lora_rank_limit
+
+    assert [lora_rank_limit(r) for r in (1, 4, 8, 12, 16, 100, 512)] == [1, 8, 8, 16, 16, 128, 512]
+    with pytest.raises(UserError, match="at most 512"):
+        lora_rank_limit(513)
+
+
+def test_backend_flags_that_belong_to_the_other_backend_are_refused(cli) -> None:
+    for args, message in (
+        (["--backend", "vllm", "--device", "cpu"], "--device goes with --backend hf"),
+        (["--backend", "vllm", "--no-load-in-4bit"], "--load-in-4bit goes with --backend hf"),
+        (["--kv-cache-gib", "1"], "--kv-cache-gib goes with --backend vllm"),
+    ):
+        code, _, err = cli("classify", "--model", "tiny-llama", "--prompt", "hi", *args)
+        assert code == 2 and message in err, err
+
+
+def test_engine_options_serve_an_adapter_as_trained(tmp_path: Path, capsys) -> None:
+    import shutil
+
+    from reasonguard.infer.vllm import engine_options
+    from reasonguard.models import read_guard_config, resolve_model, write_guard_config
+
+    adapter = make_lora_adapter(tmp_path / "qlora", rank=4)
+    record = read_guard_config(adapter)
+    write_guard_config(adapter, **{**record, "finetuning": "qlora"})
+    options, lora = engine_options(str(adapter))
+    assert options["model"] == resolve_model("smollm2") and options["enable_lora"] is True
+    assert options["max_lora_rank"] == 8 and lora.lora_path == str(adapter)
+    assert "quantization" not in options  # the CPU build has no bitsandbytes quantization
+    assert "trained on a 4-bit NF4 base (QLoRA)" in capsys.readouterr().err
+    assert options["dtype"] == "float32" and options["enforce_eager"] is True
+    assert engine_options(str(adapter), dtype="bfloat16")[0]["dtype"] == "bfloat16"
+    shutil.rmtree(adapter)
