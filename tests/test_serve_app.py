@@ -204,6 +204,16 @@ def test_limits_are_413(client: TestClient, body: dict) -> None:
 def test_oversized_body_is_413_before_parsing(client: TestClient) -> None:
     r = client.post("/v1/moderations", content=b"x" * (2 << 20), headers=AUTH)
     assert r.status_code == 413
+    assert r.json()["error"]["code"] == "request_too_large"
+
+
+def test_oversized_streamed_body_is_413(client: TestClient) -> None:
+    def chunks():  # no Content-Length: the limit is counted as the bytes arrive
+        for _ in range(64):
+            yield b"x" * (1 << 16)
+
+    r = client.post("/v1/moderations", content=chunks(), headers=AUTH)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
 @pytest.mark.parametrize(

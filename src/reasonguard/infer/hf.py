@@ -345,14 +345,12 @@ class HFBackend(Backend):
         # Right padding: in a causal model the pads after a row cannot change its logits.
         input_ids = torch.tensor([seq + [pad] * (width - len(seq)) for _, seq, _ in jobs])
         attention = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for _, seq, _ in jobs])
-        most = max(len(members) for _, _, members in jobs)
-        # Only the answer positions go through the LM head (a full-vocab row per token is GBs).
-        keep = torch.tensor(
-            [
-                [p for p, _ in members] + [members[0][0]] * (most - len(members))
-                for _, _, members in jobs
-            ]
-        )
+        # Only the answer positions go through the LM head (a full-vocab row per token is GBs):
+        # the union of every row's positions, as one index list shared by the rows (what
+        # `logits_to_keep` takes as a tensor); each row then reads its own columns.
+        positions = sorted({p for _, _, members in jobs for p, _ in members})
+        column_of = {p: i for i, p in enumerate(positions)}
+        keep = torch.tensor(positions)
         with torch.inference_mode():
             logits = (
                 self.model(
@@ -365,7 +363,8 @@ class HFBackend(Backend):
                 .cpu()
             )
         for row, (item, _, members) in enumerate(jobs):
-            for column, (_, query) in enumerate(members):
+            for position, query in members:
                 labels = list(query.candidates)
+                column = column_of[position]
                 values = [logits[row, column, query.candidates[label]].item() for label in labels]
                 results[item][TASK_FIELD[query.task]] = normalised(values, labels)

@@ -179,6 +179,41 @@ class _BearerAuth:
         await response(scope, receive, send)
 
 
+class _BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is a 413 before anything parses it.
+
+    A declared `Content-Length` over the limit is answered at once, without reading the body;
+    a streamed body is cut off as soon as the bytes received pass the limit (the route's body
+    read raises the 413, which FastAPI passes on as it is).
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"the request body is larger than {self.limit} bytes"
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await _error(413, message, "request_too_large")(scope, receive, send)
+                return
+        received = 0
+
+        async def limited() -> Any:
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.limit:
+                    raise HTTPException(413, message)
+            return event
+
+        await self.app(scope, limited, send)
+
+
 def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
     """Build the app around a loaded guard.
 
@@ -243,11 +278,11 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
         description="Reasoning guardrail server: OpenAI-compatible moderation and native "
         "prompt/response classification.",
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
     )
     app.state.batcher = batcher
     app.state.settings = settings
-    if settings.api_key is not None:
+    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+    if settings.api_key is not None:  # added last, so it runs first: a 401 reads nothing
         app.add_middleware(_BearerAuth, api_key=settings.api_key)
 
     @app.exception_handler(HTTPException)
