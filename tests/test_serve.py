@@ -141,7 +141,10 @@ def server(servers: tuple[Server, Server]) -> Server:
     return servers[0]
 
 
-def test_100_concurrent_requests_are_batched(server: Server) -> None:
+def answer_100_concurrent_requests(server: Server, model_name: str, timeout_s: float) -> None:
+    """100 requests at once, every third a /v1/classify with a response, the rest moderations;
+    all must be answered, each with its own id."""
+
     async def burst() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=100)
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, limits=limits) as client:
@@ -149,10 +152,11 @@ def test_100_concurrent_requests_are_batched(server: Server) -> None:
             for i in range(100):
                 if i % 3 == 0:
                     items = [{"prompt": f"question {i}?", "response": f"answer {i}"}]
-                    calls.append(client.post("/v1/classify", json={"items": items}, timeout=120))
+                    body = {"items": items}
+                    calls.append(client.post("/v1/classify", json=body, timeout=timeout_s))
                 else:
                     body = {"input": f"Is this fine, number {i}?", "model": "whatever"}
-                    calls.append(client.post("/v1/moderations", json=body, timeout=120))
+                    calls.append(client.post("/v1/moderations", json=body, timeout=timeout_s))
             return await asyncio.gather(*calls)
 
     responses = asyncio.run(burst())
@@ -161,9 +165,13 @@ def test_100_concurrent_requests_are_batched(server: Server) -> None:
     for i, r in enumerate(responses):
         model = ClassifyResponse if i % 3 == 0 else ModerationResponse
         body = model.model_validate(r.json())
-        assert len(body.results) == 1 and body.model == "tiny-llama"
+        assert len(body.results) == 1 and body.model == model_name
         ids.add(body.id)
     assert len(ids) == 100
+
+
+def test_100_concurrent_requests_are_batched(server: Server) -> None:
+    answer_100_concurrent_requests(server, "tiny-llama", timeout_s=120)
     stats = httpx.get(f"{server.url}/health").json()["batcher"]
     assert stats["items"] >= 100 and stats["largest_batch"] > 1, stats
     assert stats["batches"] < stats["items"], stats

@@ -9,15 +9,23 @@ texts equal the HF backend's greedy outputs for the same model and prompts.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from reasonguard.serve.schemas import ClassifyResponse, ModerationResponse
-from test_serve import AUTH, KEY, MAX_CHARS, MAX_ITEMS, Server, _stop_clean, start_server
+from reasonguard.serve.schemas import ClassifyResponse
+from test_serve import (
+    AUTH,
+    KEY,
+    MAX_CHARS,
+    MAX_ITEMS,
+    Server,
+    _stop_clean,
+    answer_100_concurrent_requests,
+    start_server,
+)
 
 if os.environ.get("CI"):
     import vllm  # noqa: F401  (`make setup` installs vLLM's CPU build: missing, this fails)
@@ -52,28 +60,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def test_100_concurrent_requests_share_the_running_batch(server: Server) -> None:
-    async def burst() -> list[httpx.Response]:
-        limits = httpx.Limits(max_connections=100)
-        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, limits=limits) as client:
-            calls = []
-            for i in range(100):
-                if i % 3 == 0:
-                    items = [{"prompt": f"question {i}?", "response": f"answer {i}"}]
-                    calls.append(client.post("/v1/classify", json={"items": items}, timeout=300))
-                else:
-                    body = {"input": f"Is this fine, number {i}?", "model": "whatever"}
-                    calls.append(client.post("/v1/moderations", json=body, timeout=300))
-            return await asyncio.gather(*calls)
-
-    responses = asyncio.run(burst())
-    assert [r.status_code for r in responses] == [200] * 100
-    ids = set()
-    for i, r in enumerate(responses):
-        model = ClassifyResponse if i % 3 == 0 else ModerationResponse
-        body = model.model_validate(r.json())
-        assert len(body.results) == 1 and body.model == "smollm2"
-        ids.add(body.id)
-    assert len(ids) == 100
+    answer_100_concurrent_requests(server, "smollm2", timeout_s=300)
     stats = httpx.get(f"{server.url}/health").json()["batcher"]
     assert stats["engine"].startswith("vllm-async")
     assert stats["items"] >= 100 and stats["generated_tokens"] > 0, stats
