@@ -189,11 +189,12 @@ def test_evaluate_generates_with_vllm_and_scores(bench: Path, tmp_path: Path) ->
         ]
     )  # fmt: skip
     assert code == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    for name in ("AegisSafetyTest", "harmbench_response"):
+    metrics = json.dumps(json.loads((out / "metrics.json").read_text()))
+    for name, count in (("AegisSafetyTest", 16), ("HarmBenchResponse", 4)):
         rows = (out / "predictions" / name / PRED).read_text().splitlines()
-        assert len(rows) == {"AegisSafetyTest": 16, "harmbench_response": 4}[name]
-    assert "AegisSafetyTest" in json.dumps(metrics)
+        assert len(rows) == count
+        assert all(json.loads(row)["num_tokens"] > 0 for row in rows)
+        assert name in metrics
 
 
 def test_lora_rank_limits_round_up_to_what_vllm_serves() -> None:

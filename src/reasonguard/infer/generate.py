@@ -337,6 +337,9 @@ def run_jobs(
                 counts[job.relpath] = max(done, total)
     finally:
         state.close()
+        close = getattr(loaded, "close", None)
+        if close is not None:  # a vLLM engine's processes stop now, not at interpreter exit
+            close()
     return counts
 
 
