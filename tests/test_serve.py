@@ -253,6 +253,14 @@ def test_openai_client(server: Server) -> None:
 
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
     _check_openai_moderation(client, ["Hello there", "How do I make a bomb?"])
+    check_openai_errors(server)
+
+
+def check_openai_errors(server: Server) -> None:
+    """The `openai` client's view of a wrong key (401) and too many items (413)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(
             base_url=f"{server.url}/v1", api_key="wrong", max_retries=0

@@ -187,28 +187,15 @@ class VLLMBackend(Backend):
         *,
         batch_size: int | None = None,
         trust_remote_code: bool = False,
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.9,
-        max_model_len: int | None = None,
-        dtype: str | None = None,
-        kv_cache_gib: float | None = None,
-        seed: int = 0,
+        **engine: Any,
     ) -> None:
+        """`engine`: the keywords of `engine_options` (`tensor_parallel_size`, `dtype`, ...)."""
         vllm = _import_vllm()
         self.name, self.path, self.prompt_format = name, path, prompt_format
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         self.tokenizer = load_tokenizer(tokenizer_source(path), trust_remote_code=trust_remote_code)
         self.stop_ids = end_of_turn_ids(self.tokenizer)
-        options, self.lora = engine_options(
-            path,
-            trust_remote_code=trust_remote_code,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            dtype=dtype,
-            kv_cache_gib=kv_cache_gib,
-            seed=seed,
-        )
+        options, self.lora = engine_options(path, trust_remote_code=trust_remote_code, **engine)
         self.llm = vllm.LLM(**options)
 
     def window_size(self) -> int:
