@@ -255,10 +255,8 @@ def test_timeout_is_504_and_server_recovers(guard: FakeGuard) -> None:
         # The guard was told how long the request had left, so a real one stops generating.
         assert 0 < guard.timeouts[0] <= 0.3
         # The slow batch cannot be interrupted; once it ends, the server answers again.
-        deadline = time.monotonic() + 5
         while client.get("/health").json()["batcher"]["batches"] < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+            time.sleep(0.02)  # the slow batch ends by itself (pytest-timeout guards a hang)
         assert client.get("/health").json()["batcher"]["timeouts"] == 1
         assert client.post("/v1/moderations", json={"input": "a"}, headers=AUTH).status_code == 200
 
