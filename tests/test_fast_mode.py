@@ -273,3 +273,33 @@ def test_cascade_needs_a_calibration(cli, tmp_path, shared_dir) -> None:
     assert code == 2 and "reasonguard calibrate" in err
     code, _, err = cli("classify", "--model", "tiny-llama", "--prompt", "hi", "--mode", "cascade")
     assert code == 2 and "reasonguard calibrate" in err
+
+
+def test_the_shared_instruction_is_computed_once_and_changes_nothing(tiny) -> None:
+    from reasonguard.format import ANSWER_ORDER
+    from reasonguard.infer.fast import fast_verdicts
+
+    backend = tiny.backend
+    prompts = [
+        backend.build_fast_prompt(render_input(i["prompt"], i.get("response"))) for i in ITEMS
+    ]
+    tasks = [("prompt",) if "response" not in i else ANSWER_ORDER for i in ITEMS]
+    with_prefix = backend.fast_verdicts(prompts, tasks)
+    prefix = backend._fast_prefix
+    # Every guard prompt starts with the instruction: that part is cached, once, for all items.
+    assert prefix is not None and len(prefix.caches) == 1
+    [length] = prefix.caches
+    assert length >= 50 and prefix.length(backend.encode(prompts)) == length
+    full = fast_verdicts(
+        backend.model, backend.tokenizer, backend.encode(prompts), tasks, batch_size=3
+    )
+    for a, b in zip(with_prefix, full, strict=True):
+        assert a.labels == b.labels and a.text == b.text
+        for field_name, probs in a.scores.items():
+            if probs is None:
+                assert b.scores[field_name] is None
+                continue
+            for label, p in probs.items():
+                assert abs(p - b.scores[field_name][label]) < 1e-6, (field_name, probs)
+    backend.fast_verdicts(prompts, tasks)
+    assert len(prefix.caches) == 1  # a second call reuses the cache

@@ -8,7 +8,9 @@ reads the model's probabilities of the two labels where the first label word goe
 block, and for an item with a response the next answer (`Completion:`, then `Response:`) is read
 the same way, given the labels chosen before it, as the model would have written the block. Each
 step feeds only the new tokens on the KV cache of the step before, so a verdict costs one prompt
-pass and two short ones, with no free-running generation.
+pass and two short ones, with no free-running generation. The guard instruction every prompt
+starts with (~100 tokens) is computed once (`SharedPrefix`) and its cache copied into each batch,
+as reasoning mode's decode loop does, so a prompt pass reads only the item's own tokens.
 
 A model trained with dual-mode data (`reasoning_dropout` in the R-SFT config) saw answer-only
 rows under the fast-mode marker (`format.FAST_MODE_MARKER`); its fast-mode prompts carry the
@@ -30,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +85,53 @@ class _Contexts:
         return self.cache[key]
 
 
+MIN_PREFIX = 16  # a shorter shared prefix saves less than copying its cache costs
+
+
+class SharedPrefix:
+    """The KV cache of the prompt start every item shares (the guard instruction), computed
+    once per length on first use and copied into each batch that starts with it.
+
+    Args:
+        model: the causal LM the verdicts run on.
+        reference: token ids of a typical prompt (the instruction around an empty input); the
+            part a batch's prompts all share with it is what gets cached.
+    """
+
+    def __init__(self, model: Any, reference: Sequence[int]) -> None:
+        self.model, self.reference = model, list(reference)
+        self.caches: dict[int, Any] = {}
+
+    def length(self, prompt_ids: Sequence[Sequence[int]]) -> int:
+        """How many leading reference tokens every prompt of a batch starts with (0 when fewer
+        than `MIN_PREFIX`); each prompt keeps at least one token of its own."""
+        n = len(self.reference)
+        for ids in prompt_ids:
+            shared = 0
+            for a, b in zip(ids, self.reference, strict=False):
+                if a != b:
+                    break
+                shared += 1
+            n = min(n, shared, len(ids) - 1)
+        return n if n >= MIN_PREFIX else 0
+
+    def cache_for(self, n: int, rows: int, device: str) -> Any:
+        """A fresh cache holding the first `n` reference tokens in each of `rows` rows."""
+        import torch
+
+        if n not in self.caches:
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=torch.tensor([self.reference[:n]], device=device),
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            self.caches[n] = out.past_key_values
+        cache = copy.deepcopy(self.caches[n])  # forward passes extend a cache in place
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+
 def fast_verdicts(
     model: Any,
     tokenizer: Any,
@@ -90,6 +140,7 @@ def fast_verdicts(
     *,
     batch_size: int = 8,
     device: str = "cpu",
+    prefix: SharedPrefix | None = None,
 ) -> list[FastVerdict]:
     """Fast-mode verdicts for encoded prompts (see the module docstring).
 
@@ -102,6 +153,8 @@ def fast_verdicts(
             response.
         batch_size: items per forward batch.
         device: where `model` is.
+        prefix: the shared instruction's cache (kept by the caller across calls); None computes
+            every prompt in full.
 
     Returns:
         One `FastVerdict` per item, in order.
@@ -120,6 +173,7 @@ def fast_verdicts(
             [tasks[i] for i in picked],
             device,
             pad,
+            prefix,
         )
         for i, verdict in zip(picked, found, strict=True):
             results[i] = verdict
@@ -133,6 +187,7 @@ def _batch(
     tasks: Sequence[Sequence[str]],
     device: str,
     pad_id: int,
+    prefix: SharedPrefix | None = None,
 ) -> list[FastVerdict]:
     import torch
 
@@ -140,8 +195,17 @@ def _batch(
     steps = [steps_for(asked) for asked in tasks]
     chosen: list[dict[str, str | None]] = [{} for _ in range(rows)]
     scores = [empty_scores() for _ in range(rows)]
-    fed: list[list[int]] = [[] for _ in range(rows)]  # tokens in each row's cache
-    cache, mask = None, None
+    shared = prefix.length(prompt_ids) if prefix is not None else 0
+
+    def start() -> tuple[list[list[int]], Any, Any]:
+        """Each row's cached tokens, the cache and its mask before the first step."""
+        if not shared:
+            return [[] for _ in range(rows)], None, None
+        held = list(prompt_ids[0][:shared])
+        ones = torch.ones((rows, shared), dtype=torch.long, device=device)
+        return [list(held) for _ in range(rows)], prefix.cache_for(shared, rows, device), ones
+
+    fed, cache, mask = start()  # fed: the tokens in each row's cache
     for k in range(max(len(s) for s in steps)):
         active = [r for r in range(rows) if k < len(steps[r])]
         wanted: dict[int, list[int]] = {}
@@ -157,8 +221,7 @@ def _batch(
         # Continue on the cache when every row's new text extends what it holds (tokenizers
         # almost always split "harmful\nCompletion:" after the label); otherwise start over.
         if cache is None or any(fed[r] != wanted[r][: len(fed[r])] for r in wanted):
-            fed = [[] for _ in range(rows)]
-            cache, mask = None, None
+            fed, cache, mask = start()
         new = {r: wanted[r][len(fed[r]) :] for r in wanted}
         width = max(len(ids) for ids in new.values())
         if cache is None:  # left padding: every row's last token sits in the last column
@@ -184,7 +247,11 @@ def _batch(
             (width - 1) if cache is None else max(len(new.get(r, [])) - 1, 0) for r in range(rows)
         ]
         past = 0 if mask is None else mask.shape[1]
-        cache_was_none = cache is None
+        # Prefill: every row ends in the last column, one position is enough. On a cache (the
+        # shared prefix, or the step before) rows end in different columns: the logits are kept
+        # at the union of their last positions (one index list shared by the rows) and each
+        # row's own one picked below.
+        keep = sorted(set(last))
         with torch.inference_mode():
             out = model(
                 input_ids=torch.tensor(input_ids, device=device),
@@ -193,13 +260,12 @@ def _batch(
                 past_key_values=cache,
                 cache_position=torch.arange(past, past + width, device=device),
                 use_cache=True,
-                # Prefill: every row ends in the last column, one position is enough. Later
-                # steps feed a few tokens per row (a label and the next field name), so all of
-                # them are kept and each row's own last one picked below.
-                logits_to_keep=1 if cache is None else width,
+                logits_to_keep=1 if cache is None else torch.tensor(keep, device=device),
             )
+        at = torch.tensor(
+            [0 if cache is None else keep.index(p) for p in last], device=out.logits.device
+        )
         cache, mask = out.past_key_values, full_mask
-        at = torch.tensor([0 if cache_was_none else p for p in last], device=out.logits.device)
         logits = out.logits[torch.arange(rows, device=at.device), at].float().cpu()
         for r in wanted:
             fed[r] = wanted[r]

@@ -208,6 +208,7 @@ class HFBackend(Backend):
         self.model = load_model(path, self.device, trust_remote_code, load_in_4bit, dtype)
         self.stop_ids = end_of_turn_ids(self.tokenizer)
         self._reference_ids: list[int] | None = None
+        self._fast_prefix: Any = None  # fast.SharedPrefix, made on the first fast verdict
         from reasonguard.infer.batching import model_supported, use_ragged_attention
 
         if not model_supported(self.model.config):
@@ -271,8 +272,11 @@ class HFBackend(Backend):
 
     def fast_verdicts(self, prompts: Sequence[str], tasks: Sequence[Sequence[str]]) -> list[Any]:
         """Fast-mode verdicts (see `fast.py`): the answer block forced after each prompt."""
-        from reasonguard.infer.fast import fast_verdicts
+        from reasonguard.infer.fast import SharedPrefix, fast_verdicts
 
+        if self._fast_prefix is None:
+            reference = self.encode([self.build_fast_prompt(render_input("."))])[0]
+            self._fast_prefix = SharedPrefix(self.model, reference)
         return fast_verdicts(
             self.model,
             self.tokenizer,
@@ -280,6 +284,7 @@ class HFBackend(Backend):
             tasks,
             batch_size=self.batch_size,
             device=self.device,
+            prefix=self._fast_prefix,
         )
 
     def _reference(self) -> list[int]:
