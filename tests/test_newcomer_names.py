@@ -15,6 +15,7 @@ import pytest
 
 from test_train_support import CPU_ENV, REPO, cli_env
 
+
 def _offline_machine() -> bool:
     from reasonguard.train.hardware import hub_reachable
 
@@ -96,9 +97,7 @@ def test_hub_dataset_without_hub_fails_fast_with_offline_advice(cli, online_mode
 
 @needs_no_hub
 def test_hub_model_without_hub_fails_fast_with_offline_advice(cli, online_mode) -> None:
-    code, err = run(
-        cli, "classify", "--model", "yueliu1999/GuardReasoner-1B", "--prompt", "hi"
-    )
+    code, err = run(cli, "classify", "--model", "yueliu1999/GuardReasoner-1B", "--prompt", "hi")
     assert code == 2
     assert "cannot load model 'yueliu1999/GuardReasoner-1B'" in err
     assert "Hugging Face Hub is not reachable" in err
@@ -109,9 +108,7 @@ def test_hub_model_without_hub_fails_fast_with_offline_advice(cli, online_mode) 
 def test_offline_mode_without_cached_model_fails_fast(cli, monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    code, err = run(
-        cli, "classify", "--model", "yueliu1999/GuardReasoner-1B", "--prompt", "hi"
-    )
+    code, err = run(cli, "classify", "--model", "yueliu1999/GuardReasoner-1B", "--prompt", "hi")
     assert code == 2
     assert "not in the local Hugging Face cache" in err
     assert "smollm2" in err
