@@ -35,7 +35,7 @@ def test_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     assert main(["classify", *MODEL, "--input", str(bad)]) == 2
-    assert "item 1: missing 'prompt'" in capsys.readouterr().err
+    assert f"{bad}:2: missing 'prompt'" in capsys.readouterr().err
 
 
 def test_option_prefixes_are_not_guessed(capsys: pytest.CaptureFixture[str]) -> None:

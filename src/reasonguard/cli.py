@@ -46,13 +46,42 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
 
+class CommandParser(Parser):
+    """A verb's parser: an argument it does not know is its error, with its own usage line and
+    the nearest option it has (argparse leaves such arguments to the top-level parser, whose
+    usage names no option of the verb)."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            message = f"unrecognized arguments: {' '.join(extras)}"
+            self.error(message + _nearest_options(self, extras))
+        return namespace, extras
+
+
+def _nearest_options(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
+    """`(did you mean --mode or --model?)` for the first unknown option, or nothing."""
+    import difflib
+
+    unknown = next((a.split("=", 1)[0] for a in extras if a.startswith("--")), None)
+    if unknown is None:
+        return ""
+    known = [o for o in parser._option_string_actions if o.startswith("--")]
+    near = difflib.get_close_matches(unknown, known, n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(near)}?)" if near else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="reasonguard",
         description="Train, evaluate and serve reasoning-based LLM guardrails.",
     )
     parser.add_argument("--version", action="version", version=f"reasonguard {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=CommandParser
+    )
     for module_name in COMMANDS.values():
         try:
             module = importlib.import_module(module_name)

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import argparse
 
-from reasonguard.commands.generate import add_mode_argument, add_model_arguments, backend_options
+from reasonguard.commands.generate import (
+    add_mode_argument,
+    add_model_arguments,
+    backend_options,
+    cascade_bands,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,8 +30,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     single.add_argument("--response", help="the AI response to judge (optional)")
     many = p.add_argument_group("a file of items")
     many.add_argument("--input", metavar="FILE", help='JSONL rows {"prompt": ..., "response": ...}')
-    many.add_argument("--output", metavar="FILE", help="JSONL verdicts (default: stdout)")
-    p.add_argument("--no-scores", action="store_true", help="skip the label probabilities")
+    p.add_argument(
+        "--output",
+        metavar="FILE",
+        help="write the verdicts here as JSONL, one row per item with the item's fields (default: "
+        "stdout; one item is printed as indented JSON)",
+    )
+    p.add_argument(
+        "--no-scores",
+        action="store_true",
+        help="reasoning and cascade modes: skip the label probabilities of reasoned verdicts (an "
+        "extra forward pass each); fast mode's verdicts are those probabilities",
+    )
     add_mode_argument(p)
     p.set_defaults(func=run)
 
@@ -41,15 +56,23 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give either --prompt TEXT [--response TEXT] or --input FILE")
     if args.input is not None and args.response is not None:
         raise UserError("--response goes with --prompt, not --input")
+    if args.no_scores and args.mode == "fast":
+        raise UserError(
+            "--no-scores goes with --mode reasoning or cascade: fast mode's verdicts are the "
+            "label probabilities, so there is no extra pass to skip"
+        )
+    # Everything that can be checked without the model is checked before it loads.
     items = (
         [{"prompt": args.prompt, "response": args.response}]
         if args.input is None
         else _read(args.input)
     )
+    bands = cascade_bands(args.model, args.mode)
+    options = backend_options(args)
 
-    from reasonguard.infer.guard import load_guard, validate_items
+    from reasonguard.infer.cascade import Bands
+    from reasonguard.infer.guard import load_guard
 
-    validate_items(items)  # bad rows fail before the model loads
     _quiet_deprecations()
     guard = load_guard(
         args.model,
@@ -57,28 +80,37 @@ def run(args: argparse.Namespace) -> int:
         prompt_format=args.prompt_format,
         max_new_tokens=args.max_new_tokens,
         mode=args.mode,
-        **backend_options(args),
+        bands=None if bands is None else Bands.from_dict(bands),
+        **options,
     )
     print(_start_line(args.model, guard.mode, guard.max_new_tokens, len(items)), file=sys.stderr)
     results = guard.classify(items, scores=not args.no_scores)
     for warning in _warnings(results, guard.max_new_tokens):
         print(f"warning: {warning}", file=sys.stderr)
-    if args.input is None:
-        print(json.dumps(results[0].to_dict(), ensure_ascii=False, indent=1))
+    if args.output is None:
+        if args.input is None:
+            print(json.dumps(results[0].to_dict(), ensure_ascii=False, indent=1))
+        else:
+            sys.stdout.write(_jsonl(items, results))
         return 0
-    lines = "".join(
+    try:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(_jsonl(items, results))
+    except OSError as exc:
+        raise UserError(f"{args.output}: cannot write ({exc.strerror})") from None
+    count = f"{len(results)} verdict{'s' * (len(results) != 1)}"
+    print(f"wrote {count} to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _jsonl(items: list, results: list) -> str:
+    """One JSON line per item: the item's fields, then the verdict's."""
+    import json
+
+    return "".join(
         json.dumps({**item, **result.to_dict()}, ensure_ascii=False) + "\n"
         for item, result in zip(items, results, strict=True)
     )
-    if args.output is None:
-        sys.stdout.write(lines)
-    else:
-        try:
-            with open(args.output, "w", encoding="utf-8") as f:
-                f.write(lines)
-        except OSError as exc:
-            raise UserError(f"{args.output}: cannot write ({exc.strerror})") from None
-    return 0
 
 
 def _quiet_deprecations() -> None:
@@ -140,7 +172,7 @@ def _warnings(results: list, max_new_tokens: int) -> list[str]:
 
 
 def _which(indices: list[int], results: list) -> str:
-    """`the output`, or `2 of 5 outputs (items 0, 3)` (items numbered from 0, as in errors)."""
+    """`the output`, or `2 of 5 outputs (items 0, 3)` (items numbered from 0, in input order)."""
     if len(results) == 1:
         return "the output"
     shown = ", ".join(str(i) for i in indices[:10]) + (", ..." if len(indices) > 10 else "")
@@ -148,6 +180,13 @@ def _which(indices: list[int], results: list) -> str:
 
 
 def _read(path: str) -> list:
+    """The items of a JSONL file, each checked; errors name the file and line (from 1)."""
+    from reasonguard.errors import where
     from reasonguard.evaluate.files import BadRows, read_jsonl
+    from reasonguard.infer.guard import check_item
 
-    return [row for _, row in read_jsonl(path, BadRows(skip=False))]
+    rows = []
+    for line, row in read_jsonl(path, BadRows(skip=False)):
+        check_item(row, where(path, line))
+        rows.append(row)
+    return rows

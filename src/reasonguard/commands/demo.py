@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from reasonguard.commands.generate import positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -14,8 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--config", default=None, help="training config (default configs/demo-cpu.yaml)")
-    p.add_argument("--max-new-tokens", type=int, default=320, help="generation budget per item")
-    p.add_argument("--batch-size", type=int, default=16, help="generation batch size (16)")
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=320, help="generation budget per item"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=16, help="generation batch size (16)")
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing it")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
     p.set_defaults(func=run)

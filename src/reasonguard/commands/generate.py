@@ -13,6 +13,18 @@ from __future__ import annotations
 import argparse
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (rejected while parsing, before any model
+    loads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
     """Options that load a model (shared with `classify`, `serve` and `evaluate --model`)."""
     p.add_argument(
@@ -25,8 +37,10 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
         help="for models without a reasonguard.json record (hub ids); default raw, the official "
         "inference. A trained model's recorded format is always used.",
     )
-    p.add_argument("--batch-size", type=int, help="prompts per batch (hf default 8, vllm 256)")
-    p.add_argument("--max-new-tokens", type=int, default=2048, help="default 2048")
+    p.add_argument(
+        "--batch-size", type=positive_int, help="prompts per batch (hf default 8, vllm 256)"
+    )
+    p.add_argument("--max-new-tokens", type=positive_int, default=2048, help="default 2048")
     p.add_argument("--device", help="hf: cpu, cuda, cuda:1 (default cuda when available)")
     p.add_argument(
         "--threads",

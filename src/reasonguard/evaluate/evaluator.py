@@ -156,7 +156,7 @@ def _score_benchmark(
     limit: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Score one prediction file on every task of its benchmark: (pair results, notes)."""
-    bad = BadRows(skip_bad_rows)
+    bad = BadRows(skip_bad_rows, hint="use --skip-bad-rows to skip such rows and count them")
     preds = read_jsonl(pred_path, bad)[:limit]
     bench_file = benchmark_dir / bench.filename if benchmark_dir else None
     notes: list[str] = []

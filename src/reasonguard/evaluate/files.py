@@ -1,7 +1,8 @@
 """Reading prediction (JSONL) and benchmark (JSON) files with errors that name file, line and field.
 
-A bad row raises `UserError` at once, or, with `--skip-bad-rows`, is counted by `BadRows` and
-left out (the report prints the count: nothing is dropped silently).
+A bad row raises `UserError` at once, or, where the command offers it (`evaluate
+--skip-bad-rows`), is counted by `BadRows` and left out (the report prints the count: nothing is
+dropped silently).
 
 Example:
     >>> from reasonguard.evaluate.files import BadRows, read_jsonl
@@ -21,15 +22,22 @@ from reasonguard.errors import UserError, where
 
 
 class BadRows:
-    """Raises on the first bad row, or (skip=True) records it and lets the caller skip it."""
+    """Raises on the first bad row, or (skip=True) records it and lets the caller skip it.
 
-    def __init__(self, skip: bool) -> None:
+    Args:
+        skip: record bad rows instead of raising.
+        hint: added to the raised message, e.g. how to skip such rows (only where the command
+            has such an option).
+    """
+
+    def __init__(self, skip: bool, hint: str | None = None) -> None:
         self.skip = skip
+        self.hint = hint
         self.messages: list[str] = []
 
     def add(self, message: str) -> None:
         if not self.skip:
-            raise UserError(f"{message} (use --skip-bad-rows to skip such rows and count them)")
+            raise UserError(message if self.hint is None else f"{message} ({self.hint})")
         self.messages.append(message)
 
 

@@ -32,6 +32,7 @@ from reasonguard.format import TASK_FIELD, parse_output, render_input
 from reasonguard.infer.backends import Backend, Generation, load_backend
 from reasonguard.infer.cascade import MODES, Bands, escalate, read_bands
 from reasonguard.infer.scores import empty_scores
+from reasonguard.models import resolve_model
 
 DEFAULT_MAX_NEW_TOKENS = 2048  # the official inference budget
 
@@ -71,32 +72,39 @@ def validate_items(items: Any) -> list[tuple[str, str | None]]:
 
     Raises:
         InvalidItemError: not a list of mappings, or a missing / non-string prompt or a
-            non-string response; the message names the item index.
+            non-string response; the message names the item index (from 0, as in Python).
     """
     if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Sequence):
         raise InvalidItemError("items must be a list of {'prompt': ..., 'response': ...} objects")
-    pairs = []
-    for i, item in enumerate(items):
-        if not isinstance(item, Mapping):
-            raise InvalidItemError(
-                f"item {i}: expected an object with 'prompt', got {type(item).__name__}"
-            )
-        prompt = item.get("prompt")
-        if prompt is None:
-            raise InvalidItemError(f"item {i}: missing 'prompt'")
-        if not isinstance(prompt, str):
-            raise InvalidItemError(
-                f"item {i}: 'prompt' must be a string, got {type(prompt).__name__}"
-            )
-        if not prompt.strip():
-            raise InvalidItemError(f"item {i}: 'prompt' is empty")
-        response = item.get("response")
-        if response is not None and not isinstance(response, str):
-            raise InvalidItemError(
-                f"item {i}: 'response' must be a string or null, got {type(response).__name__}"
-            )
-        pairs.append((prompt, response or None))
-    return pairs
+    return [check_item(item, f"item {i}") for i, item in enumerate(items)]
+
+
+def check_item(item: Any, place: str) -> tuple[str, str | None]:
+    """Check one item and return its (prompt, response or None) pair.
+
+    Args:
+        place: where the item is, for the message (`item 3`, or `items.jsonl:4`).
+
+    Raises:
+        InvalidItemError: `place: what is wrong`.
+    """
+    if not isinstance(item, Mapping):
+        raise InvalidItemError(
+            f"{place}: expected an object with 'prompt', got {type(item).__name__}"
+        )
+    prompt = item.get("prompt")
+    if prompt is None:
+        raise InvalidItemError(f"{place}: missing 'prompt'")
+    if not isinstance(prompt, str):
+        raise InvalidItemError(f"{place}: 'prompt' must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise InvalidItemError(f"{place}: 'prompt' is empty")
+    response = item.get("response")
+    if response is not None and not isinstance(response, str):
+        raise InvalidItemError(
+            f"{place}: 'response' must be a string or null, got {type(response).__name__}"
+        )
+    return prompt, response or None
 
 
 def asked_tasks(response: str | None) -> tuple[str, ...]:
@@ -292,13 +300,14 @@ def load_guard(
     if backend == "hf":
         kwargs["device"] = device
     check_mode(mode)
-    loaded = load_backend(path_or_hub_id, backend, prompt_format, **kwargs)
-    if bands is None and Path(loaded.path).is_dir():
-        bands = read_bands(loaded.path)
-    guard = Guard(loaded, max_new_tokens, mode, bands)
+    if bands is None:
+        # Read before the weights load, so a cascade without bands fails in a moment.
+        path = resolve_model(path_or_hub_id)
+        bands = read_bands(path) if Path(path).is_dir() else None
     if mode == "cascade" and bands is None:
         raise UserError(
             f"{path_or_hub_id}: no calibrated cascade (cascade.json); run `reasonguard calibrate "
-            f"--model {path_or_hub_id} --data DEV` first, or pass bands"
+            f"--model {path_or_hub_id} --data DEV` first, or pass `bands`"
         )
-    return guard
+    loaded = load_backend(path_or_hub_id, backend, prompt_format, **kwargs)
+    return Guard(loaded, max_new_tokens, mode, bands)
