@@ -5,8 +5,8 @@ backward of a loss that weighs each position differently (as DPO's does), w.r.t.
 states and, unless `--frozen-head` (LoRA), the head weight. Modes:
 
 - `full`: the direct computation, `log_softmax(head(h).float()).gather(target)` on all positions
-  at once (what `dpo_loss.sequence_logps` did before `train.logprobs`);
-- `chunked:<size>`: `train.logprobs.chunked_token_logps` with that many positions per chunk;
+  at once (what `dpo_loss.sequence_logps` did before `train.dpo.logprobs`);
+- `chunked:<size>`: `train.dpo.logprobs.chunked_token_logps` with that many positions per chunk;
 - `liger` (CUDA only): liger-kernel's fused linear cross-entropy, `reduction="none"`.
 
 Each mode runs in its own process on a random head weight (no model). On CPU the number is the
@@ -14,7 +14,7 @@ process's peak resident memory during the step minus its resident memory just be
 kernel's high-water mark, reset with /proc/self/clear_refs; `ru_maxrss` where that is not
 allowed), under glibc's default allocator settings: large blocks go back to the system when
 freed, so the resident memory follows the live tensors. `--training-allocator` uses the settings
-of `reasonguard train` on CPU instead (reasonguard.train.allocenv): freed memory stays in the
+of `reasonguard train` on CPU instead (reasonguard.launch.allocenv): freed memory stays in the
 heap, and its fragmentation adds to the peak. On CUDA it is `torch.cuda.max_memory_allocated`
 minus the memory allocated before the step. The head weight, hidden states and targets are allocated before the
 step and not counted; the gradients are. Every mode also reports the sum of its log-probs and the
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def child(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """Run one mode in a fresh process (its own peak memory) and read its JSON line."""
-    from reasonguard.train.allocenv import MALLOC_ENV
+    from reasonguard.launch.allocenv import MALLOC_ENV
 
     argv = [sys.executable, __file__, "--child", mode] + [
         *("--positions", str(args.positions), "--vocab", str(args.vocab)),
@@ -111,7 +111,7 @@ def child(args: argparse.Namespace, mode: str) -> dict[str, Any]:
 def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     import torch
 
-    from reasonguard.train.logprobs import chunked_token_logps
+    from reasonguard.train.dpo.logprobs import chunked_token_logps
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -134,7 +134,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         def logps_of(head: Any, hidden: Any, targets: Any) -> Any:
             return chunked_token_logps(hidden, head.weight, head.bias, targets, chunk_size=chunk)
     elif mode == "liger":
-        from reasonguard.train.logprobs import liger_problem, liger_token_logps
+        from reasonguard.train.dpo.logprobs import liger_problem, liger_token_logps
 
         problem = liger_problem(hidden, head)
         if problem is not None:

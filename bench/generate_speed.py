@@ -101,7 +101,7 @@ def main() -> None:
 
     import torch
 
-    from reasonguard.infer.backends import load_backend
+    from reasonguard.infer.loading import load_backend
 
     backend = load_backend(args.model, "hf", device=args.device, threads=args.threads)
     prompts = [

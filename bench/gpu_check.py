@@ -39,7 +39,7 @@ MFU, two ways, both over the GPU's peak dense bf16 TFLOPS (`PEAK_BF16_TFLOPS`, b
 an unknown GPU gets no MFU, with the reason, unless `--peak-tflops` is given):
 - `mfu`: the usual model FLOPs, 6 x N x tokens + attention (N: every matmul weight, the LM head
   included; attention 12 x layers x q_dim x keys per token, each sample's causal triangle);
-- `mfu_plan`: the FLOPs model of `reasonguard plan` (`train.timing.flops_per_token` with the
+- `mfu_plan`: the FLOPs model of `reasonguard plan` (`plan.timing.flops_per_token` with the
   row's LoRA/QLoRA, checkpointing and attention kernel, plus the LM head at the labelled tokens),
   which is the number the plan's assumed MFU stands for.
 
@@ -111,7 +111,7 @@ DRY_RUN_MODEL: dict[str, Any] = {
 
 # Peak dense bf16 tensor TFLOPS (no sparsity) by CUDA device name, first match wins. H100/H200
 # SXM: 1,979 sparse -> 989.4 dense (NVIDIA datasheets); the NVL cards 1,671 -> 835.5; H100 PCIe
-# 1,513 -> 756.5. Other GPUs: `reasonguard plan`'s table (`train.hardware.GPUS`).
+# 1,513 -> 756.5. Other GPUs: `reasonguard plan`'s table (`plan.hardware.GPUS`).
 PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float, str], ...] = (
     (("H200", "NVL"), 835.5, "H200 NVL datasheet, dense bf16"),
     (("H200",), 989.4, "H200 SXM datasheet, dense bf16"),
@@ -299,7 +299,7 @@ def peak_bf16_tflops(device_name: str | None, override: float | None = None) -> 
         if all(w in upper for w in words):
             return {"tflops": tflops, "source": source}
     sys.path.insert(0, str(REPO / "src"))
-    from reasonguard.train.hardware import GPUS, gpu_class_of
+    from reasonguard.plan.hardware import GPUS, gpu_class_of
 
     key = gpu_class_of(device_name)
     if key is not None:
@@ -332,7 +332,7 @@ def plan_flops(
     """The same work by `reasonguard plan`'s FLOPs model (frozen base: no weight gradients;
     recomputation under checkpointing; the LM head at the labelled tokens only)."""
     sys.path.insert(0, str(REPO / "src"))
-    from reasonguard.train.timing import flops_per_token, lm_head_flops
+    from reasonguard.plan.timing import flops_per_token, lm_head_flops
 
     per_token = flops_per_token(arch, finetuning, trainable, checkpointing, keys_per_computed_token)
     return computed_tokens * sum(per_token.values()) + label_tokens * lm_head_flops(
@@ -437,7 +437,7 @@ def worker_build(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
     from reasonguard.models import load_tokenizer
-    from reasonguard.train.hardware import KNOWN_ARCHITECTURES
+    from reasonguard.plan.hardware import KNOWN_ARCHITECTURES
 
     cuda = torch.cuda.is_available()
     machine = {
@@ -524,7 +524,7 @@ def train_overrides(spec: dict[str, Any], row: TrainRow | None, run_dir: str) ->
 def write_rows(spec: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
     """The training rows (`steps` x `rows_per_step` of the bench corpus, each keeping a label
     within the max length) and their token statistics as the trainer batches them."""
-    from reasonguard.train.batch_profile import token_profile
+    from reasonguard.plan.batch_profile import token_profile
     from reasonguard.train.config import load_config
     from reasonguard.train.data import prepare
     from train_throughput import corpus, pick_rows, write_jsonl
@@ -790,8 +790,8 @@ class Check:
     ) -> dict[str, Any]:
         """MFU of a training row (both definitions), or None with the reason."""
         sys.path.insert(0, str(REPO / "src"))
-        from reasonguard.train.batch_profile import per_sample_attention
-        from reasonguard.train.hardware import architecture_from_config
+        from reasonguard.plan.batch_profile import per_sample_attention
+        from reasonguard.plan.hardware import architecture_from_config
 
         arch = architecture_from_config(self.settings.model, "gpu_check model")
         data = built["data"]
@@ -994,7 +994,7 @@ def run_facts(info: dict[str, Any] | None) -> dict[str, Any]:
 def plan_constants(rows: list[dict[str, Any]], peak: dict[str, Any], gpu: str | None) -> dict:
     """Which of `reasonguard plan`'s assumed MFU values the measured ones should replace."""
     sys.path.insert(0, str(REPO / "src"))
-    from reasonguard.train.hardware import _MFU
+    from reasonguard.plan.hardware import _MFU
 
     measured = {}
     for mode, name in (("qlora", "qlora"), ("lora", "lora-bf16")):
@@ -1002,8 +1002,8 @@ def plan_constants(rows: list[dict[str, Any]], peak: dict[str, Any], gpu: str | 
         if row and row.get("mfu_plan") is not None:
             measured[mode] = row["mfu_plan"]
     text = (
-        "reasonguard plan's MFU assumptions are `_MFU` in src/reasonguard/train/hardware.py "
-        "(read by src/reasonguard/train/plan.py through `GPUS[...].mfu`; timing.py divides the "
+        "reasonguard plan's MFU assumptions are `_MFU` in src/reasonguard/plan/hardware.py "
+        "(read by src/reasonguard/plan/estimate.py through `GPUS[...].mfu`; timing.py divides the "
         "plan's FLOPs by peak x MFU). "
     )
     if not measured:
@@ -1023,7 +1023,7 @@ def plan_constants(rows: list[dict[str, Any]], peak: dict[str, Any], gpu: str | 
         text += "_MFU['full'] is not measured by this check."
     return {
         "constant": "_MFU",
-        "file": "src/reasonguard/train/hardware.py",
+        "file": "src/reasonguard/plan/hardware.py",
         "assumed": dict(_MFU),
         "measured": measured,
         "advice": text,

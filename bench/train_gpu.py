@@ -1,7 +1,7 @@
 """Training throughput on a CUDA GPU: a random-init Llama-3.2-3B, bf16 LoRA and QLoRA, with MFU.
 
 The GPU mode of `bench/train_throughput.py`. No weights are needed: the model is built
-from Llama-3.2-3B's public config numbers (`reasonguard.train.plan.KNOWN_ARCHITECTURES`) with
+from Llama-3.2-3B's public config numbers (`reasonguard.plan.estimate.KNOWN_ARCHITECTURES`) with
 random weights, which computes exactly as fast as the real one. For each mode in `--modes`
 (`lora`: bf16 base + LoRA r 16 on all linear layers; `qlora`: the same on an NF4 double-quantised
 base via bitsandbytes), it times, alternating A B A B like the CPU bench on the same corpus:
@@ -45,9 +45,9 @@ def build_model(mode: str, workdir: Path):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
+    from reasonguard.plan.estimate import KNOWN_ARCHITECTURES
     from reasonguard.train.config import LLAMA_TARGET_MODULES
     from reasonguard.train.packed_attention import use_packed_attention
-    from reasonguard.train.plan import KNOWN_ARCHITECTURES
 
     a = KNOWN_ARCHITECTURES[ARCHITECTURE]
     config = LlamaConfig(
@@ -95,7 +95,7 @@ def build_model(mode: str, workdir: Path):
 
 
 def peak_tflops(device_name: str, override: float | None) -> tuple[float | None, str]:
-    from reasonguard.train.plan import GPUS
+    from reasonguard.plan.estimate import GPUS
 
     if override:
         return override, "--peak-tflops"
@@ -108,7 +108,7 @@ def peak_tflops(device_name: str, override: float | None) -> tuple[float | None,
 def model_flops(arch, mode: str, trainable: int, checkpointing: bool, tokens, labels, keys):
     """FLOPs of a phase from the plan's model: computed tokens x per-token FLOPs + label tokens
     x LM head FLOPs; `keys` = attention keys per token on average."""
-    from reasonguard.train.plan import flops_per_token, lm_head_flops
+    from reasonguard.plan.estimate import flops_per_token, lm_head_flops
 
     per_token = sum(flops_per_token(arch, mode, trainable, checkpointing, keys).values())
     return tokens * per_token + labels * lm_head_flops(arch, mode)

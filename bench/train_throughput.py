@@ -603,7 +603,7 @@ def command_r(
 
     With `src` (another checkout's `src` folder) that revision's package runs instead, with its
     own copy of the demo config."""
-    from reasonguard.train.allocenv import GUARD, MALLOC_ENV
+    from reasonguard.launch.allocenv import GUARD, MALLOC_ENV
 
     out = work / f"{name.lower()}-command-{round_}"
     env = dict(os.environ)
@@ -734,8 +734,8 @@ def machine_info() -> dict[str, Any]:
     import transformers
     import trl
 
-    from reasonguard.train.allocenv import decision
-    from reasonguard.train.runinfo import environment_info
+    from reasonguard.launch.allocenv import decision
+    from reasonguard.launch.runinfo import environment_info
 
     env = environment_info()
     cpu = next(
@@ -1009,7 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.result).write_text(json.dumps(got) + "\n")
         return 0
 
-    from reasonguard.train.allocenv import GUARD, MALLOC_ENV, decision
+    from reasonguard.launch.allocenv import GUARD, MALLOC_ENV, decision
 
     if decision()["re_exec"]:
         env = {**os.environ, **MALLOC_ENV, GUARD: "1"}

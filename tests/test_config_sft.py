@@ -37,7 +37,7 @@ def stage_of(path: Path) -> str:
 
 
 def config_class(path: Path) -> type:
-    from reasonguard.train.dpo import DPOConfig
+    from reasonguard.train.dpo.stage import DPOConfig
 
     return DPOConfig if stage_of(path) == "dpo" else SFTConfig
 

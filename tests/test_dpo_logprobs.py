@@ -1,4 +1,4 @@
-"""Chunked per-token log-probs (train/logprobs.py) against the full log-softmax, on the tiny Llama.
+"""Chunked per-token log-probs (train/dpo/logprobs.py) against the full log-softmax, on the tiny Llama.
 
 The reference is what `dpo_loss.sequence_logps` computed before: the LM head on all labelled
 positions at once, then `log_softmax(...).gather(target)`. Gradients are taken of a loss with a
@@ -15,9 +15,9 @@ import torch
 
 from reasonguard.format import INSTRUCTION, render_input, render_target
 from reasonguard.models import load_tokenizer, resolve_model
-from reasonguard.train.dpo_data import _encode_pairs, collate_pairs
-from reasonguard.train.dpo_loss import sequence_logps
-from reasonguard.train.logprobs import chunked_token_logps, liger_problem, liger_token_logps
+from reasonguard.train.dpo.logprobs import chunked_token_logps, liger_problem, liger_token_logps
+from reasonguard.train.dpo.loss import sequence_logps
+from reasonguard.train.dpo.pairs import _encode_pairs, collate_pairs
 
 N = 60  # labelled positions used by the unit tests
 

@@ -86,7 +86,7 @@ def test_half_dropout_makes_half_the_training_rows_answer_only(tmp_path: Path) -
 
 
 def test_dpo_refuses_reasoning_dropout() -> None:
-    from reasonguard.train.dpo import DPOConfig
+    from reasonguard.train.dpo.stage import DPOConfig
 
     with pytest.raises(UserError, match="reasoning_dropout.*R-SFT setting"):
         DPOConfig(dataset="pairs.jsonl", reasoning_dropout=0.5)

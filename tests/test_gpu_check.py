@@ -93,7 +93,7 @@ def test_peak_tflops_by_device_name() -> None:
 
 
 def test_flops_models_on_llama_3_2_3b() -> None:
-    from reasonguard.train.hardware import KNOWN_ARCHITECTURES, architecture_from_config
+    from reasonguard.plan.hardware import KNOWN_ARCHITECTURES, architecture_from_config
 
     arch = architecture_from_config(gpu_check.LLAMA_3_2_3B)
     known = KNOWN_ARCHITECTURES["meta-llama/Llama-3.2-3B"]

@@ -11,7 +11,7 @@ import torch
 
 from reasonguard import load_guard
 from reasonguard.format import render_input
-from reasonguard.infer.backends import load_backend
+from reasonguard.infer.loading import load_backend
 
 PROMPTS = [
     render_input("hi"),

@@ -12,8 +12,8 @@ import torch
 
 from reasonguard.errors import UserError
 from reasonguard.format import INSTRUCTION, render_input
-from reasonguard.infer.backends import load_backend
 from reasonguard.infer.hf import left_pad
+from reasonguard.infer.loading import load_backend
 from reasonguard.models import resolve_model, write_guard_config
 
 PROMPTS = [

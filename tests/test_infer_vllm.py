@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from reasonguard.cli import main
-from reasonguard.infer.backends import load_backend
+from reasonguard.infer.loading import load_backend
 
 if os.environ.get("CI"):
     import vllm  # noqa: F401  (`make setup` installs vLLM's CPU build: missing, this fails)

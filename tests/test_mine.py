@@ -31,7 +31,7 @@ from reasonguard.hsdpo.mine import (
     select_hard,
     summary_path,
 )
-from reasonguard.train.dpo_data import check_pair
+from reasonguard.train.dpo.pairs import check_pair
 
 H, U = "harmful", "unharmful"
 R, C = "refusal", "compliance"

@@ -17,7 +17,7 @@ from test_train_support import CPU_ENV, REPO, cli_env
 
 
 def _offline_machine() -> bool:
-    from reasonguard.train.hardware import hub_reachable
+    from reasonguard.plan.hardware import hub_reachable
 
     return not hub_reachable()
 

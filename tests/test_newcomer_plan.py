@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from reasonguard.plan.estimate import GPUS, TARGETS, plan_training
 from reasonguard.train.config import load_config
-from reasonguard.train.plan import GPUS, TARGETS, plan_training
 
 REPO = Path(__file__).resolve().parents[1]
 EXP19 = REPO / "configs" / "exp19-qlora-3b-instruct.yaml"

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from reasonguard.train.batch_profile import per_sample_attention
-from reasonguard.train.config import load_config
-from reasonguard.train.plan import (
+from reasonguard.plan.batch_profile import per_sample_attention
+from reasonguard.plan.estimate import (
     GPUS,
     KNOWN_ARCHITECTURES,
     SCALING_EFFICIENCY,
@@ -29,6 +28,7 @@ from reasonguard.train.plan import (
     plan_training,
     token_profile,
 )
+from reasonguard.train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo-cpu.yaml"
@@ -242,7 +242,7 @@ def test_more_gpus_take_less_time_for_the_same_steps() -> None:
 def test_steps_follow_the_trainer_without_an_effective_batch_size() -> None:
     """Hugging Face's rule (per device x accumulation x processes): 2 processes take steps of
     twice the rows, as `train sft --dry-run --num-processes 2` plans them."""
-    from reasonguard.train.dryrun import plan_sft
+    from reasonguard.plan.dryrun import plan_sft
 
     config = load_config(EXP19)
     plan = plan_training(config, gpu="h100", num_processes=2)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from reasonguard.train.allocenv import GUARD, MALLOC_ENV, OPT_OUT, decision
+from reasonguard.launch.allocenv import GUARD, MALLOC_ENV, OPT_OUT, decision
 from test_train_support import REPO, tiny_config, write_yaml_config
 
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from reasonguard.errors import UserError
-from reasonguard.train.config import SFTConfig, load_config
-from reasonguard.train.decisions import (
+from reasonguard.plan.decisions import (
     GIB,
     QLORA_FALLBACK_HEADROOM,
     attention_decision,
@@ -25,6 +24,7 @@ from reasonguard.train.decisions import (
     quantization_decision,
     resolve,
 )
+from reasonguard.train.config import SFTConfig, load_config
 from test_train_support import tiny_config
 
 DECISIONS = {
@@ -196,7 +196,7 @@ def test_training_info_of_a_tiny_run_records_every_decision(
 
 
 def test_dry_run_shows_the_decisions(tmp_path: Path, no_cuda: None) -> None:
-    from reasonguard.train.dryrun import format_plan, plan_sft
+    from reasonguard.plan.dryrun import format_plan, plan_sft
 
     text = format_plan(plan_sft(tiny_config(tmp_path, gradient_checkpointing="auto")))
     assert "decision       checkpointing: off; auto: off on CPU" in text

@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import load_file
 
 from reasonguard.errors import UserError
+from reasonguard.launch.command import launch_command, unsupported_launch
 from reasonguard.train.config import SFTConfig
-from reasonguard.train.dpo import REFERENCE_FILE, run_dpo
+from reasonguard.train.dpo.stage import REFERENCE_FILE, run_dpo
 from reasonguard.train.engine import shard_rows
-from reasonguard.train.launch import launch_command, unsupported_launch
 from reasonguard.train.sft import run_sft
 from test_train_dpo import dpo_config
 from test_train_support import REPO, cli_env, tiny_config, write_yaml_config
@@ -37,7 +37,7 @@ ACCELERATE = REPO / "configs" / "accelerate"
 
 def _env(sharding: str = "ddp") -> dict[str, str]:
     env = {**cli_env(), "CUDA_VISIBLE_DEVICES": ""}
-    if not sharding.startswith("zero"):  # DeepSpeed finds the CPU itself (see train.launch)
+    if not sharding.startswith("zero"):  # DeepSpeed finds the CPU itself (see launch.command)
         env["ACCELERATE_USE_CPU"] = "true"
     return env
 

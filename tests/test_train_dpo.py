@@ -13,9 +13,9 @@ import torch
 from reasonguard.errors import UserError
 from reasonguard.format import INSTRUCTION, render_input, render_target
 from reasonguard.models import load_tokenizer, read_guard_config, resolve_model
-from reasonguard.train.dpo import REFERENCE_FILE, DPOConfig, run_dpo
-from reasonguard.train.dpo_data import PairExample, _encode_pairs, collate_pairs
-from reasonguard.train.dpo_loss import sequence_logps, weighted_dpo_losses
+from reasonguard.train.dpo.loss import sequence_logps, weighted_dpo_losses
+from reasonguard.train.dpo.pairs import PairExample, _encode_pairs, collate_pairs
+from reasonguard.train.dpo.stage import REFERENCE_FILE, DPOConfig, run_dpo
 from reasonguard.train.monitor import read_metrics
 from reasonguard.train.sft import run_sft
 from test_train_support import REPO, cli_env, tiny_config, write_yaml_config

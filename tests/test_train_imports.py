@@ -18,13 +18,13 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "reasonguard"
 PLANNING = [
-    "reasonguard.train.hardware",
-    "reasonguard.train.batch_profile",
-    "reasonguard.train.memory",
-    "reasonguard.train.timing",
-    "reasonguard.train.plan_report",
-    "reasonguard.train.plan",
-    "reasonguard.train.decisions",
+    "reasonguard.plan.hardware",
+    "reasonguard.plan.batch_profile",
+    "reasonguard.plan.memory",
+    "reasonguard.plan.timing",
+    "reasonguard.plan.report",
+    "reasonguard.plan.estimate",
+    "reasonguard.plan.decisions",
 ]
 
 
@@ -90,10 +90,10 @@ def _cycle_through(graph: dict[str, set[str]], start: str) -> list[str] | None:
 
 def test_the_graph_reader_sees_the_imports() -> None:
     graph = _graph(module_level_only=False)
-    assert "reasonguard.train.memory" in graph["reasonguard.train.decisions"]
-    assert "reasonguard.train.decisions" in graph["reasonguard.train.plan"]
+    assert "reasonguard.plan.memory" in graph["reasonguard.plan.decisions"]
+    assert "reasonguard.plan.decisions" in graph["reasonguard.plan.estimate"]
     # A function-level import is not an import-time one.
-    assert "reasonguard.train.memory" not in _graph(True)["reasonguard.train.decisions"]
+    assert "reasonguard.plan.memory" not in _graph(True)["reasonguard.plan.decisions"]
     assert _cycle_through({"a": {"b"}, "b": {"a"}}, "a") == ["a", "b", "a"]
 
 
@@ -113,8 +113,8 @@ def test_no_import_circle_through_the_planning_modules(module: str) -> None:
 
 def test_decisions_takes_the_memory_model_not_the_plan() -> None:
     graph = _graph(module_level_only=False)
-    assert "reasonguard.train.plan" not in graph["reasonguard.train.decisions"]
-    assert "reasonguard.train.plan" not in graph["reasonguard.train.memory"]
+    assert "reasonguard.plan.estimate" not in graph["reasonguard.plan.decisions"]
+    assert "reasonguard.plan.estimate" not in graph["reasonguard.plan.memory"]
 
 
 def test_each_planning_module_imports_alone() -> None:

@@ -98,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if argv is None and args.command == "train":
         # A real command line (not an in-process call): CPU training needs glibc allocator
-        # settings that only take effect at process start (reasonguard.train.allocenv).
-        from reasonguard.train.allocenv import reexec_if_needed
+        # settings that only take effect at process start (reasonguard.launch.allocenv).
+        from reasonguard.launch.allocenv import reexec_if_needed
 
         reexec_if_needed(sys.argv[1:])
     try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -36,6 +37,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from reasonguard.errors import UserError
+
+ADAPTER_CONFIG = "adapter_config.json"  # peft's file in a LoRA output folder
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EOT_TOKEN = "<|eot_id|>"
@@ -449,3 +452,23 @@ def nf4_config(record: dict[str, Any]) -> Any:
         bnb_4bit_use_double_quant=bool(record.get("double_quant", True)),
         bnb_4bit_compute_dtype=getattr(torch, record.get("compute_dtype", "bfloat16")),
     )
+
+
+def base_model_of(adapter_dir: Path) -> str:
+    """The base model of a LoRA folder: the guard record's, else peft's own note."""
+    record = read_guard_config(adapter_dir) or {}
+    base = record.get("base_model")
+    if not base:
+        base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter_dir}: a LoRA adapter without a recorded base model")
+    return resolve_model(base)
+
+
+def tokenizer_source(path: str) -> str:
+    """Where a model's tokenizer lives: the folder itself, or for a LoRA folder saved without one,
+    its base model."""
+    folder = Path(path)
+    if (folder / ADAPTER_CONFIG).is_file() and not (folder / "tokenizer_config.json").is_file():
+        return base_model_of(folder)
+    return path

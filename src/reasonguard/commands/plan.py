@@ -20,7 +20,7 @@ from typing import Any
 # Light imports only: `reasonguard --help` imports this file.
 from reasonguard.errors import UserError
 
-# Kept in step with reasonguard.train.plan.TARGETS (tests check it), so --help needs no import.
+# Kept in step with reasonguard.plan.estimate.TARGETS (tests check it), so --help needs no import.
 GPU_CHOICES = (
     "h100",
     "a100",
@@ -33,7 +33,7 @@ GPU_CHOICES = (
     "4070ti-super",
     "cpu",
 )
-# Kept in step with reasonguard.train.plan.SHARDINGS (tests check it) and `train --sharding`.
+# Kept in step with reasonguard.plan.estimate.SHARDINGS (tests check it) and `train --sharding`.
 SHARDING_CHOICES = ("ddp", "fsdp", "zero2", "zero3")
 
 _HELP = """\
@@ -126,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
     if rate is not None and not (math.isfinite(rate) and rate > 0):
         raise UserError(f"--tokens-per-second must be a positive number, got {rate}")
     processes, sharding = args.num_processes, args.sharding  # checked by plan.check_parallel
+    from reasonguard.plan.estimate import format_training_plan, plan_training
     from reasonguard.train.config import load_config
-    from reasonguard.train.plan import format_training_plan, plan_training
 
     config = load_config(args.config, list(args.overrides))
     plan = plan_training(

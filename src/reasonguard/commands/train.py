@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     cls = {"sft": SFTConfig, "dpo": DPOConfig}[args.stage]
     config = load_config(args.config, overrides, cls=cls)  # config errors surface here, pre-model
 
-    from reasonguard.train.launch import launch, world_size
+    from reasonguard.launch.command import launch, world_size
 
     processes = args.num_processes
     if processes is not None and processes < 1:
@@ -103,12 +103,12 @@ def run(args: argparse.Namespace) -> int:
     if args.cpu and not (processes and processes > 1):
         os.environ["ACCELERATE_USE_CPU"] = "true"  # read by training's device choice
     if args.dry_run:
-        from reasonguard.train.dryrun import format_plan, plan_sft
+        from reasonguard.plan.dryrun import format_plan, plan_sft
 
         world = processes or world_size()
 
         if args.stage == "dpo":
-            from reasonguard.train.dpo_data import load_pairs, prepare_pairs
+            from reasonguard.train.dpo.pairs import load_pairs, prepare_pairs
 
             plan = plan_sft(
                 config,
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
             "the launcher's config chooses (configs/accelerate/*.yaml)"
         )
     if args.stage == "dpo":
-        from reasonguard.train.dpo import run_dpo
+        from reasonguard.train.dpo.stage import run_dpo
 
         run_dpo(config)
         return 0

@@ -22,7 +22,7 @@ The files are then merged in the order given and de-duplicated on `input`: the f
 (the pipeline lists each source's preferred model first).
 
 Output: pair rows `{"instruction", "input", "chosen", "rejected", "sample_weight", "task",
-"source"}` (what `train.dpo_data` reads; `task` is a `format.TASKS` name), and a summary beside
+"source"}` (what `train.dpo.pairs` reads; `task` is a `format.TASKS` name), and a summary beside
 them (`pairs.jsonl` -> `pairs.summary.json`). The summary counts, per source and task, the rows
 that reached that task with each status: `hard` (the pair was made there), `all_right`,
 `all_wrong`; a row whose outputs are all ignored is `unparseable` at the prompt task and goes no

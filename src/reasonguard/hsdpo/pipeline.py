@@ -11,7 +11,7 @@ command continues where it stopped:
    trained on it (the two that did not leave it out);
 4. hard-sample mining of every generation file, merged in that order and de-duplicated on the
    input (`reasonguard.hsdpo.mine`);
-5. weighted DPO (`reasonguard.train.dpo`) from the main model on the merged pairs.
+5. weighted DPO (`reasonguard.train.dpo.stage`) from the main model on the merged pairs.
 
 The training and generation stages resume inside themselves too (checkpoints, appended rows).
 Each of them runs as its own `reasonguard` command in a child process, so the GPU memory of one
@@ -284,7 +284,7 @@ class Pipeline:
         return self.out / "pairs.jsonl"
 
     def dpo_config(self) -> Any:
-        from reasonguard.train.dpo import DPOConfig
+        from reasonguard.train.dpo.stage import DPOConfig
 
         overrides = [
             *self.config.dpo_overrides,

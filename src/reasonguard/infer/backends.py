@@ -1,4 +1,4 @@
-"""The backend interface every generator implements, and `load_backend` to pick one.
+"""The backend interface every generator implements (`loading.load_backend` picks one).
 
 A backend owns a model and its tokenizer and knows the prompt format the model was trained
 with, so callers hand it rendered inputs (`build_prompt`) and get text back (`generate`).
@@ -6,7 +6,7 @@ Two implementations: `hf.HFBackend` (transformers, CPU or GPU) and `vllm.VLLMBac
 an x86 CPU with vLLM's CPU build).
 
 Example:
-    >>> from reasonguard.infer.backends import load_backend
+    >>> from reasonguard.infer.loading import load_backend
     >>> backend = load_backend("smollm2", "hf", prompt_format="raw")
     >>> prompt = backend.build_prompt(render_input("How do I bake bread?"))
     >>> [[g]] = backend.generate([prompt], max_new_tokens=64)
@@ -28,7 +28,7 @@ from reasonguard.format import (
     check_prompt_format,
     fast_mode_instruction,
 )
-from reasonguard.models import read_guard_config, resolve_model
+from reasonguard.models import read_guard_config
 
 BACKENDS = ("hf", "vllm")
 DEFAULT_PROMPT_FORMAT = "raw"  # what the official GuardReasoner inference code uses
@@ -180,24 +180,6 @@ def check_sampling(temperature: float, top_p: float, num_samples: int, max_new_t
         raise UserError(f"--top-p must be in (0, 1], got {top_p}")
 
 
-def planned_window_size(backend: str, batch_size: int | None = None) -> int:
-    """The `window_size` the backend will have once loaded, without loading a model:
-    data-parallel shards begin on multiples of it (a worker checks that its model agrees).
-
-    Raises:
-        UserError: a batch size below 1.
-    """
-    if batch_size is not None and batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if backend == "vllm":
-        from reasonguard.infer.vllm import DEFAULT_BATCH_SIZE as VLLM_BATCH
-
-        return batch_size or VLLM_BATCH  # VLLMBackend.window_size: one call per window
-    from reasonguard.infer.hf import DEFAULT_BATCH_SIZE as HF_BATCH
-
-    return (batch_size or HF_BATCH) * 4  # Backend.window_size
-
-
 def resolve_prompt_format(model_path: str | os.PathLike[str], given: str | None) -> str:
     """The prompt format to serve a model with.
 
@@ -223,62 +205,6 @@ def resolve_prompt_format(model_path: str | os.PathLike[str], given: str | None)
             f"--prompt-format {given!r} would prompt it differently (leave the option out)"
         )
     return recorded
-
-
-def load_backend(
-    model: str,
-    backend: str = "hf",
-    prompt_format: str | None = None,
-    *,
-    device: str | None = None,
-    batch_size: int | None = None,
-    trust_remote_code: bool = False,
-    **kwargs: Any,
-) -> Backend:
-    """Load a model for generation.
-
-    Args:
-        model: an offline alias (`smollm2`, `tiny-llama`), a hub id, a saved full model folder
-            or a LoRA output folder (adapter + tokenizer + `reasonguard.json`).
-        backend: `hf` or `vllm`.
-        prompt_format: for models without a guard record (hub ids); see `resolve_prompt_format`.
-        device: HF only: `cpu`, `cuda`, `cuda:1`; default CUDA when available.
-        batch_size: prompts per batch (HF default 8; vLLM schedules itself, default 256).
-        trust_remote_code: allow model code from the hub (off: it runs arbitrary code).
-        **kwargs: backend options (both: `dtype`; HF: `load_in_4bit` (default: as trained),
-            `threads`; vLLM: `tensor_parallel_size`, `gpu_memory_utilization`, `max_model_len`,
-            `kv_cache_gib`).
-
-    Raises:
-        UserError: unknown backend, vLLM not installed, model not found, bad prompt format.
-    """
-    if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if batch_size is not None and batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    path = resolve_model(model)
-    fmt = resolve_prompt_format(path, prompt_format)
-    loaded: Backend
-    if backend == "vllm":
-        from reasonguard.infer.vllm import VLLMBackend
-
-        loaded = VLLMBackend(
-            model, path, fmt, batch_size=batch_size, trust_remote_code=trust_remote_code, **kwargs
-        )
-    else:
-        from reasonguard.infer.hf import HFBackend
-
-        loaded = HFBackend(
-            model,
-            path,
-            fmt,
-            device=device,
-            batch_size=batch_size,
-            trust_remote_code=trust_remote_code,
-            **kwargs,
-        )
-    loaded.fast_mode_marker = recorded_fast_marker(path)
-    return loaded
 
 
 def recorded_fast_marker(model_path: str | os.PathLike[str]) -> str | None:

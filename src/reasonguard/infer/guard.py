@@ -29,8 +29,9 @@ from typing import Any
 
 from reasonguard.errors import UserError
 from reasonguard.format import TASK_FIELD, parse_output, render_input
-from reasonguard.infer.backends import Backend, Generation, load_backend
+from reasonguard.infer.backends import Backend, Generation
 from reasonguard.infer.cascade import MODES, Bands, escalate, read_bands
+from reasonguard.infer.loading import load_backend
 from reasonguard.infer.scores import empty_scores
 from reasonguard.models import resolve_model
 
@@ -295,7 +296,7 @@ def load_guard(
             `tensor_parallel_size`, ...).
 
     Raises:
-        UserError: see `reasonguard.infer.backends.load_backend`.
+        UserError: see `reasonguard.infer.loading.load_backend`.
     """
     if backend == "hf":
         kwargs["device"] = device

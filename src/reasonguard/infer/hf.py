@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,16 +30,17 @@ from reasonguard.format import TASK_FIELD, render_input
 from reasonguard.infer.backends import Backend, BatchCallback, Generation, check_sampling
 from reasonguard.infer.scores import ScoreQuery, empty_scores, normalised, score_queries
 from reasonguard.models import (
+    ADAPTER_CONFIG,
+    base_model_of,
     end_of_turn_ids,
     load_tokenizer,
     nf4_config,
     nf4_record,
     read_guard_config,
-    resolve_model,
+    tokenizer_source,
 )
 
 DEFAULT_BATCH_SIZE = 8
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def _pick_device(device: str | None) -> str:
@@ -51,26 +51,6 @@ def _pick_device(device: str | None) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA GPU is available")
     return device
-
-
-def base_model_of(adapter_dir: Path) -> str:
-    """The base model of a LoRA folder: the guard record's, else peft's own note."""
-    record = read_guard_config(adapter_dir) or {}
-    base = record.get("base_model")
-    if not base:
-        base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{adapter_dir}: a LoRA adapter without a recorded base model")
-    return resolve_model(base)
-
-
-def tokenizer_source(path: str) -> str:
-    """Where a model's tokenizer lives: the folder itself, or for a LoRA folder saved without one,
-    its base model."""
-    folder = Path(path)
-    if (folder / ADAPTER_CONFIG).is_file() and not (folder / "tokenizer_config.json").is_file():
-        return base_model_of(folder)
-    return path
 
 
 def base_quantization(path: str, load_in_4bit: bool | None, device: str) -> dict[str, Any] | None:

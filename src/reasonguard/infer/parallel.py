@@ -57,18 +57,10 @@ from pathlib import Path
 from typing import Any
 
 from reasonguard.errors import UserError
-from reasonguard.infer.backends import load_backend, planned_window_size
-from reasonguard.infer.generate import (
-    Decoding,
-    Job,
-    _check_resume,
-    _generate_job,
-    _key,
-    add_cost,
-    cost_path,
-    read_cost,
-)
+from reasonguard.infer.jobs import Decoding, Job, add_cost, cost_path, read_cost, record_key
+from reasonguard.infer.loading import load_backend, planned_window_size
 from reasonguard.infer.resume import STATE_DIR, JsonlAppender, RunState, fingerprint
+from reasonguard.infer.windows import check_resume, generate_job
 
 SHARDS = "shards"  # OUT/_generate/shards
 WORKER_MODULE = "reasonguard.infer.parallel"
@@ -150,7 +142,7 @@ def _open_part(part: _Part) -> tuple[JsonlAppender, int]:
     out = JsonlAppender(part.path)
     try:
         done = part.first + out.open()
-        _check_resume(part.job, out, done)
+        check_resume(part.job, out, done)
     except BaseException:
         out.close()
         raise
@@ -291,10 +283,10 @@ def run_data_parallel(
         plans: list[tuple[Job, int, int, list[tuple[int, int] | None]]] = []
         counts: dict[str, int] = {}
         for job in jobs:
-            state.claim(job.relpath, fingerprint(_key(job, r)[1] for r in job.records))
+            state.claim(job.relpath, fingerprint(record_key(job, r)[1] for r in job.records))
             total = len(job.records) if limit is None else min(limit, len(job.records))
             with JsonlAppender(out / job.relpath) as final:
-                done = _check_resume(job, final, final.open())
+                done = check_resume(job, final, final.open())
             counts[job.relpath] = max(done, total)
             plans.append((job, done, total, shard_ranges(done, total, window, workers)))
         todo: list[list[_Part]] = [[] for _ in range(workers)]
@@ -581,7 +573,7 @@ def _work(spec: _Spec) -> None:
                         f"window size {backend.window_size()} != planned {spec.window}: "
                         "backends.planned_window_size is out of date"
                     )
-            _generate_job(
+            generate_job(
                 backend,
                 part.job,
                 out,

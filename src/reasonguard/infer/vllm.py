@@ -21,7 +21,7 @@ Sampling is reproducible per prompt: prompt `i` of a call gets seed `seed + i`, 
 in the batch.
 
 Example:
-    >>> from reasonguard.infer.backends import load_backend
+    >>> from reasonguard.infer.loading import load_backend
     >>> backend = load_backend("runs/sft-3b/final", "vllm", tensor_parallel_size=2)
 """
 
@@ -35,8 +35,14 @@ from typing import Any
 
 from reasonguard.errors import UserError
 from reasonguard.infer.backends import Backend, BatchCallback, Generation, check_sampling
-from reasonguard.infer.hf import ADAPTER_CONFIG, base_model_of, tokenizer_source
-from reasonguard.models import end_of_turn_ids, load_tokenizer, read_guard_config
+from reasonguard.models import (
+    ADAPTER_CONFIG,
+    base_model_of,
+    end_of_turn_ids,
+    load_tokenizer,
+    read_guard_config,
+    tokenizer_source,
+)
 
 DEFAULT_BATCH_SIZE = 256  # prompts handed to vLLM per call; its scheduler batches inside
 DEFAULT_CPU_KV_CACHE_GIB = 2.0  # KV cache of a CPU engine (SmolLM2-135M fp32: ~46 KB per token)

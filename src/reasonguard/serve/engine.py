@@ -72,7 +72,7 @@ class AsyncGuard(Backend):
         max_queue: int = 1024,
         trust_remote_code: bool = False,
     ) -> None:
-        from reasonguard.infer.hf import tokenizer_source
+        from reasonguard.models import tokenizer_source
 
         check_sampling(0.0, 1.0, 1, max_new_tokens)
         self.name, self.path, self.prompt_format = name, path, prompt_format

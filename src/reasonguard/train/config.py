@@ -54,7 +54,7 @@ class SFTConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     """Attention kernel. `auto`: on CUDA, flash-attention's variable-length kernel for packed rows
     when flash-attn is installed, else SDPA; on CPU, SDPA run per sample inside packed rows
-    (decided and logged at setup: `train.decisions.attention_decision`)."""
+    (decided and logged at setup: `plan.decisions.attention_decision`)."""
     trust_remote_code: bool = False
     """Allow model code from the hub (never needed for Llama / SmolLM2)."""
 

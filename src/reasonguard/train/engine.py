@@ -27,7 +27,7 @@ with weights loaded sharded: ZeRO-3's `zero.Init`, FSDP's `cpu_ram_efficient_loa
   retry would desynchronise the ranks' collectives).
 - **Dropout** is reseeded per (step, rank), so a resumed run draws the masks it would have drawn.
 
-A subclass (`train.sft`, `train.dpo`) says how rows become micro-batches and what a micro-batch's
+A subclass (`train.sft`, `train.dpo.stage`) says how rows become micro-batches and what a micro-batch's
 loss is (`micro_batches`, `step_count`, `batch_loss`, `eval_loss`).
 
 Example:

@@ -9,7 +9,7 @@ LM make the head run only where labels are, without leaving the model's forward:
   those positions only;
 - for the duration of one call, the head module's `forward` is replaced by the loss we need
   (`cross_entropy_sum`, liger-kernel's fused linear cross-entropy on CUDA, or DPO's chunked
-  per-token log-probs in `train.dpo_loss`).
+  per-token log-probs in `train.dpo.loss`).
 
 Staying inside `model(...)` is what makes this correct under every engine: DDP sees a normal
 forward, and FSDP / DeepSpeed ZeRO-3 gather the head's weight in the head module's own forward

@@ -3,7 +3,7 @@
 `environment_problems` runs before anything is loaded, so a config that needs a missing package
 or CUDA fails in a second with a message instead of after a model download (QLoRA's NF4 base and
 the bitsandbytes optimizers need bitsandbytes, not CUDA: they run on CPU too). `load_model`
-expects a config whose `auto` values are resolved (`train.decisions.effective_config`); the
+expects a config whose `auto` values are resolved (`plan.decisions.effective_config`); the
 optimizer and schedule are transformers' (`optim`, `lr_scheduler_type`, built by the Trainer).
 
 Example:
@@ -29,7 +29,7 @@ def cuda_available() -> bool:
     """A CUDA GPU is usable and the launcher did not ask for CPU processes (`--cpu`)."""
     import torch
 
-    from reasonguard.train.launch import forced_cpu
+    from reasonguard.launch.command import forced_cpu
 
     return torch.cuda.is_available() and not forced_cpu()
 
@@ -125,7 +125,7 @@ def load_model(config: Any, bf16: bool, checkpoint: Path | None = None) -> Any:
     from reasonguard.models import resolve_model
 
     kwargs: dict[str, Any] = {
-        # `auto` is decided before loading (train.decisions); a caller that skipped that gets SDPA.
+        # `auto` is decided before loading (plan.decisions); a caller that skipped that gets SDPA.
         "attn_implementation": "sdpa"
         if config.attn_implementation == "auto"
         else config.attn_implementation,
@@ -135,7 +135,7 @@ def load_model(config: Any, bf16: bool, checkpoint: Path | None = None) -> Any:
     start_adapter = base if is_adapter_dir(base) else None
     if start_adapter is not None:
         # Stage 2 starting from an R-SFT LoRA output: its base model, plus that adapter below.
-        from reasonguard.infer.hf import base_model_of
+        from reasonguard.models import base_model_of
 
         base = resolve_model(base_model_of(Path(start_adapter)))
     if config.finetuning == "full":
@@ -190,7 +190,7 @@ def _place(model: Any) -> None:
     """Move the model to this process's device, unless a sharding engine places it: FSDP
     loads weights on rank 0 only (`cpu_ram_efficient_loading`, the others hold meta tensors)
     and DeepSpeed ZeRO-3 has partitioned them at load (`zero.Init`)."""
-    from reasonguard.train.launch import _true
+    from reasonguard.launch.command import _true
 
     if _true(os.environ.get("ACCELERATE_USE_FSDP")) or _true(
         os.environ.get("ACCELERATE_USE_DEEPSPEED")
@@ -218,7 +218,7 @@ def _merged(model: Any, adapter_dir: str) -> Any:
 
 
 def _enable_checkpointing(model: Any, config: Any) -> None:
-    if config.gradient_checkpointing is not True:  # `auto` is resolved before (train.decisions)
+    if config.gradient_checkpointing is not True:  # `auto` is resolved before (plan.decisions)
         return
     # Non-reentrant checkpointing works with frozen inputs (LoRA) without extra hooks.
     kwargs = {"use_reentrant": False}

@@ -1,13 +1,13 @@
 """One training run of any stage, around `transformers.Trainer`: `setup() -> train() -> save() -> cleanup()`.
 
-The stages (`train.sft`, `train.dpo`) say how their data is prepared and which `GuardTrainer`
+The stages (`train.sft`, `train.dpo.stage`) say how their data is prepared and which `GuardTrainer`
 subclass trains it; this module owns what every run does the same way:
 
 - **the run directory**: resume decisions (`resume: auto | never | checkpoint-N`), the resolved
   `config.yaml` written before the model loads, a finished run recognised (and not retrained),
   partial checkpoints dropped;
 - **decisions**: every `auto` setting decided once from the data and the machine, printed and
-  recorded (`train.decisions`);
+  recorded (`plan.decisions`);
 - **the Trainer's arguments** from the config (Hugging Face names carried over 1:1), built before
   the weights load, so DeepSpeed ZeRO-3 loads them partitioned (`zero.Init`) and FSDP's
   `cpu_ram_efficient_loading` applies;
@@ -83,7 +83,7 @@ class Recipe:
     def __init__(self, config: Any) -> None:
         from accelerate import PartialState
 
-        from reasonguard.train.launch import die_with_launcher, unsupported_launch, world_size
+        from reasonguard.launch.command import die_with_launcher, unsupported_launch, world_size
 
         problem = unsupported_launch()
         if problem:
@@ -118,9 +118,9 @@ class Recipe:
         """
         from transformers import set_seed
 
+        from reasonguard.plan.decisions import effective_config, format_decisions
         from reasonguard.train.callbacks import RunMonitor
         from reasonguard.train.data import steps_per_epoch, total_steps
-        from reasonguard.train.decisions import effective_config, format_decisions
         from reasonguard.train.engine import quiet_libraries
         from reasonguard.train.modeling import (
             environment_problems,
@@ -205,7 +205,7 @@ class Recipe:
 
     def sharding_problems(self) -> list[str]:
         """What this config cannot do when the launch shards the model (FSDP, DeepSpeed)."""
-        from reasonguard.train.launch import uses_deepspeed
+        from reasonguard.launch.command import uses_deepspeed
 
         sharded = _true_env("ACCELERATE_USE_FSDP") or uses_deepspeed()
         if sharded and self.config.finetuning == "qlora":
@@ -266,7 +266,7 @@ class Recipe:
         JSON file), with the batch keys one optimizer step per batch needs; None otherwise.
         The other `auto` values (optimizer, clipping, precision) are filled by transformers from
         the training arguments."""
-        from reasonguard.train.launch import uses_deepspeed
+        from reasonguard.launch.command import uses_deepspeed
 
         if not uses_deepspeed():
             return None
@@ -287,8 +287,8 @@ class Recipe:
         return config
 
     def decide(self) -> dict[str, Any]:
-        """The run's decisions (`train.decisions.resolve`) from its training rows' lengths."""
-        from reasonguard.train.decisions import resolve
+        """The run's decisions (`plan.decisions.resolve`) from its training rows' lengths."""
+        from reasonguard.plan.decisions import resolve
 
         rows = self.data.train
         return resolve(
@@ -601,10 +601,10 @@ class Recipe:
 
     def training_info(self, outcome: str, message: str | None) -> dict[str, Any]:
         from reasonguard import __version__
+        from reasonguard.launch.allocenv import decision as allocator_decision
+        from reasonguard.launch.runinfo import environment_info
         from reasonguard.models import resolve_model
-        from reasonguard.train.allocenv import decision as allocator_decision
         from reasonguard.train.modeling import parameter_counts, warmup_steps
-        from reasonguard.train.runinfo import environment_info
 
         c, s = self.config, getattr(self, "state", {})
         run_config = getattr(self, "run_config", None)
@@ -740,7 +740,7 @@ def model_state_bytes(model: Any, optimizer: Any) -> dict[str, int]:
 
 
 def _optimizer_name(optimizer: Any) -> str | None:
-    from reasonguard.train.runinfo import optimizer_name
+    from reasonguard.launch.runinfo import optimizer_name
 
     return None if optimizer is None else optimizer_name(optimizer)
 
@@ -751,7 +751,7 @@ def _cpu_only() -> bool:
     accelerator, with gloo)."""
     import torch
 
-    from reasonguard.train.launch import forced_cpu, uses_deepspeed
+    from reasonguard.launch.command import forced_cpu, uses_deepspeed
 
     if uses_deepspeed():
         return False
@@ -775,7 +775,7 @@ def _backend() -> dict[str, str]:
     """DeepSpeed on CPU processes needs gloo named: accelerate finds no backend without a GPU."""
     import torch
 
-    from reasonguard.train.launch import uses_deepspeed
+    from reasonguard.launch.command import uses_deepspeed
 
     return {"backend": "gloo"} if uses_deepspeed() and not torch.cuda.is_available() else {}
 

@@ -35,7 +35,7 @@ Run directory (`output_dir`) after a finished LoRA / QLoRA run:
                              tokenizer_config.json
       training_info.json     config, data stats, git commit, versions, hardware, timings,
                              tokens seen, final train / eval loss, optimizer, and the run's
-                             decisions (`model.decisions`; see `train.decisions`)
+                             decisions (`model.decisions`; see `plan.decisions`)
       loss_curve.png         train and eval loss against the step
 
 With `finetuning: full`, checkpoints and `final/` hold `config.json generation_config.json

@@ -5,7 +5,7 @@
 - `memory_estimate`: the peak of the largest micro-batch, by component: those plus the
   activations (with or without gradient checkpointing), the LM head and a runtime allowance.
 - `run_memory`: both checkpointing choices of a run from its rows' token lengths, what
-  `train.decisions` decides `gradient_checkpointing: auto` and the QLoRA fallback with.
+  `plan.decisions` decides `gradient_checkpointing: auto` and the QLoRA fallback with.
 
 Accuracy: the model counts the big tensors, ignores small ones and has not been checked against
 a measured peak, so treat it as a rough guide. The sharded figures follow what FSDP2 and
@@ -13,8 +13,8 @@ DeepSpeed allocate; no multi-GPU run of this code has been measured.
 
 Example:
     >>> from reasonguard.train.config import SFTConfig
-    >>> from reasonguard.train.hardware import GIB, KNOWN_ARCHITECTURES
-    >>> from reasonguard.train.memory import memory_estimate
+    >>> from reasonguard.plan.hardware import GIB, KNOWN_ARCHITECTURES
+    >>> from reasonguard.plan.memory import memory_estimate
     >>> arch = KNOWN_ARCHITECTURES["meta-llama/Llama-3.2-3B"]
     >>> c = SFTConfig(model_name_or_path="meta-llama/Llama-3.2-3B", finetuning="lora")
     >>> peak = memory_estimate(arch, c, True, 2048, 1100, checkpointing=True, on_gpu=True)
@@ -27,8 +27,8 @@ from __future__ import annotations
 from typing import Any
 
 from reasonguard.errors import UserError
-from reasonguard.train.batch_profile import per_sample_attention, token_profile
-from reasonguard.train.hardware import GIB, Architecture, model_architecture
+from reasonguard.plan.batch_profile import per_sample_attention, token_profile
+from reasonguard.plan.hardware import GIB, Architecture, model_architecture
 
 # Runtime memory beyond the counted tensors: the CUDA context and cuBLAS workspaces plus the
 # caching allocator's fragmentation (about 10% on top); on a CPU, Python, torch and the data.
@@ -241,7 +241,7 @@ def run_memory(
     on_gpu: bool,
 ) -> dict[str, dict[str, float]]:
     """Memory estimates (`without_checkpointing` / `with_checkpointing`, by component, bytes) of a
-    run whose training rows have these lengths: what `train.decisions` decides `auto` with.
+    run whose training rows have these lengths: what `plan.decisions` decides `auto` with.
 
     Args:
         config: the run config (its model, fine-tuning mode, batching).

@@ -1,7 +1,7 @@
 """Facts about where and with what a run ran: git commit, package versions, hardware.
 
 Example:
-    >>> from reasonguard.train.runinfo import environment_info
+    >>> from reasonguard.launch.runinfo import environment_info
     >>> sorted(environment_info())
     ['git_commit', 'hardware', 'packages']
 """

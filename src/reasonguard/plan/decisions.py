@@ -6,7 +6,7 @@ or fix it. Either way the run decides once, in `Recipe.setup` before the weights
 them in training_info.json (`model.decisions`); `--dry-run` shows those it can decide without
 the weights. The rules are small pure functions of numbers and flags, so tests check them
 without a GPU; `resolve` gathers the machine's facts (CUDA, device memory, installed packages,
-the memory estimate of `train.memory`) and calls them.
+the memory estimate of `plan.memory`) and calls them.
 
 Rules:
 - checkpointing `auto`: on only when the plan's memory estimate without checkpointing exceeds the
@@ -21,7 +21,7 @@ Rules:
   (`train.packed_attention`).
 
 Example:
-    >>> from reasonguard.train.decisions import GIB, checkpointing_decision
+    >>> from reasonguard.plan.decisions import GIB, checkpointing_decision
     >>> checkpointing_decision("auto", estimate_bytes=18.3 * GIB, device_bytes=23.6 * GIB).value
     False
 """
@@ -35,7 +35,7 @@ from typing import Any
 GIB = 1024**3
 # A bf16 LoRA run replaces NF4 only when its estimate leaves this share of the device unused
 # by the estimate: the memory model counts the big tensors and has not been checked against a
-# measured peak (train/memory.py), so a run that "just fits" would risk out-of-memory mid-run.
+# measured peak (plan/memory.py), so a run that "just fits" would risk out-of-memory mid-run.
 QLORA_FALLBACK_HEADROOM = 0.80
 CHECKPOINTING_COST = "~30% more compute"
 
@@ -223,8 +223,8 @@ def bf16_decision(setting: bool | str, cuda: bool, supported: bool) -> Decision:
 
 
 def allocator_decision() -> Decision:
-    """The glibc allocator set-up of this process (`train.allocenv`)."""
-    from reasonguard.train.allocenv import decision
+    """The glibc allocator set-up of this process (`launch.allocenv`)."""
+    from reasonguard.launch.allocenv import decision
 
     found = decision()
     values = " ".join(f"{k}={v}" for k, v in found["env"].items() if v is not None)
@@ -327,7 +327,7 @@ def _estimates(
     import dataclasses
 
     from reasonguard.errors import UserError
-    from reasonguard.train.memory import run_memory
+    from reasonguard.plan.memory import run_memory
 
     out: dict[str, Any] = {}
     try:

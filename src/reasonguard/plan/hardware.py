@@ -9,7 +9,7 @@
 - `this_machine`, `ram_bytes`, `cpu_label`: the local target.
 
 Example:
-    >>> from reasonguard.train.hardware import GPUS, KNOWN_ARCHITECTURES
+    >>> from reasonguard.plan.hardware import GPUS, KNOWN_ARCHITECTURES
     >>> GPUS["4090"].memory_gib, f"{KNOWN_ARCHITECTURES['meta-llama/Llama-3.2-3B'].total_params:,}"
     (24, '3,212,749,824')
 """

@@ -1,4 +1,4 @@
-"""The text report of `reasonguard plan`: the lines it prints for a plan of `train.plan`.
+"""The text report of `reasonguard plan`: the lines it prints for a plan of `plan.estimate`.
 
 `format_training_plan` turns the plan mapping into one line per part (model, tokens, batching,
 steps, memory with and without checkpointing, compute, throughput, time), then the notes and,
@@ -6,8 +6,8 @@ when the memory estimate exceeds the device, a warning with the overrides that w
 
 Example:
     >>> from reasonguard.train.config import load_config
-    >>> from reasonguard.train.plan import plan_training
-    >>> from reasonguard.train.plan_report import format_training_plan
+    >>> from reasonguard.plan.estimate import plan_training
+    >>> from reasonguard.plan.report import format_training_plan
     >>> plan = plan_training(load_config("configs/demo-cpu.yaml"), gpu="4090")  # doctest: +SKIP
     >>> print(format_training_plan(plan))  # doctest: +SKIP
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reasonguard.train.hardware import GIB
+from reasonguard.plan.hardware import GIB
 
 
 def hours_text(seconds: float) -> str:

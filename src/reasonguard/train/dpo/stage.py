@@ -7,11 +7,11 @@ Run it:
 The run is the R-SFT run (`train.recipe`: transformers' `Trainer` under `train.engine`,
 checkpoints, `resume: auto`, NaN guard, OOM retry, TensorBoard, status.json,
 training_info.json, loss curve, dry run) with a different step: each optimizer step takes
-`samples_per_step` *pairs* and minimises the weighted DPO + SFT loss of `train.dpo_loss` (its
+`samples_per_step` *pairs* and minimises the weighted DPO + SFT loss of `train.dpo.loss` (its
 maths is in that module's docstring). TRL's `DPOTrainer` has no per-pair weight, which
 hard-sample DPO needs, so the loss is our own; the engine is the same `Trainer` as R-SFT.
 
-Log-probs are computed at the labelled positions only, in chunks of positions (`train.logprobs`):
+Log-probs are computed at the labelled positions only, in chunks of positions (`train.dpo.logprobs`):
 no fp32 labels x vocabulary log-softmax is ever held whole.
 
 The reference model is the model the run starts from. Its log-probs of every pair are computed
@@ -33,7 +33,7 @@ a pair is two sequences. The prompt format must be the one the R-SFT model was t
 
 Example:
     >>> from reasonguard.train.config import load_config
-    >>> from reasonguard.train.dpo import DPOConfig, run_dpo
+    >>> from reasonguard.train.dpo.stage import DPOConfig, run_dpo
     >>> config = load_config("configs/guardreasoner-hsdpo-3b.yaml", cls=DPOConfig)
     >>> run_dpo(config)  # doctest: +SKIP
 """
@@ -49,7 +49,8 @@ from transformers import TrainerCallback
 from reasonguard.errors import UserError
 from reasonguard.train.config import DPOConfig
 from reasonguard.train.data import micro_batches, pack
-from reasonguard.train.dpo_data import (
+from reasonguard.train.dpo.loss import sequence_logps, weighted_dpo_losses
+from reasonguard.train.dpo.pairs import (
     REFERENCE_FILE,
     PairData,
     PairExample,
@@ -58,7 +59,6 @@ from reasonguard.train.dpo_data import (
     prepare_pairs,
     saved_reference,
 )
-from reasonguard.train.dpo_loss import sequence_logps, weighted_dpo_losses
 from reasonguard.train.engine import GuardTrainer
 from reasonguard.train.recipe import Recipe, TrainResult
 
@@ -190,7 +190,7 @@ class DPORecipe(Recipe):
     stage = "dpo"
     trainer_class = DPOTrainer
     # Per-token log-probs through liger-kernel's fused kernel where it computes their gradient
-    # right (`train.logprobs.liger_problem`), else the chunked computation.
+    # right (`train.dpo.logprobs.liger_problem`), else the chunked computation.
     liger_loss = True
 
     def __init__(self, config: DPOConfig) -> None:
@@ -285,8 +285,7 @@ class DPORecipe(Recipe):
 
     def saved_model(self) -> tuple[Any, str, str]:
         """(model to save, finetuning to record, base model to record)."""
-        from reasonguard.infer.hf import base_model_of
-        from reasonguard.models import read_guard_config, resolve_model
+        from reasonguard.models import base_model_of, read_guard_config, resolve_model
         from reasonguard.train.modeling import is_adapter_dir
 
         c = getattr(self, "run_config", None) or self.config  # qlora may have become lora

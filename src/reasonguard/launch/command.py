@@ -14,7 +14,7 @@ multi-GPU launcher is used, because `accelerate launch --cpu --num_processes N` 
 process (its multi-CPU mode goes through mpirun).
 
 Example:
-    >>> from reasonguard.train.launch import forced_cpu
+    >>> from reasonguard.launch.command import forced_cpu
     >>> forced_cpu({"ACCELERATE_USE_CPU": "true"})
     True
 """

@@ -8,7 +8,7 @@ a second instead of after the hub client's retries (~25 s per file).
 
 Example:
     >>> from reasonguard.train.config import load_config
-    >>> from reasonguard.train.dryrun import format_plan, plan_sft
+    >>> from reasonguard.plan.dryrun import format_plan, plan_sft
     >>> print(format_plan(plan_sft(load_config("configs/demo-cpu.yaml"))))  # doctest: +SKIP
 """
 
@@ -65,7 +65,7 @@ def plan_sft(
     Args:
         config: the run config.
         prepare_fn, records_fn: how the stage loads its rows (`train.data.prepare` /
-            `load_records` for SFT; `train.dpo_data.prepare_pairs` / `load_pairs` for DPO).
+            `load_records` for SFT; `train.dpo.pairs.prepare_pairs` / `load_pairs` for DPO).
         world_size: the number of training processes to plan for.
         stage: `sft` or `dpo` (DPO packs pairs and does not use the fused liger loss).
 
@@ -139,9 +139,9 @@ def plan_sft(
 
 
 def _decisions(c: Any, data: Any, max_length: int | None, stage: str) -> dict[str, Any]:
-    """The run's decisions on this machine (`train.decisions`), as far as they can be made
+    """The run's decisions on this machine (`plan.decisions`), as far as they can be made
     without weights: the memory estimate needs the tokenized rows (on CUDA only)."""
-    from reasonguard.train.decisions import resolve
+    from reasonguard.plan.decisions import resolve
     from reasonguard.train.modeling import use_bf16
 
     lengths = labels = None

@@ -21,8 +21,8 @@ config, the data and the model's shapes:
    described by its memory and bf16 TFLOPS (`hardware.custom_gpu`). N GPUs divide the time by N x an assumed scaling
    efficiency; the optimizer steps are the trainer's for N processes.
 
-The parts live in `train.hardware` (GPU and model tables), `train.batch_profile` (token counts),
-`train.memory`, `train.timing` and `train.plan_report` (the text); their public names are
+The parts live in `plan.hardware` (GPU and model tables), `plan.batch_profile` (token counts),
+`plan.memory`, `plan.timing` and `plan.report` (the text); their public names are
 importable from here too.
 
 Accuracy: a planning estimate. The MFU values are assumptions from published anchors, not
@@ -33,7 +33,7 @@ memory follows what FSDP2 and DeepSpeed allocate, the scaling efficiencies are a
 
 Example:
     >>> from reasonguard.train.config import load_config
-    >>> from reasonguard.train.plan import format_training_plan, plan_training
+    >>> from reasonguard.plan.estimate import format_training_plan, plan_training
     >>> plan = plan_training(load_config("configs/exp19-qlora-3b-instruct.yaml"), gpu="4090")  # doctest: +SKIP
     >>> print(format_training_plan(plan))  # doctest: +SKIP
 """
@@ -44,15 +44,15 @@ import math
 from typing import Any
 
 from reasonguard.errors import UserError
-from reasonguard.train.batch_profile import (
+from reasonguard.plan.batch_profile import (
     PUBLISHED_TOKENS,
     SIMULATED_STEPS,
     per_sample_attention,
     sample_lengths,
     token_profile,
 )
-from reasonguard.train.decisions import checkpointing_decision, quantization_decision
-from reasonguard.train.hardware import (
+from reasonguard.plan.decisions import checkpointing_decision, quantization_decision
+from reasonguard.plan.hardware import (
     CUSTOM,
     GIB,
     GPUS,
@@ -68,7 +68,7 @@ from reasonguard.train.hardware import (
     ram_bytes,
     this_machine,
 )
-from reasonguard.train.memory import (
+from reasonguard.plan.memory import (
     ALLOCATOR_SLACK,
     CPU_RUNTIME_GIB,
     CUDA_CONTEXT_GIB,
@@ -81,8 +81,8 @@ from reasonguard.train.memory import (
     run_memory,
     trainable_params,
 )
-from reasonguard.train.plan_report import format_training_plan, hours_text
-from reasonguard.train.timing import (
+from reasonguard.plan.report import format_training_plan, hours_text
+from reasonguard.plan.timing import (
     CPU_EFFICIENCY,
     SCALING_EFFICIENCY,
     flops_per_token,
@@ -168,8 +168,8 @@ def plan_training(
             a non-positive `tokens_per_second`, a process count or sharding that cannot run
             (see `check_parallel`), or what `plan_sft` and `model_architecture` raise.
     """
+    from reasonguard.plan.dryrun import plan_sft
     from reasonguard.train.data import PUBLISHED_P95_TOKENS, prepare
-    from reasonguard.train.dryrun import plan_sft
 
     target, device = plan_target(gpu, gpu_memory_gib, gpu_tflops)
     if tokens_per_second is not None and not tokens_per_second > 0:
@@ -243,7 +243,7 @@ def plan_training(
     capacity = device.memory_gib * GIB if device is not None else ram_bytes()
     setting = c.gradient_checkpointing
     if setting == "auto":
-        # The training run's own rule (train/decisions.py): on a GPU, on only when it must be;
+        # The training run's own rule (plan/decisions.py): on a GPU, on only when it must be;
         # train estimates a single process's replica (`run_memory`), so the plan does too.
         replica = memory
         if n > 1:

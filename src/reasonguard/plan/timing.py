@@ -11,8 +11,8 @@ Accuracy: the MFU values and scaling efficiencies are assumptions from published
 measurements of this code on these GPUs.
 
 Example:
-    >>> from reasonguard.train.hardware import KNOWN_ARCHITECTURES
-    >>> from reasonguard.train.timing import flops_per_token
+    >>> from reasonguard.plan.hardware import KNOWN_ARCHITECTURES
+    >>> from reasonguard.plan.timing import flops_per_token
     >>> arch = KNOWN_ARCHITECTURES["meta-llama/Llama-3.2-3B"]
     >>> parts = flops_per_token(arch, "full", 0, checkpointing=False, attention_keys_per_token=300)
     >>> parts["projections"] == 6 * arch.body_params
@@ -25,7 +25,7 @@ import time
 from functools import lru_cache
 from typing import Any
 
-from reasonguard.train.hardware import GPUS, Architecture
+from reasonguard.plan.hardware import GPUS, Architecture
 
 # CPU: training runs at this fraction of the FLOPS of one model-shaped matmul (tokens of the
 # largest micro-batch x hidden x intermediate) measured on the machine (`measure_matmul_flops`).

@@ -19,7 +19,7 @@ the right reasoning while DPO pushes the wrong one down.
 
 Example:
     >>> import torch
-    >>> from reasonguard.train.dpo_loss import weighted_dpo_losses
+    >>> from reasonguard.train.dpo.loss import weighted_dpo_losses
     >>> zero = torch.zeros(1)
     >>> losses, margins = weighted_dpo_losses(zero, zero, zero, zero, torch.ones(1),
     ...     torch.ones(1), beta=0.01, ftx=0.0)
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reasonguard.train.logprobs import DEFAULT_CHUNK_SIZE
+from reasonguard.train.dpo.logprobs import DEFAULT_CHUNK_SIZE
 
 
 def weighted_dpo_losses(
@@ -78,7 +78,7 @@ def sequence_logps(
 
     The model runs its own forward (so engines see a normal call) with the LM head applied only
     at labelled positions and replaced, for that call, by a chunked log-prob computation
-    (`train.labelled_head`, `train.logprobs`): no labels x vocabulary log-softmax is held at
+    (`train.labelled_head`, `train.dpo.logprobs`): no labels x vocabulary log-softmax is held at
     once, in forward or backward.
 
     Args:
@@ -89,20 +89,20 @@ def sequence_logps(
         head: the model's LM head module (default: `model.get_output_embeddings()`).
         chunk_size: labelled positions per chunk of the LM head.
         use_liger: use liger-kernel's fused kernel where it can run (CUDA, liger-kernel >=
-            0.8.2, a plain head; see `train.logprobs.liger_problem`), else the chunked path.
+            0.8.2, a plain head; see `train.dpo.logprobs.liger_problem`), else the chunked path.
 
     Returns:
         (log-prob sums [num_sequences] in fp32, labelled token counts [num_sequences]).
     """
     import torch
 
+    from reasonguard.train.dpo.logprobs import chunked_token_logps, liger_problem, liger_token_logps
     from reasonguard.train.labelled_head import (
         head_logits,
         is_plain_linear,
         labelled_positions,
         run_head,
     )
-    from reasonguard.train.logprobs import chunked_token_logps, liger_problem, liger_token_logps
 
     head = model.get_output_embeddings() if head is None else head
     positions, mask, targets = labelled_positions(batch["labels"].cpu())

@@ -11,7 +11,7 @@ Validation names the file, split, row and field: a missing or empty `input` / `c
 rows are dropped and counted in the report (never silently).
 
 Example:
-    >>> from reasonguard.train.dpo_data import check_pair
+    >>> from reasonguard.train.dpo.pairs import check_pair
     >>> check_pair({"input": "x", "chosen": "a", "rejected": "a"})[0]
     'input'
 """

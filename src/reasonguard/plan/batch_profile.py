@@ -3,7 +3,7 @@
 `token_profile` cuts the first steps of epoch 0 into micro-batches with the trainer's own code
 (`data.step_plan`, `data.micro_batches`, `data.pack`) and counts real, computed (padded or packed)
 and labelled tokens, the attention work, and the largest micro-batch, which sets the peak memory
-(`train.memory`) and the FLOPs (`train.timing`). When the rows are not tokenized locally,
+(`plan.memory`) and the FLOPs (`plan.timing`). When the rows are not tokenized locally,
 `sample_lengths` draws row lengths matching published token statistics (`PUBLISHED_TOKENS`).
 
 Attention work is counted the way the kernel the run uses computes it (`per_sample_attention`):
@@ -14,7 +14,7 @@ gets an explicit mask and computes the whole square of each padded or packed row
 
 Example:
     >>> from types import SimpleNamespace
-    >>> from reasonguard.train.batch_profile import token_profile
+    >>> from reasonguard.plan.batch_profile import token_profile
     >>> c = SimpleNamespace(rows_per_step=lambda world: 2, seed=0, packing=True)
     >>> p = token_profile([3, 4], [1, 2], c, budget=8, per_sample=True)
     >>> p["computed_tokens"], p["attention_keys"]  # 3 x 4 / 2 + 4 x 5 / 2

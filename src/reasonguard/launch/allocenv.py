@@ -11,7 +11,7 @@ is already set (the user's choice wins), and when `REASONGUARD_NO_MALLOC_ENV=1`.
 recorded in `training_info.json` (`model.cpu_allocator`) of a training run.
 
 Example:
-    >>> from reasonguard.train.allocenv import decision
+    >>> from reasonguard.launch.allocenv import decision
     >>> decision({"REASONGUARD_NO_MALLOC_ENV": "1"})["action"]
     'disabled by REASONGUARD_NO_MALLOC_ENV=1'
 """
