@@ -5,11 +5,16 @@
 - `metrics.jsonl`: one JSON object per log (`train_loss`, `learning_rate`, `grad_norm`,
   `tokens_per_second`, `tokens_seen`, ...) and per evaluation (`eval_loss`, ...); on resume the
   events after the resumed step are dropped, so the file reads as one uninterrupted run;
-- TensorBoard scalars under `logs/` (`report_to: tensorboard`), purged past the resumed step;
 - `status.json` for `reasonguard runs status` (step, losses, tokens/s, ETA, checkpoints);
 - a plateau warning when the eval loss has not improved for `early_warning_patience` evaluations;
 - `save_strategy: both`: a checkpoint at every epoch end besides the `save_steps` ones;
-- `save_total_limit`: the newest checkpoints by step are kept.
+- `save_total_limit`: the newest checkpoints by step number are kept. Trainer's own rotation
+  (transformers 5.19, `Trainer._save_checkpoint`) orders them by modification time, and a resumed
+  DeepSpeed run touches the checkpoint it loads, which would then count as the newest.
+
+Reporting (TensorBoard, wandb, mlflow, ...) is Trainer's own `report_to` integrations; the run's
+extra fields reach them through `GuardTrainer.log`, and on resume the TensorBoard writer purges the
+events a killed run wrote after the checkpoint it resumes from.
 
 Its state (the recipe's counters) is saved in every checkpoint's `trainer_state.json` (it is an
 `ExportableState`), which is how a resumed run continues its counts.
@@ -36,7 +41,7 @@ RECENT_LOSSES = 10  # logged train losses averaged in status.json's train_loss
 
 
 class RunMonitor(TrainerCallback, ExportableState):
-    """Writes metrics.jsonl, TensorBoard, status.json for one recipe (module docstring)."""
+    """Writes metrics.jsonl and status.json for one recipe (module docstring)."""
 
     def __init__(self, recipe: Any) -> None:
         self.recipe = recipe
@@ -44,6 +49,19 @@ class RunMonitor(TrainerCallback, ExportableState):
         self._step_started = 0.0
         self._window_steps = 0
         self._recent: list[float] = []  # the last logged train losses, for status.json
+        self.extra_names: list[str] = []
+
+    def log_extras(self) -> dict[str, Any]:
+        """The run's fields of a train log: throughput, tokens seen, elapsed, the stage's own."""
+        r = self.recipe
+        values = {
+            "tokens_per_second": self.meter.tokens_per_second() if self.meter else None,
+            "tokens_seen": r.state["tokens_seen"],
+            "elapsed_seconds": round(self.meter.elapsed(), 2) if self.meter else None,
+            **r.log_fields(),
+        }
+        self.extra_names = list(values)
+        return {k: v for k, v in values.items() if v is not None}  # integrations log numbers
 
     def state(self) -> dict[str, Any]:
         return {"args": {}, "attributes": dict(self.recipe.state)}
@@ -82,14 +100,11 @@ class RunMonitor(TrainerCallback, ExportableState):
                 "train_loss": logs["loss"],
                 "learning_rate": logs.get("learning_rate"),
                 "grad_norm": logs.get("grad_norm"),
-                "tokens_per_second": self.meter.tokens_per_second() if self.meter else None,
-                "tokens_seen": r.state["tokens_seen"],
-                "elapsed_seconds": round(self.meter.elapsed(), 2) if self.meter else None,
-                **r.log_fields(),
+                **{k: logs.get(k) for k in self.extra_names},
             }
             if self.meter:
                 self.meter.reset_window()
-            self._write(event, "train", step)
+            r.metrics.append(event)
             # One logged loss can come from a step of a single row (an epoch's last); status
             # shows the mean of the last few, and the last one beside it.
             self._recent = [*self._recent, logs["loss"]][-RECENT_LOSSES:]
@@ -99,7 +114,7 @@ class RunMonitor(TrainerCallback, ExportableState):
                 train_loss_logs_averaged=len(self._recent),
                 last_logged_train_loss=logs["loss"],
                 learning_rate=logs.get("learning_rate"),
-                tokens_per_second=event["tokens_per_second"],
+                tokens_per_second=event.get("tokens_per_second"),
                 eta_seconds=self.meter.eta_seconds() if self.meter else None,
             )
             r.write_status()
@@ -114,7 +129,7 @@ class RunMonitor(TrainerCallback, ExportableState):
         warning = r.plateau.update(eval_loss)
         s["best_eval_loss"], s["evals_since_best"] = r.plateau.best, r.plateau.since_best
         extra = {k: v for k, v in logs.items() if k.startswith("eval_") and k != "eval_loss"}
-        self._write({"step": step, "epoch": epoch, "eval_loss": eval_loss, **extra}, "eval", step)
+        r.metrics.append({"step": step, "epoch": epoch, "eval_loss": eval_loss, **extra})
         r.print(
             f"step {step}/{r.total_steps} | eval loss {eval_loss:.4f} (best {r.plateau.best:.4f})"
         )
@@ -132,18 +147,45 @@ class RunMonitor(TrainerCallback, ExportableState):
         r.status["checkpoints"] = r.checkpoint_names()
         r.write_status()
 
-    # ---------------------------------------------------------------------------- files
 
-    def _write(self, event: dict[str, Any], group: str, step: int) -> None:
-        r = self.recipe
-        r.metrics.append(event)
-        names = {"train_loss": "loss", "eval_loss": "loss"}
-        r.tensorboard.scalars(
-            {
-                f"{group}/{names.get(k, k.removeprefix('eval_'))}": v
-                for k, v in event.items()
-                if k not in ("step", "tokens_seen", "elapsed_seconds")
-                and isinstance(v, int | float)
-            },
-            step,
-        )
+def reporting_problems(report_to: list[str]) -> list[str]:
+    """What is wrong with a config's `report_to` on this machine (empty when nothing): unknown
+    integration names, and known ones whose package is not installed. Checked before the model
+    loads, since Trainer would only fail once it is built."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    names = [n for n in report_to if n not in ("none", "all")]
+    if "none" in report_to and len(report_to) > 1:
+        return ["config key 'report_to': `none` cannot be combined with other integrations"]
+    problems = []
+    installed = set(get_available_reporting_integrations())
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            known = ", ".join(sorted(INTEGRATION_TO_CALLBACK))
+            problems.append(
+                f"config key 'report_to': unknown integration {name!r} (known: {known})"
+            )
+        elif name not in installed:
+            problems.append(
+                f"config key 'report_to': {name} is not installed (pip install {name}), "
+                "or leave it out of report_to"
+            )
+    return problems
+
+
+def resumable_tensorboard(trainer: Any, run_dir: Any, resumed_step: int | None) -> None:
+    """Point Trainer's TensorBoard integration at RUN_DIR/logs, and on resume hide the events a
+    killed run wrote after the checkpoint it resumes from (`purge_step`)."""
+    from transformers.integrations import TensorBoardCallback
+
+    if not trainer.is_world_process_zero():
+        return  # the integration writes nothing on the other ranks
+    if trainer.pop_callback(TensorBoardCallback) is None:
+        return  # TensorBoard is not in report_to
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / monitor.TENSORBOARD_DIR), purge_step=resumed_step)
+    trainer.add_callback(TensorBoardCallback(tb_writer=writer))

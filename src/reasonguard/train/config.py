@@ -174,8 +174,10 @@ class SFTConfig:
     """The run directory (checkpoints, logs, status, final model)."""
     logging_steps: int = 10
     """Log train loss, learning rate, tokens/s and update status.json every N steps."""
-    report_to: Literal["tensorboard", "none"] = "tensorboard"
-    """Write TensorBoard event files under RUN_DIR/logs."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where Trainer reports metrics: any of its integrations (`tensorboard`, `wandb`, `mlflow`,
+    `comet_ml`, `trackio`, ..., a list or comma-separated), `all` for every installed one, or
+    `none`. TensorBoard event files go under RUN_DIR/logs."""
     eval_strategy: Literal["steps", "epoch", "no"] = "steps"
     """When to compute the held-out eval loss (also once at the end of training)."""
     eval_steps: int = 500

@@ -191,6 +191,13 @@ class GuardTrainer(Trainer):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's log, with the run's own fields (tokens/s, tokens seen, DPO rewards) added
+        to each train log, so every `report_to` integration receives them."""
+        if "loss" in logs:
+            logs = {**logs, **self.recipe.train_log_extras()}
+        super().log(logs, start_time)
+
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None):
         import torch
 

@@ -1,6 +1,6 @@
 """Watching a run: metrics log, live status file, ETA, NaN guard, eval-plateau warning, loss curve.
 
-Everything a second terminal (`reasonguard runs status RUN_DIR`), TensorBoard or a later reader
+Everything a second terminal (`reasonguard runs status RUN_DIR`) or a later reader
 needs is written here, and nothing here knows which stage (SFT or DPO) is running.
 
 - `metrics.jsonl`: one JSON object per logging or eval event (`{"step", "train_loss", ...}`);
@@ -287,31 +287,6 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return events
-
-
-class TensorBoard:
-    """A thin SummaryWriter wrapper that does nothing when TensorBoard logging is off."""
-
-    def __init__(
-        self, run_dir: str | os.PathLike[str], enabled: bool, purge_step: int | None = None
-    ) -> None:
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step hides events a killed run wrote after the checkpoint we resume from.
-            self.writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=purge_step)
-
-    def scalars(self, values: dict[str, float | None], step: int) -> None:
-        if self.writer is None:
-            return
-        for name, value in values.items():
-            if value is not None:
-                self.writer.add_scalar(name, value, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def plot_loss_curve(

@@ -100,7 +100,7 @@ class Recipe:
         self.model: Any = None
         self.trainer: Any = None
         self.data: Any = None
-        self.tensorboard: monitor.TensorBoard | None = None
+        self.monitor: Any = None
         self.status: dict[str, Any] = monitor.base_status(self.run_dir, self.stage)
         self.timings: dict[str, float] = {"setup_seconds": 0.0}
         self.started_at = monitor.now_iso()
@@ -119,7 +119,11 @@ class Recipe:
         from transformers import set_seed
 
         from reasonguard.plan.decisions import effective_config, format_decisions
-        from reasonguard.train.callbacks import RunMonitor
+        from reasonguard.train.callbacks import (
+            RunMonitor,
+            reporting_problems,
+            resumable_tensorboard,
+        )
         from reasonguard.train.data import steps_per_epoch, total_steps
         from reasonguard.train.engine import quiet_libraries
         from reasonguard.train.modeling import (
@@ -133,6 +137,7 @@ class Recipe:
         c = self.config
         t0 = time.perf_counter()
         problems = environment_problems(c) + self.sharding_problems()
+        problems += reporting_problems(c.report_to)
         if problems:
             raise UserError("this machine cannot run this config: " + "; ".join(problems))
         self.resume_from, self.finished_before = self._agreed(self._resume_decision)
@@ -177,23 +182,22 @@ class Recipe:
         self.model = load_model(self.run_config, self.bf16)
         self.trainable_parameters = parameter_counts(self.model)["trainable"]
         self.metrics = monitor.MetricsLog(self.run_dir, self.state["step"], self.is_main)
-        self.tensorboard = monitor.TensorBoard(
-            self.run_dir,
-            c.report_to == "tensorboard" and self.is_main,
-            purge_step=self.state["step"] + 1 if self.resume_from else None,
-        )
         self.plateau = monitor.PlateauWatch(
             c.early_warning_patience, self.state["best_eval_loss"], self.state["evals_since_best"]
         )
+        self.monitor = RunMonitor(self)
         self.trainer = self.trainer_class(
             model=self.model,
             args=args,
             train_dataset=self.data.train,
             eval_dataset=self.data.eval or None,
-            callbacks=[RunMonitor(self)],
+            callbacks=[self.monitor],
             recipe=self,
             train_rows=self.data.train,
             eval_rows=self.data.eval,
+        )
+        resumable_tensorboard(
+            self.trainer, self.run_dir, self.state["step"] + 1 if self.resume_from else None
         )
         if _true_env("ACCELERATE_USE_FSDP") and not self.trainer.is_fsdp_enabled:
             self.warn(
@@ -244,7 +248,7 @@ class Recipe:
             use_cpu=_cpu_only() and not cuda_available(),
             logging_steps=c.logging_steps,
             logging_first_step=True,
-            report_to="none",  # TensorBoard is written by the run monitor, into logs/
+            report_to=c.report_to,
             eval_strategy=c.eval_strategy if self.data.eval else "no",
             eval_steps=c.eval_steps,
             save_strategy=save,
@@ -431,6 +435,10 @@ class Recipe:
         self.state["tokens_seen"] += self.last_step_tokens
         self.state["label_tokens_seen"] += sum(r.num_labels for r in rows)
 
+    def train_log_extras(self) -> dict[str, Any]:
+        """The run's own fields of each train log (`GuardTrainer.log` adds them)."""
+        return self.monitor.log_extras()
+
     def log_fields(self) -> dict[str, float]:
         """Extra fields of each train log event (DPO: reward accuracy and margin)."""
         return {}
@@ -574,8 +582,6 @@ class Recipe:
 
         Runs after success and after failure (NaN, OOM, Ctrl-C), so a stopped run still says why.
         """
-        if self.tensorboard is not None:
-            self.tensorboard.close()
         if self.data is None or not self.is_main:
             return
         if error is None:
