@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from reasonguard.errors import UserError
-from reasonguard.launch.command import launch_command, unsupported_launch
+from reasonguard.launch.command import accelerate_config, launch_command, unsupported_launch
 from reasonguard.train.config import SFTConfig
 from reasonguard.train.dpo.stage import REFERENCE_FILE, run_dpo
 from reasonguard.train.engine import shard_rows
@@ -380,17 +380,66 @@ def test_accelerate_cpu_with_one_process_is_not_refused() -> None:
 def test_num_processes_builds_a_two_process_accelerate_launch() -> None:
     command, env = launch_command(["train", "sft", "--config", "c.yaml", "lr=1"], 2, cpu=True)
     assert command[1:3] == ["-m", "accelerate.commands.launch"]
-    assert command[3] == "--multi_gpu" and command[command.index("--num_processes") + 1] == "2"
+    assert command[3:5] == ["--config_file", str(accelerate_config("ddp"))]
+    assert command[command.index("--num_processes") + 1] == "2"
     assert command[-7:] == ["-m", "reasonguard", "train", "sft", "--config", "c.yaml", "lr=1"]
     assert env["CUDA_VISIBLE_DEVICES"] == "" and env["ACCELERATE_USE_CPU"] == "true"
     _, gpu_env = launch_command(["train", "sft"], 4, cpu=False, environ={"PATH": "/bin"})
     assert gpu_env == {"PATH": "/bin"}
-    # --sharding swaps --multi_gpu for the strategy's launch options.
     zero3, zero_env = launch_command(["train", "sft"], 4, cpu=True, sharding="zero3")
-    assert "--multi_gpu" not in zero3 and zero3[3:6] == ["--use_deepspeed", "--zero_stage", "3"]
+    assert zero3[3:5] == ["--config_file", str(accelerate_config("zero3"))]
     assert "ACCELERATE_USE_CPU" not in zero_env  # accelerate would drop DeepSpeed on CPU
-    fsdp, _ = launch_command(["train", "sft"], 4, cpu=False, sharding="fsdp")
-    assert fsdp[3:6] == ["--use_fsdp", "--fsdp_version", "2"]
+
+
+def _process_env(launcher_args: list[str]) -> dict[str, str]:
+    """The environment accelerate's launcher gives each process for `accelerate launch ARGS`
+    (its own argument parsing and environment building, without starting anything)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(launcher_args))
+    if args.use_deepspeed:  # what accelerate's launch_command does before the DeepSpeed launcher
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        return prepare_deepspeed_cmd_env(args)[1]
+    return prepare_multi_gpu_env(args)
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp", "zero2", "zero3"])
+def test_sharding_launches_exactly_the_shipped_accelerate_config(sharding: str) -> None:
+    import yaml
+
+    command, _ = launch_command(["train", "sft"], 2, cpu=False, environ={}, sharding=sharding)
+    shipped = ACCELERATE / accelerate_config(sharding).name
+    assert accelerate_config(sharding).read_bytes() == shipped.read_bytes()  # the same file
+    by_hand = ["--config_file", str(shipped), "--num_processes", "2", "-m", "reasonguard"]
+    shortcut = _process_env(command[3:])
+    assert shortcut == _process_env([*by_hand, "train", "sft"])
+    # Every setting of the file reaches the processes (FSDP's wrap policy, state-dict type...).
+    settings = yaml.safe_load(shipped.read_text())
+    for key, value in settings.get("fsdp_config", {}).items():
+        assert shortcut[key.upper()] == _as_env(value), key
+    for key, value in settings.get("deepspeed_config", {}).items():
+        assert shortcut[_DEEPSPEED_ENV[key]].lower() == _as_env(value), key
+    if sharding == "fsdp":
+        assert shortcut["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+        assert shortcut["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
+        assert "FSDP_TRANSFORMER_CLS_TO_WRAP" not in shortcut  # the model's own layer class
+
+
+# The variable accelerate's DeepSpeed launcher sets for each `deepspeed_config` key of a file.
+_DEEPSPEED_ENV = {
+    "zero_stage": "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+    "gradient_accumulation_steps": "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+    "gradient_clipping": "ACCELERATE_GRADIENT_CLIPPING",
+    "offload_optimizer_device": "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
+    "offload_param_device": "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE",
+    "zero3_init_flag": "ACCELERATE_DEEPSPEED_ZERO3_INIT",
+    "zero3_save_16bit_model": "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL",
+}
+
+
+def _as_env(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def test_sharding_without_num_processes_is_refused(tmp_path, cli) -> None:

@@ -66,7 +66,8 @@ def _add_stage(stages: Any, stage: str, help_text: str, description: str) -> Non
         type=int,
         metavar="N",
         help="train in N data-parallel processes, one per GPU: relaunches this command under "
-        "`accelerate launch --multi_gpu --num_processes N`; with --dry-run, plans for N processes",
+        "`accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes N` (the "
+        "--sharding strategy's file); with --dry-run, plans for N processes",
     )
     parser.add_argument(
         "--sharding",

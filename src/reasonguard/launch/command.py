@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from reasonguard.errors import UserError
 
@@ -106,14 +107,22 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-# `--sharding` of `reasonguard train`: the accelerate launch options of each strategy (the same
-# settings as configs/accelerate/*.yaml, which an installed package does not ship).
-SHARDING_LAUNCH_OPTIONS = {
-    "ddp": ["--multi_gpu"],
-    "fsdp": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_reshard_after_forward", "true"],
-    "zero2": ["--use_deepspeed", "--zero_stage", "2"],
-    "zero3": ["--use_deepspeed", "--zero_stage", "3", "--zero3_save_16bit_model", "true"],
+# `--sharding` of `reasonguard train`: the shipped accelerate config of each strategy. The launch
+# reads the file itself (configs/accelerate/, installed with the package as
+# reasonguard/launch/accelerate_configs/), so the shortcut and the documented
+# `accelerate launch --config_file configs/accelerate/X.yaml` are one launch.
+SHARDING_CONFIGS = {
+    "ddp": "ddp.yaml",
+    "fsdp": "fsdp.yaml",
+    "zero2": "deepspeed-zero2.yaml",
+    "zero3": "deepspeed-zero3.yaml",
 }
+ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate_configs"
+
+
+def accelerate_config(sharding: str) -> Path:
+    """The shipped accelerate config file of a `--sharding` strategy."""
+    return ACCELERATE_CONFIGS / SHARDING_CONFIGS[sharding]
 
 
 def launch_command(
@@ -125,28 +134,21 @@ def launch_command(
 ) -> tuple[list[str], dict[str, str]]:
     """The `accelerate launch` command (and its environment) that runs `reasonguard *argv` in
     `num_processes` processes on this machine, data parallel (`ddp`) or sharded (`fsdp`,
-    `zero2`, `zero3`: see train.sharding).
+    `zero2`, `zero3`: see train.sharding): `accelerate launch --config_file X.yaml
+    --num_processes N -m reasonguard ...` with the strategy's shipped config, nothing else.
 
-    `--multi_gpu` (or a sharding option) is what makes accelerate start several processes
-    (through torchrun); with `cpu` the GPUs are hidden and the processes use gloo (accelerate's
-    own `--cpu` would start one process).
+    With `cpu` the GPUs are hidden and the processes use gloo (accelerate's own `--cpu` would
+    start one process).
     """
     env = dict(os.environ if environ is None else environ)
     command = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        *SHARDING_LAUNCH_OPTIONS[sharding],
+        "--config_file",
+        str(accelerate_config(sharding)),
         "--num_processes",
         str(num_processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",  # precision comes from the training config (bf16)
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",  # a free port: several runs can share a machine
         "-m",
         "reasonguard",
         *argv,
