@@ -24,7 +24,12 @@ import torch
 from safetensors.torch import load_file
 
 from reasonguard.errors import UserError
-from reasonguard.launch.command import accelerate_config, launch_command, unsupported_launch
+from reasonguard.launch.command import (
+    accelerate_config,
+    launch_command,
+    precision_problem,
+    unsupported_launch,
+)
 from reasonguard.train.config import SFTConfig
 from reasonguard.train.dpo.stage import REFERENCE_FILE, run_dpo
 from reasonguard.train.engine import shard_rows
@@ -73,8 +78,6 @@ def _shipped(accelerate_config: str, stage: str, config: Path, *overrides: str) 
         "2",
         "--main_process_port",
         "0",
-        "--mixed_precision",
-        "no",
         "-m",
         "reasonguard",
         "train",
@@ -371,6 +374,45 @@ def test_launches_that_cannot_train_are_refused_before_loading(
     assert not Path(config.output_dir).exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize(
+    ("asked", "bf16", "refused"),
+    [
+        (None, False, False),  # outside a launcher
+        ("no", False, False),  # the shipped configs, --num-processes
+        ("no", True, False),
+        ("bf16", True, False),  # says what the config says
+        ("bf16", False, True),  # would autocast a run that loads and records fp32
+        ("fp16", True, True),
+        ("fp16", False, True),
+        ("fp8", True, True),
+    ],
+)
+def test_the_training_config_decides_the_precision(asked, bf16, refused) -> None:
+    env = {} if asked is None else {"ACCELERATE_MIXED_PRECISION": asked}
+    problem = precision_problem(bf16, env)
+    assert (problem is not None) == refused
+    if refused:
+        assert f"mixed_precision {asked}" in problem and "--mixed_precision no" in problem
+
+
+def test_a_launcher_precision_the_config_does_not_train_is_refused_before_loading(
+    tmp_path, monkeypatch
+) -> None:
+    # `accelerate launch --mixed_precision bf16` on this CPU machine, where bf16: auto is off.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    config = tiny_config(tmp_path)
+    with pytest.raises(UserError, match="bf16: auto is on only on a CUDA GPU"):
+        run_sft(config)
+    assert not Path(config.output_dir).exists()
+
+
+def test_every_shipped_accelerate_config_leaves_precision_to_the_training_config() -> None:
+    import yaml
+
+    for path in SHIPPED_ACCELERATE:
+        assert yaml.safe_load(path.read_text())["mixed_precision"] == "no", path.name
+
+
 def test_accelerate_cpu_with_one_process_is_not_refused() -> None:
     env = {"ACCELERATE_USE_CPU": "True", "ACCELERATE_DYNAMO_BACKEND": "NO"}  # --num_processes 1
     assert unsupported_launch(env) is None
@@ -420,6 +462,7 @@ def test_sharding_launches_exactly_the_shipped_accelerate_config(sharding: str) 
         assert shortcut[key.upper()] == _as_env(value), key
     for key, value in settings.get("deepspeed_config", {}).items():
         assert shortcut[_DEEPSPEED_ENV[key]].lower() == _as_env(value), key
+    assert shortcut["ACCELERATE_MIXED_PRECISION"] == "no"  # the training config decides
     if sharding == "fsdp":
         assert shortcut["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
         assert shortcut["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"

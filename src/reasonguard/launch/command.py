@@ -74,6 +74,37 @@ def unsupported_launch(environ: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
+def precision_problem(bf16: bool, environ: Mapping[str, str] | None = None) -> str | None:
+    """Why this launch's mixed precision cannot be used, or None.
+
+    The rule, the same for every launch: the training config's `bf16` decides (`auto`: on on a
+    CUDA GPU with bf16 support, off elsewhere). A launcher's `mixed_precision` (accelerate's
+    `--mixed_precision`, or `mixed_precision:` in its config file) must be `no`, as in the
+    shipped configs and `--num-processes`, or say the same as the config (`bf16` where bf16 is
+    on): accelerate would otherwise autocast in a precision the run neither loads nor records.
+
+    Args:
+        bf16: the run's resolved `bf16` (`train.modeling.use_bf16`).
+        environ: the environment (`ACCELERATE_MIXED_PRECISION`, set by `accelerate launch`).
+    """
+    env = os.environ if environ is None else environ
+    asked = env.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower() or "no"
+    if asked == "no" or (asked == "bf16" and bf16):
+        return None
+    if bf16:
+        how = f"the training config trains in bf16, {asked} is not a precision it trains in"
+    else:
+        how = (
+            "the training config's bf16 is off here (bf16: auto is on only on a CUDA GPU with "
+            "bf16 support); set bf16: true in it to train in bf16"
+        )
+    return (
+        f"the launcher asks for mixed_precision {asked}, but precision is the training "
+        f"config's bf16 setting: {how}. Launch with --mixed_precision no (the shipped "
+        "configs/accelerate/*.yaml say mixed_precision: 'no')"
+    )
+
+
 def uses_deepspeed(environ: Mapping[str, str] | None = None) -> bool:
     """Whether this process was launched for DeepSpeed (`accelerate launch --use_deepspeed`)."""
     return _true((os.environ if environ is None else environ).get("ACCELERATE_USE_DEEPSPEED"))

@@ -83,9 +83,15 @@ class Recipe:
     def __init__(self, config: Any) -> None:
         from accelerate import PartialState
 
-        from reasonguard.launch.command import die_with_launcher, unsupported_launch, world_size
+        from reasonguard.launch.command import (
+            die_with_launcher,
+            precision_problem,
+            unsupported_launch,
+            world_size,
+        )
+        from reasonguard.train.modeling import use_bf16
 
-        problem = unsupported_launch()
+        problem = unsupported_launch() or precision_problem(use_bf16(config))
         if problem:
             raise UserError(problem)
         if world_size() > 1:
