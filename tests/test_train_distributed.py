@@ -28,6 +28,7 @@ from reasonguard.launch.command import (
     accelerate_config,
     launch_command,
     precision_problem,
+    several_gpus_problem,
     unsupported_launch,
 )
 from reasonguard.train.config import SFTConfig
@@ -372,6 +373,26 @@ def test_launches_that_cannot_train_are_refused_before_loading(
     with pytest.raises(UserError, match=message):
         run_sft(config)
     assert not Path(config.output_dir).exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    ("gpus", "env", "refused"),
+    [
+        (4, {}, True),  # `reasonguard train sft` on a 4-GPU machine: DataParallel
+        (2, {"CUDA_VISIBLE_DEVICES": "0,1"}, True),
+        (1, {}, False),
+        (0, {}, False),
+        (4, {"WORLD_SIZE": "4", "RANK": "0"}, False),  # one process per GPU (a launcher)
+        (4, {"ACCELERATE_USE_CPU": "true"}, False),  # --cpu: no GPU is used
+    ],
+)
+def test_one_process_on_several_gpus_is_refused(gpus, env, refused) -> None:
+    problem = several_gpus_problem(gpus, env, stage="dpo")
+    assert (problem is not None) == refused
+    if refused:
+        assert f"sees {gpus} GPUs" in problem and "DataParallel" in problem
+        assert f"reasonguard train dpo --config C.yaml --num-processes {gpus}" in problem
+        assert "CUDA_VISIBLE_DEVICES=0 reasonguard train dpo" in problem
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,38 @@ def unsupported_launch(environ: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
+def visible_gpus() -> int:
+    """The CUDA GPUs this process can use (0 without CUDA, or with `--cpu`)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() and not forced_cpu() else 0
+
+
+def several_gpus_problem(
+    gpus: int, environ: Mapping[str, str] | None = None, stage: str = "STAGE"
+) -> str | None:
+    """Why one training process (of `reasonguard train STAGE`) must not run on `gpus` visible
+    GPUs, or None.
+
+    Outside a launcher, transformers' Trainer spreads one process's batches over every visible
+    GPU with `torch.nn.DataParallel`, which replicates the model per batch: the LM head that
+    `train.labelled_head` replaces for the duration of a call is the device-0 module's, so the
+    replicas would compute the wrong loss or fail. One process per GPU (a launcher) or one
+    visible GPU is what trains correctly.
+    """
+    env = os.environ if environ is None else environ
+    if gpus <= 1 or world_size(env) > 1 or forced_cpu(env):
+        return None
+    return (
+        f"this training process sees {gpus} GPUs and was not started by a launcher: "
+        "transformers' Trainer would split its batches over them with torch.nn.DataParallel, "
+        "which reasonguard's loss (the LM head run at the labelled positions only) does not "
+        f"support. Train on all {gpus} with one process each: `reasonguard train {stage} --config "
+        f"C.yaml --num-processes {gpus}` (add --sharding fsdp|zero2|zero3 to shard the model); "
+        f"or on one GPU: `CUDA_VISIBLE_DEVICES=0 reasonguard train {stage} --config C.yaml`"
+    )
+
+
 def precision_problem(bf16: bool, environ: Mapping[str, str] | None = None) -> str | None:
     """Why this launch's mixed precision cannot be used, or None.
 

@@ -86,12 +86,18 @@ class Recipe:
         from reasonguard.launch.command import (
             die_with_launcher,
             precision_problem,
+            several_gpus_problem,
             unsupported_launch,
+            visible_gpus,
             world_size,
         )
         from reasonguard.train.modeling import use_bf16
 
-        problem = unsupported_launch() or precision_problem(use_bf16(config))
+        problem = (
+            unsupported_launch()
+            or several_gpus_problem(visible_gpus(), stage=self.stage)
+            or precision_problem(use_bf16(config))
+        )
         if problem:
             raise UserError(problem)
         if world_size() > 1:
