@@ -244,10 +244,11 @@ def test_calibrate_writes_bands_and_the_cascade_reads_them(tmp_path, shared_dir,
     assert code == 0, err
     record = json.loads((model / CASCADE_FILE).read_text())
     assert set(record["bands"]) == {"prompt", "refusal", "response"}
-    assert record["items"] == 8 and 0 <= record["escalated_share"] <= 1
-    assert record["tasks"]["prompt"]["items"] == 8
+    assert record["items"] == 8 and 0 <= record["held_out"]["escalated_share"] <= 1
+    parts = record["calibration"]["tasks"]["prompt"], record["held_out"]["tasks"]["prompt"]
+    assert parts[0]["items"] + parts[1]["items"] == 8
     assert record["tokens_per_item"]["fast"] == 0 and record["tokens_per_item"]["reasoning"] > 0
-    assert "items escalated" in stdout
+    assert "held-out items escalated" in stdout
 
     guard = load_guard(str(model), max_new_tokens=6)
     assert guard.bands is not None and guard.bands.to_dict() == record["bands"]

@@ -1,9 +1,12 @@
 """`reasonguard calibrate`: choose a guard's cascade bands on a labelled dev set.
 
+The bands are chosen on 70% of the dev items and reported on the other 30% (a seeded
+stratified split by true labels); `cascade.json` records both and which items each part held.
+
 Example:
     reasonguard calibrate --model runs/exp19/final --data dev.jsonl --max-f1-drop 0.5
-    reasonguard calibrate --model runs/exp19/final --benchmarks AegisSafetyTest \\
-        --benchmark-dir data/benchmarks --out runs/exp19/cascade
+    reasonguard calibrate --model runs/exp19/final --data dev.jsonl --held-out-share 0.25 \\
+        --seed 1 --out runs/exp19/cascade
 """
 
 from __future__ import annotations
@@ -11,17 +14,23 @@ from __future__ import annotations
 import argparse
 
 from reasonguard.commands.generate import add_model_arguments, backend_options
+from reasonguard.infer.holdout import DEFAULT_HELD_OUT_SHARE, DEFAULT_SEED
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "calibrate",
         help="choose the fast/reasoning cascade's uncertainty bands on a labelled dev set",
-        description="Run the guard in reasoning mode and in fast mode on every dev item, then "
-        "pick per task the narrowest band of fast-mode probabilities to send to reasoning "
-        "such that the cascade's F1 stays within --max-f1-drop points of full reasoning's. "
-        "Writes cascade.json into the model folder (or --out), where every later "
-        "`--mode cascade` reads it, and prints the share escalated and tokens per item.",
+        description="Run the guard in reasoning mode and in fast mode on every dev item, split "
+        "the items (seeded, stratified by their true labels), pick per task on the calibration "
+        "part the narrowest band of fast-mode probabilities to send to reasoning such that the "
+        "cascade's F1 stays within --max-f1-drop points of full reasoning's, and report the F1 "
+        "drop and share escalated on the held-out part. Writes cascade.json (the bands, both "
+        "parts' numbers and their items' hashes) into the model folder (or --out), where every "
+        "later `--mode cascade` reads it. Calibrate on dev data held out from training, not on "
+        "a benchmark you then report.",
+        epilog="example: reasonguard calibrate --model runs/exp19/final --data dev.jsonl "
+        "--max-f1-drop 0.5",
     )
     add_model_arguments(p)
     dev = p.add_mutually_exclusive_group(required=True)
@@ -45,6 +54,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "task (default 0.5)",
     )
     p.add_argument(
+        "--held-out-share",
+        type=float,
+        default=DEFAULT_HELD_OUT_SHARE,
+        metavar="SHARE",
+        help="the share of the dev items held out to report the bands on, not to choose them "
+        f"(default {DEFAULT_HELD_OUT_SHARE})",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help=f"which items are held out (default {DEFAULT_SEED})",
+    )
+    p.add_argument(
         "--out",
         metavar="DIR",
         help="where cascade.json goes (default: the model folder; required for hub ids)",
@@ -63,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_f1_drop < 0:
         raise UserError(f"--max-f1-drop must not be negative, got {args.max_f1_drop}")
+    if not 0 < args.held_out_share < 1:
+        raise UserError(
+            f"--held-out-share must be between 0 and 1 (exclusive), got {args.held_out_share}"
+        )
     # Only a folder the user named gets the file: a hub id or an offline alias (whose cached
     # copy is shared by everything that uses the alias) needs --out.
     model_dir = Path(args.model)
@@ -98,7 +125,12 @@ def run(args: argparse.Namespace) -> int:
         **backend_options(args),
     )
     record = calibrate(
-        guard, items, args.max_f1_drop, log=lambda text: print(text, file=sys.stderr)
+        guard,
+        items,
+        args.max_f1_drop,
+        log=lambda text: print(text, file=sys.stderr),
+        held_out_share=args.held_out_share,
+        seed=args.seed,
     )
     record = {"model": args.model, "dev": dev, **record}
     path = write_calibration(out, record)
@@ -113,25 +145,32 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary(record: dict) -> str:
-    """The printed table: per task the band, items, F1 of each mode and the share escalated."""
+    """The printed table: per task the band, then on the held-out items the F1 of each mode,
+    the cascade's F1 drop and the share escalated."""
+    split, held = record["split"], record["held_out"]
+    cal = record["calibration"]
     lines = [
-        f"cascade calibrated on {record['items']} dev items, F1 budget "
-        f"{record['max_f1_drop']} points below reasoning",
-        "| task | band | items | reasoning F1 | fast F1 | cascade F1 | escalated |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        f"cascade bands chosen on {cal['items']} dev items, reported on {held['items']} held out "
+        f"({split['method']}, held-out share {split['held_out_share']}, seed {split['seed']}); "
+        f"F1 budget {record['max_f1_drop']} points below reasoning",
+        "| task | band | items (calibration / held out) | reasoning F1 | fast F1 | cascade F1 "
+        "| F1 drop | escalated |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for task, got in record["tasks"].items():
+    for task, got in held["tasks"].items():
         band = "none" if got["band"] is None else f"[{got['band'][0]:.3f}, {got['band'][1]:.3f}]"
         share = got.get("escalated_share")
         lines.append(
-            f"| {task} | {band} | {got['items']} | {_num(got['reasoning_f1'])} | "
-            f"{_num(got['fast_f1'])} | {_num(got.get('cascade_f1'))} | "
+            f"| {task} | {band} | {cal['tasks'][task]['items']} / {got['items']} | "
+            f"{_num(got.get('reasoning_f1'))} | {_num(got.get('fast_f1'))} | "
+            f"{_num(got.get('cascade_f1'))} | {_num(got.get('f1_drop'))} | "
             f"{'-' if share is None else f'{100 * share:.0f}%'} |"
         )
     tokens = record["tokens_per_item"]
     lines.append(
-        f"items escalated: {100 * record['escalated_share']:.0f}% "
-        f"({record['escalated']} of {record['items']}); generated tokens per item: reasoning "
+        f"held-out items escalated: {100 * held['escalated_share']:.0f}% "
+        f"({held['escalated']} of {held['items']}; on the calibration items "
+        f"{100 * cal['escalated_share']:.0f}%); generated tokens per item: reasoning "
         f"{tokens['reasoning']:.1f}, cascade {tokens['cascade']:.1f}, fast 0"
     )
     return "\n".join(lines)

@@ -115,6 +115,46 @@ def cascade_bands(model: str, mode: str) -> dict | None:
     return bands.to_dict()
 
 
+def warn_calibration_overlap(model: str, jobs: list, limit: int | None) -> None:
+    """Warn (stderr) when a cascade scores items its bands were calibrated on: their F1 is
+    in-sample, so optimistic. Named per benchmark, with how many."""
+    import sys
+    from pathlib import Path
+
+    from reasonguard.infer.cascade import CASCADE_FILE, read_calibration
+    from reasonguard.infer.holdout import calibrated_on
+    from reasonguard.models import resolve_model
+
+    path = resolve_model(model)
+    record = read_calibration(path) if Path(path).is_dir() else None
+    if record is None:
+        return
+    where = Path(path) / CASCADE_FILE
+    found, total = [], 0
+    for job in jobs:
+        records = job.records if limit is None else job.records[: max(limit, 0)]
+        total += len(records)
+        count = calibrated_on(record, [r["input"] for r in records])
+        if count is None:
+            print(
+                f"note: {where} does not list the items it was calibrated on; rerun "
+                "`reasonguard calibrate` to have scored items checked against them",
+                file=sys.stderr,
+            )
+            return
+        if count:
+            found.append((job.name, count))
+    if found:
+        overlap = sum(count for _, count in found)
+        named = ", ".join(f"{name} {count}" for name, count in found)
+        print(
+            f"warning: {overlap} of the {total} items scored ({named}) are items the cascade "
+            f"bands in {where} were calibrated on; their cascade F1 is in-sample (optimistic). "
+            "Calibrate on dev data you do not score.",
+            file=sys.stderr,
+        )
+
+
 def backend_options(args: argparse.Namespace) -> dict:
     """The `load_backend` keyword options of the parsed model arguments."""
     from reasonguard.errors import UserError
@@ -176,6 +216,8 @@ def run_generation(args: argparse.Namespace, jobs: list, out: str) -> dict[str, 
     """Run `jobs` into `out` with the parsed model and generation options (resumable)."""
     from reasonguard.infer.generate import Decoding, run_jobs
 
+    if args.mode == "cascade":
+        warn_calibration_overlap(args.model, jobs, args.limit)
     decoding = Decoding(
         samples=args.samples,
         temperature=args.temperature,

@@ -209,15 +209,32 @@ def choose_band(evidence: TaskEvidence, max_f1_drop: float) -> dict[str, Any]:
                 best = (escalated, high - low, low, high)
     if best is None:  # even [min, max] falls short (cannot happen: it equals reasoning)
         best = (n, 1.0, 0.0, 1.0)
-    escalated, width, low, high = best
-    band = None if width < 0 else [low, high]
-    predicted = evidence.fast if band is None else cascade_predictions(evidence, low, high)
+    _, width, low, high = best
+    return band_outcome(evidence, None if width < 0 else [low, high])
+
+
+def band_outcome(evidence: TaskEvidence, band: Sequence[float] | None) -> dict[str, Any]:
+    """What the cascade with `band` (None: no band, fast mode alone) does on `evidence`: items,
+    escalated (count and share), F1 of each mode and the cascade's drop below reasoning (points).
+    Calibration reports it on the items that chose the band and on the held-out ones."""
+    n = len(evidence.truth)
+    if n == 0:
+        return {"band": None if band is None else list(band), "items": 0}
+    if band is None:
+        predicted, escalated = evidence.fast, 0
+    else:
+        low, high = band
+        predicted = cascade_predictions(evidence, low, high)
+        escalated = sum(p is None or low <= p <= high for p in evidence.p_fast)
+    reasoning_f1 = f1_score(evidence.truth, evidence.reasoning)
+    cascade_f1 = f1_score(evidence.truth, predicted)
     return {
-        "band": band,
+        "band": None if band is None else list(band),
         "items": n,
         "escalated": escalated,
         "escalated_share": escalated / n,
         "reasoning_f1": round(reasoning_f1, 2),
-        "fast_f1": round(fast_f1, 2),
-        "cascade_f1": round(f1_score(evidence.truth, predicted), 2),
+        "fast_f1": round(f1_score(evidence.truth, evidence.fast), 2),
+        "cascade_f1": round(cascade_f1, 2),
+        "f1_drop": round(reasoning_f1 - cascade_f1, 2),
     }
