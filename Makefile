@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-stamp
 # glibc allocator settings that avoid page-fault storms in CPU training (see BENCHMARKS.md).
 CPU_ENV := MALLOC_MMAP_THRESHOLD_=10000000000 MALLOC_TRIM_THRESHOLD_=10000000000 MALLOC_TOP_PAD_=1000000000
 
-.PHONY: setup setup-base test demo lint clean
+.PHONY: setup setup-base test test-fast demo lint clean
 
 # Everything: the package, the test tools, DeepSpeed and bitsandbytes (what `make test` needs).
 setup: $(STAMP)
@@ -39,7 +39,15 @@ $(STAMP): $(BASE_STAMP)
 
 test: setup
 	$(BIN)/ruff check src tests bench
-	$(CPU_ENV) $(BIN)/python -m pytest -q tests
+	$(CPU_ENV) $(BIN)/python -m pytest -q --durations=30 tests
+
+# The inner loop: no vLLM engine, no multi-process or whole-pipeline runs, stop at the first failure.
+FAST_SKIP := test_hsdpo_pipeline test_demo test_gpu_check test_train_distributed \
+	test_generate_data_parallel test_bench_serve_load test_bench_throughput
+test-fast: setup
+	$(BIN)/ruff check src tests bench
+	$(CPU_ENV) $(BIN)/python -m pytest -q -x -m "not slow and not vllm" \
+		$(foreach t,$(FAST_SKIP),--ignore=tests/$(t).py) tests
 
 demo: setup-base
 	$(CPU_ENV) $(BIN)/reasonguard demo
