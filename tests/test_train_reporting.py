@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_train_support import tiny_config
 
 from reasonguard.errors import UserError
 from reasonguard.train.sft import run_sft
+from test_train_support import tiny_config
 
 
 def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
