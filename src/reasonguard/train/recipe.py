@@ -135,6 +135,7 @@ class Recipe:
             RunMonitor,
             reporting_problems,
             resumable_tensorboard,
+            show_progress,
         )
         from reasonguard.train.data import steps_per_epoch, total_steps
         from reasonguard.train.engine import quiet_libraries
@@ -211,6 +212,7 @@ class Recipe:
         resumable_tensorboard(
             self.trainer, self.run_dir, self.state["step"] + 1 if self.resume_from else None
         )
+        show_progress(self.trainer, self.is_main)
         if _true_env("ACCELERATE_USE_FSDP") and not self.trainer.is_fsdp_enabled:
             self.warn(
                 "the launch asked for FSDP, which accelerate enables on GPUs only: these CPU "
