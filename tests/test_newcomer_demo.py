@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.prefix) / "bin" / "reasonguard"
 TINY_RUN = ["model_name_or_path=tiny-llama", "eval_strategy=no", "save_strategy=no"]
@@ -39,6 +41,7 @@ def as_make_demo_runs_it() -> str:
         return str(SCRIPT)
 
 
+@pytest.mark.slow  # the demo, then its commands, each a child process
 def test_the_demos_printed_commands_run_as_printed_in_a_fresh_shell(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     done = subprocess.run(
@@ -82,6 +85,7 @@ def test_the_demos_printed_commands_run_as_printed_in_a_fresh_shell(tmp_path: Pa
     assert "{'train_runtime'" not in done.stdout + done.stderr
 
 
+@pytest.mark.slow  # a training run in a child process
 def test_training_on_a_terminal_shows_the_trainers_progress_bar(tmp_path: Path) -> None:
     """On a terminal (a pseudo-terminal here, 120 columns): tqdm's bar from Trainer's own
     progress callback, `k/N [elapsed<ETA, ...]` with the loss, and no printed log dicts."""

@@ -57,6 +57,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # `plan` in a child process
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="`make setup` only")
 def test_no_bitsandbytes_kernel_notice_reaches_the_terminal() -> None:
     if "avx512_bf16" in Path("/proc/cpuinfo").read_text():
