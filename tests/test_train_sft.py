@@ -33,9 +33,13 @@ CHECKPOINT_FILES = {
     "README.md",
     "adapter_config.json",
     "adapter_model.safetensors",
+    "chat_template.jinja",
     "optimizer.pt",
+    "reasonguard.json",
     "rng_state.pth",
     "scheduler.pt",
+    "tokenizer.json",
+    "tokenizer_config.json",
     "trainer_state.json",
     "training_args.bin",
 }

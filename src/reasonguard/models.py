@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from reasonguard.errors import UserError
+from reasonguard.folders import check_model_folder
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft's file in a LoRA output folder
 
@@ -195,13 +196,16 @@ def resolve_model(name: str | os.PathLike[str]) -> str:
     through once `check_name` found that it can be loaded from here.
 
     Raises:
-        UserError: no such local folder, or a hub id that cannot be had (see `check_name`).
+        UserError: no such local folder, or a hub id that cannot be had (see `check_name`);
+            a local folder that holds no model, such as a training run's folder
+            (`folders.check_model_folder`).
     """
     key = str(name)
     if key in _BUILDERS:
         folder, build = _BUILDERS[key]
         return str(_build_once(folder, build))
     check_name(key, kind="model")
+    check_model_folder(key)
     return key
 
 

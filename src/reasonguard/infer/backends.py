@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from reasonguard.errors import UserError
+from reasonguard.folders import checkpoint_run_config
 from reasonguard.format import (
     INSTRUCTION,
     build_prompt,
@@ -196,6 +197,8 @@ def resolve_prompt_format(model_path: str | os.PathLike[str], given: str | None)
         except ValueError as exc:
             raise UserError(str(exc)) from None
     record = read_guard_config(model_path) if Path(model_path).is_dir() else None
+    if record is None:  # a checkpoint saved without the record: its run's config says
+        record = checkpoint_run_config(model_path)
     recorded = (record or {}).get("prompt_format")
     if recorded is None:
         return given or DEFAULT_PROMPT_FORMAT

@@ -10,7 +10,8 @@
 - `save_strategy: both`: a checkpoint at every epoch end besides the `save_steps` ones;
 - `save_total_limit`: the newest checkpoints by step number are kept. Trainer's own rotation
   (transformers 5.19, `Trainer._save_checkpoint`) orders them by modification time, and a resumed
-  DeepSpeed run touches the checkpoint it loads, which would then count as the newest.
+  DeepSpeed run touches the checkpoint it loads, which would then count as the newest;
+- every checkpoint gets the tokenizer and `reasonguard.json`, so it is served as trained.
 
 Reporting (TensorBoard, wandb, mlflow, ...) is Trainer's own `report_to` integrations; the run's
 extra fields reach them through `GuardTrainer.log`, and on resume the TensorBoard writer purges the
@@ -145,6 +146,8 @@ class RunMonitor(TrainerCallback, ExportableState):
 
     def on_save(self, args, state, control, **kwargs):
         r = self.recipe
+        # The Trainer has just written checkpoint-<step>: the record makes it servable as trained.
+        r.record_checkpoint(r.run_dir / f"{ckpt.PREFIX}{state.global_step}")
         keep = r.config.save_total_limit
         if keep and r.is_main:  # the newest `save_total_limit` checkpoints, by step
             for old in ckpt.list_checkpoints(r.run_dir)[:-keep]:

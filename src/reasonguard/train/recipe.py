@@ -514,7 +514,6 @@ class Recipe:
         import torch
 
         from reasonguard.models import end_of_turn_ids, write_guard_config
-        from reasonguard.train.modeling import nf4_base_record
 
         final = self.run_dir / FINAL_DIR
         self.final_dir = final
@@ -547,23 +546,49 @@ class Recipe:
             state_dict = None
         model.save_pretrained(tmp, state_dict=state_dict)
         self.tokenizer.save_pretrained(tmp)
-        write_guard_config(
-            tmp,
-            prompt_format=self.config.prompt_format,
-            base_model=base_model,
-            finetuning=finetuning,
-            stage=self.stage,
-            max_length=self.data.max_length,
-            eos_token_ids=eos_ids,
-            chat_template=self.config.chat_template,
-            **self.fast_mode_record(),
-            # A QLoRA adapter is served on the 4-bit base it was trained on.
-            **({"quantization": nf4_base_record(self.bf16)} if finetuning == "qlora" else {}),
-        )
+        write_guard_config(tmp, **self.guard_record(finetuning, base_model))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         self.process.wait_for_everyone()
         return final
+
+    def guard_record(self, finetuning: str, base_model: str) -> dict[str, Any]:
+        """The `reasonguard.json` fields of a model this run saves (`models.write_guard_config`):
+        how to prompt it, what it was trained from, where generation stops."""
+        from reasonguard.models import end_of_turn_ids
+        from reasonguard.train.modeling import nf4_base_record
+
+        return {
+            "prompt_format": self.config.prompt_format,
+            "base_model": base_model,
+            "finetuning": finetuning,
+            "stage": self.stage,
+            "max_length": self.data.max_length,
+            "eos_token_ids": end_of_turn_ids(self.tokenizer),
+            "chat_template": self.config.chat_template,
+            **self.fast_mode_record(),
+            # A QLoRA adapter is served on the 4-bit base it was trained on.
+            **({"quantization": nf4_base_record(self.bf16)} if finetuning == "qlora" else {}),
+        }
+
+    def checkpoint_identity(self) -> tuple[str, str] | None:
+        """(finetuning, base model) to record in a checkpoint, or None when a checkpoint cannot
+        be served on its own (see the DPO stage). A checkpoint holds what `save` would save
+        unmerged: the trained adapter on the run's base, or the full weights."""
+        _, finetuning, base_model = self.saved_model()
+        return finetuning, base_model
+
+    def record_checkpoint(self, checkpoint: Path) -> None:
+        """Make a checkpoint servable as trained: its tokenizer and `reasonguard.json` beside the
+        weights the Trainer wrote (rank 0), so `load_guard(checkpoint)` prompts it in the run's
+        format, with the run's chat template."""
+        from reasonguard.models import write_guard_config
+
+        identity = self.checkpoint_identity()
+        if not self.is_main or identity is None or not checkpoint.is_dir():
+            return
+        self.tokenizer.save_pretrained(checkpoint)
+        write_guard_config(checkpoint, **self.guard_record(*identity))
 
     def fast_mode_record(self) -> dict[str, Any]:
         """The dual-mode facts of reasonguard.json: the fast-mode marker the model learned (from

@@ -25,10 +25,12 @@ Run directory (`output_dir`) after a finished LoRA / QLoRA run:
       status.json            live progress, read by `reasonguard runs status RUN_DIR`
       metrics.jsonl          one JSON object per logging / eval event
       logs/                  TensorBoard event files (report_to: tensorboard)
-      checkpoint-<step>/     the newest save_total_limit checkpoints (transformers' layout):
+      checkpoint-<step>/     the newest save_total_limit checkpoints (transformers' layout),
+                             each loadable as a model, prompted as trained:
                              README.md adapter_config.json adapter_model.safetensors
-                             optimizer.pt rng_state.pth scheduler.pt trainer_state.json
-                             training_args.bin
+                             chat_template.jinja optimizer.pt reasonguard.json rng_state.pth
+                             scheduler.pt tokenizer.json tokenizer_config.json
+                             trainer_state.json training_args.bin
       final/                 the trained model, loadable as is:
                              README.md adapter_config.json adapter_model.safetensors
                              chat_template.jinja reasonguard.json tokenizer.json

@@ -283,6 +283,21 @@ class DPORecipe(Recipe):
         c = self.config
         return f"HS-DPO {c.model_name_or_path} ({c.finetuning}, beta {c.beta})"
 
+    def checkpoint_identity(self) -> tuple[str, str] | None:
+        """As `saved_model` records it, without merging; None for an adapter trained on a merged
+        starting adapter: its checkpoints hold an adapter on a base that exists only in memory,
+        and serve only as resume points (`final/` holds the merged model)."""
+        from reasonguard.models import resolve_model
+        from reasonguard.train.modeling import is_adapter_dir
+
+        c = getattr(self, "run_config", None) or self.config
+        merged_start = c.init_adapter == "merge" and is_adapter_dir(
+            resolve_model(c.model_name_or_path)
+        )
+        if c.finetuning != "full" and merged_start:
+            return None
+        return super().checkpoint_identity()
+
     def saved_model(self) -> tuple[Any, str, str]:
         """(model to save, finetuning to record, base model to record)."""
         from reasonguard.models import base_model_of, read_guard_config, resolve_model
