@@ -185,18 +185,39 @@ _FULL = {"finetuning": "full", "learning_rate": 1e-4}  # the tiny Llama's head i
 # accelerate 1.15 turns FSDP on only for GPU-like distributed types (MULTI_GPU, MULTI_NPU,
 # MULTI_XPU, ...; `AcceleratorState.__init__`), never for MULTI_CPU: on CPU processes an FSDP
 # launch trains as DDP, which `test_an_fsdp_launch_on_cpu_trains_as_ddp_and_says_so` covers.
-FSDP_ON_CPU = "accelerate enables FSDP only on GPU process groups (not MULTI_CPU / gloo)"
-needs_gpu_for_fsdp = pytest.mark.skipif(not torch.cuda.is_available(), reason=FSDP_ON_CPU)
+FSDP_ON_CPU = (
+    "accelerate enables FSDP only on GPU process groups (not MULTI_CPU / gloo); two processes "
+    "need two GPUs"
+)
+needs_gpu_for_fsdp = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason=FSDP_ON_CPU
+)
+
+# A pack budget below every row's length: each row is a micro-batch of its own, so a step of 4
+# rows is 2 micro-batches per rank on 2 processes (4 in one), their gradients accumulated (DDP's
+# no_sync, DeepSpeed's accumulation boundary, FSDP's unsynchronised backward) before the update.
+_ACCUMULATING = {"pack_tokens": 16}
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> dict[str, Path]:
-    """One-process runs to compare with: LoRA and full fine-tuning."""
+    """One-process runs to compare with (LoRA, full fine-tuning, and each with one row per
+    micro-batch), each trained the first time a test asks for it."""
     tmp = tmp_path_factory.mktemp("single")
-    return {
-        "lora": run_sft(_sft_config(tmp, output_dir=str(tmp / "lora"))).run_dir,
-        "full": run_sft(_sft_config(tmp, output_dir=str(tmp / "full"), **_FULL)).run_dir,
+    settings = {
+        "lora": {},
+        "full": _FULL,
+        "lora-accumulating": _ACCUMULATING,
+        "full-accumulating": {**_FULL, **_ACCUMULATING},
     }
+
+    class Runs(dict):
+        def __missing__(self, kind: str) -> Path:
+            config = _sft_config(tmp, output_dir=str(tmp / kind), **settings[kind])
+            self[kind] = run_sft(config).run_dir
+            return self[kind]
+
+    return Runs()
 
 
 def _same_run(two: Path, one: Path) -> None:
@@ -212,6 +233,15 @@ def _same_run(two: Path, one: Path) -> None:
         assert b == pytest.approx(a, rel=1e-5)
     assert info["final_eval_loss"] == pytest.approx(reference["final_eval_loss"], rel=1e-5)
     assert info["tokens_seen"] == reference["tokens_seen"]
+
+
+def _accumulated(two: Path, one: Path) -> None:
+    """Every step of `two` ran 2 micro-batches per rank (`one`: one per row): the weights that
+    `_same_run` compares were accumulated over them."""
+    info, reference = _info(two), _info(one)
+    assert info["micro_batches_per_rank"] == 2 * info["steps_completed"] == 16
+    epochs = reference["config"]["num_train_epochs"]
+    assert reference["micro_batches_per_rank"] == reference["data"]["train_rows"] * epochs
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,29 +292,49 @@ def test_two_processes_killed_and_resumed_train_the_weights_of_one(
         pytest.param("fsdp", "full", marks=needs_gpu_for_fsdp),
         pytest.param("fsdp", "lora", marks=needs_gpu_for_fsdp),
         ("zero2", "full"),  # LoRA under DeepSpeed: the ZeRO-3 DPO test below
+        ("zero3", "full"),
     ],
 )
-def test_sharded_processes_train_the_weights_of_one(
+def test_sharded_processes_accumulating_micro_batches_train_the_weights_of_one(
     tmp_path: Path, single, sharding: str, finetuning: str
 ) -> None:
-    extra = _FULL if finetuning == "full" else {}
+    extra = {**(_FULL if finetuning == "full" else {}), **_ACCUMULATING}
     path = write_yaml_config(tmp_path / "sft.yaml", _sft_config(tmp_path, **extra))
     two = tmp_path / "two"
     _run(_shortcut("sft", path, sharding, f"output_dir={two}"), sharding)
     assert _info(two)["plan"]["distributed"] == {"fsdp": "FSDP"}.get(sharding, "DEEPSPEED")
-    _same_run(two, single[finetuning])
+    one = single[f"{finetuning}-accumulating"]
+    _same_run(two, one)
+    _accumulated(two, one)
 
 
 @pytest.mark.slow
 def test_an_fsdp_launch_on_cpu_trains_as_ddp_and_says_so(tmp_path: Path, single) -> None:
     if torch.cuda.is_available():
-        pytest.skip("on a GPU machine FSDP runs (test_sharded_processes_train_the_weights_of_one)")
-    path = write_yaml_config(tmp_path / "sft.yaml", _sft_config(tmp_path, **_FULL))
+        pytest.skip("on a GPU machine FSDP runs (test_sharded_processes_*)")
+    config = _sft_config(tmp_path, **_FULL, **_ACCUMULATING)
+    path = write_yaml_config(tmp_path / "sft.yaml", config)
     two = tmp_path / "two"
     done = _run(_shipped("fsdp.yaml", "sft", path, f"output_dir={two}"), "fsdp")
     assert "accelerate enables on GPUs only" in done.stderr
     assert _info(two)["plan"]["distributed"] == "MULTI_CPU"
-    _same_run(two, single["full"])
+    _same_run(two, single["full-accumulating"])
+    _accumulated(two, single["full-accumulating"])
+
+
+def test_the_accelerate_floor_passes_the_accumulation_boundary_to_deepspeed() -> None:
+    # accelerate 1.8.0 (huggingface/accelerate#3630) is the first release whose DeepSpeed
+    # backward takes `sync_gradients`; earlier ones stepped DeepSpeed after every micro-batch.
+    import inspect
+    import tomllib
+
+    from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+    from packaging.version import Version
+
+    assert "sync_gradients" in inspect.signature(DeepSpeedEngineWrapper.backward).parameters
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    floor = next(d for d in dependencies if d.startswith("accelerate>="))
+    assert Version(floor.removeprefix("accelerate>=")) >= Version("1.8.0")
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,7 @@ class GuardTrainer(Trainer):
         self.head = self.model.get_output_embeddings()
         self.micro_batch = recipe.micro_batch
         self.last_step_loss: float | None = None
+        self.last_passes = 0  # forward/backward passes of the last step on this rank
 
     # ---------------------------------------------------------------------------- subclass API
 
@@ -212,13 +213,15 @@ class GuardTrainer(Trainer):
                 break
             except torch.OutOfMemoryError:
                 self._shrink_after_oom(model)
+        state = self.recipe.state
+        state["micro_batches"] = state.get("micro_batches", 0) + self.last_passes
         self.after_step(rows)
         self.last_step_loss = loss
         return torch.tensor(loss, device=self.args.device)
 
     def _passes(self, model: Any, rows: list[Any], step: int) -> float:
         """Forward/backward of every micro-batch of this rank's share of `rows`; the loss of
-        the whole step (checked finite before the last backward)."""
+        the whole step (checked finite before the last backward). Sets `last_passes`."""
 
         world = self._world
         denominator = self.step_count(rows)
@@ -249,6 +252,7 @@ class GuardTrainer(Trainer):
                         self.accelerator.backward(loss_sum * (world / denominator))
             finally:
                 state._set_sync_gradients(True)
+        self.last_passes = len(chunks)
         return step_loss
 
     def _shrink_after_oom(self, model: Any) -> None:

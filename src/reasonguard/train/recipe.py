@@ -402,6 +402,7 @@ class Recipe:
             "configured_micro_batch_size": self.config.per_device_train_batch_size,
             "tokens_seen": 0,
             "label_tokens_seen": 0,
+            "micro_batches": 0,
             "last_train_loss": None,
             "last_eval_loss": None,
             "last_eval_step": None,
@@ -704,6 +705,9 @@ class Recipe:
                 "train_seconds_all_sessions": round(s.get("train_seconds", 0.0), 2),
             },
             "steps_completed": s.get("step", 0),
+            # Forward/backward passes of each rank (the same on every rank): above the steps,
+            # gradients were accumulated over several micro-batches per step.
+            "micro_batches_per_rank": s.get("micro_batches", 0),
             "tokens_seen": {
                 "total": s.get("tokens_seen", 0),
                 "labelled": s.get("label_tokens_seen", 0),
