@@ -392,6 +392,54 @@ def test_batcher_does_not_keep_or_change_items() -> None:
     assert item == {"prompt": "p", "response": None}
 
 
+def test_batcher_call_runs_on_the_batch_thread_under_the_same_limits() -> None:
+    """`call` (a streamed check) shares the worker thread with batches, and its queue limit,
+    time limit and failure rules."""
+    import threading
+
+    threads: set[str] = set()
+    release = threading.Event()
+    finished: list[str] = []
+
+    def run_batch(items: list[dict]) -> list[str]:
+        threads.add(threading.current_thread().name)
+        return [i["prompt"] for i in items]
+
+    def blocked() -> str:
+        threads.add(threading.current_thread().name)
+        release.wait(30)
+        finished.append("blocked")
+        return "done"
+
+    def broken() -> None:
+        raise ValueError("no")
+
+    async def main() -> dict:
+        batcher = DynamicBatcher(run_batch, max_batch_size=2, max_wait_ms=0, max_queue=1)
+        await batcher.start()
+        try:
+            assert await batcher.submit([{"prompt": "a"}], 5) == ["a"]
+            with pytest.raises(BatchTimeout):
+                await batcher.call(blocked, 0.05)  # runs on: the thread is busy with it
+            running = asyncio.create_task(batcher.call(lambda: "next", 30))
+            await asyncio.sleep(0)
+            with pytest.raises(QueueFull):  # max_queue 1: "next" is waiting
+                await batcher.call(lambda: "x", 5)
+            release.set()
+            assert await running == "next"
+            with pytest.raises(BatchFailed) as failed:
+                await batcher.call(broken, 5)
+            assert isinstance(failed.value.__cause__, ValueError)
+            return batcher.stats()
+        finally:
+            await batcher.close()
+
+    stats = asyncio.run(main())
+    assert finished == ["blocked"] and len(threads) == 1
+    assert stats["calls"] == 3 and stats["timeouts"] == 1 and stats["failed_items"] == 1
+    assert stats["rejected_requests"] == 1 and stats["queued_items"] == 0
+
+
 # --------------------------------------------------------------------------------------------
 # The command's refusals (before any model loads)
 

@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "batched together: with --backend hf by a dynamic batcher (--max-batch-size, "
         "--max-wait-ms); with --backend vllm by vLLM's async engine, where each item joins the "
         "running batch as it arrives (continuous batching). Endpoints: POST /v1/moderations, POST /v1/classify, GET /v1/models, "
-        "GET /health (with batching counters), GET /docs.",
+        "WebSocket /v1/stream (streaming moderation of a growing response, hf), "
+        "GET /health (with batching counters and open streams), GET /docs.",
     )
     add_model_arguments(p)
     net = p.add_argument_group("network")
@@ -63,6 +64,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--timeout-s", type=float, default=120.0, help="per-request time limit, 504 (default 120)"
     )
     lim.add_argument("--max-queue", type=int, default=1024, help="queued items, 503 (default 1024)")
+    lim.add_argument(
+        "--max-streams",
+        type=int,
+        default=16,
+        help="WebSocket streams open at once, each holding one response's KV cache (default 16)",
+    )
     p.add_argument("--no-scores", action="store_true", help="skip the label probabilities")
     p.add_argument(
         "--reasoning",
@@ -112,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             scores=not args.no_scores,
             reasoning=args.reasoning,
+            max_streams=args.max_streams,
         )
     except ValueError as exc:
         raise UserError(str(exc).replace("_", "-")) from None
@@ -143,7 +151,15 @@ def run(args: argparse.Namespace) -> int:
             **options,
         )
     app = create_app(guard, settings)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # WebSocket frames up to twice our own limit reach the app, which answers an oversized
+    # one with an error frame; only larger ones are cut off by the protocol (close 1009).
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        ws_max_size=2 * settings.max_body_bytes,
+    )
     return 0
 
 

@@ -29,6 +29,7 @@ from reasonguard.format import (
     check_prompt_format,
     fast_mode_instruction,
 )
+from reasonguard.infer.fast_stream import RecomputingStream
 from reasonguard.models import read_guard_config
 
 BACKENDS = ("hf", "vllm")
@@ -165,6 +166,20 @@ class Backend:
         Returns None when the backend cannot compute them.
         """
         return None
+
+    def open_fast_stream(self) -> Any:
+        """A stream of fast verdicts over one growing text (`fast_stream.py`). Here each check
+        is a fresh fast verdict of the whole prompt, which is all a backend with a prefix cache
+        (vLLM) needs; the HF backend keeps the item's KV cache instead.
+
+        Raises:
+            UserError: the backend has no fast mode.
+        """
+        if not self.supports_fast:
+            raise UserError(
+                f"{self.name}: streaming verdicts need fast mode, which {type(self).__name__} lacks"
+            )
+        return RecomputingStream(self)
 
 
 def check_sampling(temperature: float, top_p: float, num_samples: int, max_new_tokens: int) -> None:

@@ -220,16 +220,7 @@ class Guard:
     def _fast(self, pairs: list[tuple[str, str | None]]) -> list[GuardResult]:
         prompts = [self.backend.build_fast_prompt(render_input(p, r)) for p, r in pairs]
         verdicts = self.backend.fast_verdicts(prompts, [asked_tasks(r) for _, r in pairs])
-        return [
-            GuardResult(
-                **(parse_output(v.text).to_dict() | {"reason": ""}),
-                scores=v.scores,
-                output=v.text,
-                num_tokens=0,
-                mode="fast",
-            )
-            for v in verdicts
-        ]
+        return [fast_result(v) for v in verdicts]
 
     def _reason(
         self,
@@ -253,6 +244,17 @@ class Guard:
             reasoning_result(g, pairs[i][1] is not None, score_rows[i] if score_rows else None)
             for i, (g,) in enumerate(generations)
         ]
+
+
+def fast_result(verdict: Any) -> GuardResult:
+    """The result of one fast verdict (`fast.FastVerdict`; also used by streaming)."""
+    return GuardResult(
+        **(parse_output(verdict.text).to_dict() | {"reason": ""}),
+        scores=verdict.scores,
+        output=verdict.text,
+        num_tokens=0,
+        mode="fast",
+    )
 
 
 def reasoning_result(

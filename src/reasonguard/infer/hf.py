@@ -252,11 +252,8 @@ class HFBackend(Backend):
 
     def fast_verdicts(self, prompts: Sequence[str], tasks: Sequence[Sequence[str]]) -> list[Any]:
         """Fast-mode verdicts (see `fast.py`): the answer block forced after each prompt."""
-        from reasonguard.infer.fast import SharedPrefix, fast_verdicts
+        from reasonguard.infer.fast import fast_verdicts
 
-        if self._fast_prefix is None:
-            reference = self.encode([self.build_fast_prompt(render_input("."))])[0]
-            self._fast_prefix = SharedPrefix(self.model, reference)
         return fast_verdicts(
             self.model,
             self.tokenizer,
@@ -264,7 +261,28 @@ class HFBackend(Backend):
             tasks,
             batch_size=self.batch_size,
             device=self.device,
-            prefix=self._fast_prefix,
+            prefix=self.fast_prefix(),
+        )
+
+    def fast_prefix(self) -> Any:
+        """The guard instruction's KV cache (`fast.SharedPrefix`), made on first use."""
+        from reasonguard.infer.fast import SharedPrefix
+
+        if self._fast_prefix is None:
+            reference = self.encode([self.build_fast_prompt(render_input("."))])[0]
+            self._fast_prefix = SharedPrefix(self.model, reference)
+        return self._fast_prefix
+
+    def open_fast_stream(self) -> Any:
+        """A stream keeping one item's KV cache between checks (`fast_stream.CachedStream`)."""
+        from reasonguard.infer.fast_stream import CachedStream
+
+        return CachedStream(
+            self.model,
+            self.tokenizer,
+            lambda prompt: self.encode([prompt])[0],
+            self.device,
+            self.fast_prefix(),
         )
 
     def _reference(self) -> list[int]:

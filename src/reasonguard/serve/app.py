@@ -8,7 +8,9 @@ continuous batching across requests), which queues and batches by itself; and se
 - `POST /v1/moderations`: the OpenAI moderation schema (mapping in `schemas.py`);
 - `POST /v1/classify`: `{"items": [{"prompt", "response"}]}` -> one verdict per item;
 - `GET /v1/models`: the served model, OpenAI list shape;
-- `GET /health`: liveness plus the batcher's counters (batch-size histogram, queue, timeouts).
+- `WS /v1/stream`: streaming moderation of one growing response (`streams.py`);
+- `GET /health`: liveness plus the batcher's counters (batch-size histogram, queue, timeouts)
+  and the open streams.
 
 Errors use OpenAI's `{"error": {"message", "type", "code"}}` shape: 401 missing or wrong API key
 (`/v1/*` only, checked before the body is read), 413 too many items / characters / bytes,
@@ -48,9 +50,11 @@ from reasonguard.serve.schemas import (
     ErrorResponse,
     ModerationRequest,
     ModerationResponse,
+    error_body,
     moderation_result,
     verdict,
 )
+from reasonguard.serve.streams import add_stream_route
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +92,8 @@ class ServeSettings:
         scores: compute label probabilities (one extra forward pass per item).
         reasoning: the default of a request's `reasoning` field: `auto` (the cascade when the
             model has calibrated bands, else `always`), `always` or `never` (fast mode).
+        max_streams: the most `/v1/stream` WebSockets open at once (each holds one response's
+            KV cache); one more is refused.
     """
 
     model_name: str
@@ -100,11 +106,12 @@ class ServeSettings:
     max_queue: int = 1024
     scores: bool = True
     reasoning: str = "auto"
+    max_streams: int = 16
 
     def __post_init__(self) -> None:
         if self.reasoning not in ("auto", "always", "never"):
             raise ValueError(f"reasoning must be auto, always or never, got {self.reasoning!r}")
-        for name in ("max_batch_size", "max_items", "max_chars", "max_queue"):
+        for name in ("max_batch_size", "max_items", "max_chars", "max_queue", "max_streams"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.timeout_s <= 0:
@@ -119,12 +126,8 @@ class ServeSettings:
         return 12 * self.max_chars + (1 << 20)
 
 
-def _error_body(message: str, code: str, kind: str = "invalid_request_error") -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-
-
 def _error(status: int, message: str, code: str, kind: str = "invalid_request_error") -> Any:
-    return JSONResponse(_error_body(message, code, kind), status)
+    return JSONResponse(error_body(message, code, kind), status)
 
 
 _ERROR_CODES = {
@@ -148,7 +151,8 @@ class _BearerAuth:
     """ASGI middleware: `/v1/*` requests need `Authorization: Bearer <key>`.
 
     A middleware rather than a route dependency so the key is checked before the body is read
-    or parsed: an unauthenticated client learns nothing about the request format.
+    or parsed: an unauthenticated client learns nothing about the request format. A WebSocket
+    (`/v1/stream`) is checked on its handshake and refused with the same 401 response.
     """
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
@@ -156,7 +160,7 @@ class _BearerAuth:
         self.expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] not in ("http", "websocket") or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
         given = b""
@@ -176,7 +180,13 @@ class _BearerAuth:
             "invalid_api_key",
         )
         response.headers["WWW-Authenticate"] = "Bearer"
-        await response(scope, receive, send)
+        if scope["type"] == "websocket" and "websocket.http.response" not in scope.get(
+            "extensions", {}
+        ):
+            # A server without the denial-response extension can only refuse the handshake.
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await response(scope, receive, send)  # on a WebSocket: the HTTP 401 of the handshake
 
 
 class _BodyLimit:
@@ -281,6 +291,7 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
     )
     app.state.batcher = batcher
     app.state.settings = settings
+    streams = add_stream_route(app, guard, settings, batcher)
     app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
     if settings.api_key is not None:  # added last, so it runs first: a 401 reads nothing
         app.add_middleware(_BearerAuth, api_key=settings.api_key)
@@ -309,7 +320,7 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
         where = ".".join(str(part) for part in first["loc"])
         whole_body = first["msg"].startswith("the request body")
         message = f"{where}: {first['msg']}" if where and not whole_body else first["msg"]
-        body = _error_body(message, "invalid_body")
+        body = error_body(message, "invalid_body")
         return JSONResponse({**body, "detail": jsonable_encoder(details)}, 422)
 
     @app.exception_handler(Exception)
@@ -382,6 +393,7 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
             "prompt_format": getattr(guard, "prompt_format", None),
             "uptime_s": int(time.time()) - started,
             "batcher": batcher.stats(),
+            "streams": streams.stats(),
         }
 
     return app

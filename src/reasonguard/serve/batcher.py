@@ -150,6 +150,48 @@ class DynamicBatcher:
             for future in futures:
                 future.cancel()
 
+    async def call(self, fn: Callable[[], Any], timeout_s: float | None) -> Any:
+        """Run `fn()` on the model's worker thread, between batches (a streamed response's
+        check: one item's own state, not a batch), under the same queue limit and time limit.
+
+        Raises:
+            QueueFull: the queue is full.
+            BatchTimeout: not done in `timeout_s` (it still runs to its end in the thread).
+            BatchFailed: `fn` raised (the original exception is the cause).
+        """
+        if self._executor is None:
+            raise RuntimeError("the batcher is not started")
+        if self._pending + 1 > self.max_queue:
+            self._counts["rejected_requests"] += 1
+            raise QueueFull(f"the server is busy ({self._pending} items queued)")
+        self._pending += 1
+        self._counts["calls"] += 1
+
+        def timed() -> Any:
+            started = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                self._busy_s += time.perf_counter() - started
+
+        running = asyncio.get_running_loop().run_in_executor(self._executor, timed)
+        # A call abandoned at its time limit may still fail: its error is read here, so asyncio
+        # does not report it as never retrieved.
+        running.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(running)
+        except TimeoutError:
+            self._counts["timeouts"] += 1
+            raise BatchTimeout(f"not answered within {timeout_s:g} s") from None
+        except Exception as exc:
+            self._counts["failed_items"] += 1
+            logger.error("the model failed on a streamed check", exc_info=exc)
+            error = BatchFailed(f"the model failed on this input ({type(exc).__name__})")
+            raise error from exc
+        finally:
+            self._pending -= 1
+
     def _settled(self, future: asyncio.Future[Any]) -> None:
         self._pending -= 1
         if future.cancelled():
@@ -171,6 +213,7 @@ class DynamicBatcher:
             "busy_s": round(self._busy_s, 3),
             "queued_items": self._pending,
             "requests": self._counts["requests"],
+            "calls": self._counts["calls"],
             "timeouts": self._counts["timeouts"],
             "rejected_requests": self._counts["rejected_requests"],
             "abandoned_items": self._counts["abandoned_items"],

@@ -210,6 +210,11 @@ class ModerationResponse(BaseModel):
     results: list[ModerationResult]
 
 
+def error_body(message: str, code: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+    """An `ErrorResponse` body (the HTTP routes' error responses, the stream's error frames)."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str
