@@ -25,6 +25,7 @@ from reasonguard.hsdpo.pipeline import (
     generation_plan,
     load_pipeline_config,
 )
+from reasonguard.hsdpo.stages import TrainLaunch
 from reasonguard.train.config import DPOConfig, SFTConfig, load_config
 from test_train_support import CPU_ENV, REPO, cli_env
 
@@ -391,3 +392,104 @@ def test_a_failing_stage_stops_the_pipeline_named_with_its_exit_code(tmp_path) -
     ) in log
     assert "'output'" in log  # the child's own message, on the same output
     assert "[2/" not in log and not (tmp_path / "out" / "rsft-no-A").exists()
+
+
+def test_training_stages_take_the_launch_settings(tmp_path) -> None:
+    data = write_split_data(tmp_path / "d.jsonl")
+    config = load_pipeline_config(write_pipeline(tmp_path, Path("tiny-llama"), data))
+    launch = TrainLaunch(num_processes=2, sharding="zero3", cpu=True)
+    pipeline = Pipeline(config, launch)
+    out = tmp_path / "out" / "configs"
+    for stage, run, name in (
+        ("sft", pipeline.main_sft, "rsft-main"),
+        ("sft", pipeline.diversity["A"], "rsft-no-A"),
+        ("dpo", pipeline.dpo_config(), "dpo"),
+    ):
+        argv = pipeline.train_argv(stage, run)
+        args = build_parser().parse_args(argv)  # the command `reasonguard train` reads
+        assert (args.command, args.stage, args.config) == (
+            "train",
+            stage,
+            str(out / f"{name}.yaml"),
+        )
+        assert (args.num_processes, args.sharding, args.cpu) == (2, "zero3", True)
+        # One process by default: the command a user types for one process, no launch flags.
+        assert Pipeline(config).train_argv(stage, run) == ["train", stage, "--config", argv[3]]
+    training = [s for s in pipeline.stages() if s.trains]
+    assert [s.name for s in training] == [
+        "R-SFT main model",
+        "R-SFT without A",
+        "R-SFT without B",
+        "HS-DPO",
+    ]
+    assert all(s.detail.endswith("(2 CPU processes, zero3)") for s in training)
+
+
+def test_bad_launch_settings_are_refused_before_any_stage(tmp_path, cli) -> None:
+    data = write_split_data(tmp_path / "d.jsonl")
+    path = write_pipeline(tmp_path, Path("tiny-llama"), data)
+    code, _, err = cli("hsdpo", "--config", path, "--sharding", "fsdp")
+    assert code == 2 and "--sharding fsdp needs --num-processes N" in err
+    code, _, err = cli("hsdpo", "--config", path, "--num-processes", "0")
+    assert code == 2 and "--num-processes must be at least 1" in err
+    assert not (tmp_path / "out").exists()
+    code, out, err = cli(
+        "hsdpo", "--config", path, "--dry-run", "--num-processes", "2", "--sharding", "zero2"
+    )
+    assert code == 0, err
+    assert out.count("(2 processes, zero2)") == 4  # every training stage, no generation stage
+
+
+def test_one_process_training_on_several_gpus_is_a_problem_of_the_plan(tmp_path) -> None:
+    data = write_split_data(tmp_path / "d.jsonl")
+    config = load_pipeline_config(write_pipeline(tmp_path, Path("tiny-llama"), data))
+    one = Pipeline(config)
+    (problem,) = one.problems(one.stages(), gpus=4)
+    assert "shows 4 GPUs" in problem and "--num-processes 4" in problem
+    assert "CUDA_VISIBLE_DEVICES=0" in problem
+    assert one.problems(one.stages(), gpus=1) == []
+    four = Pipeline(config, TrainLaunch(num_processes=4))
+    assert four.problems(four.stages(), gpus=4) == []
+    # Nothing left to train: generation and mining do not care.
+    done = [s for s in one.stages() if not s.trains]
+    assert one.problems(done, gpus=4) == []
+
+
+@pytest.mark.slow
+def test_the_dpo_stage_trains_in_the_processes_the_user_gives(tmp_path) -> None:
+    from reasonguard.train.sft import run_sft
+    from test_train_dpo import write_pairs
+    from test_train_support import tiny_config
+
+    (tmp_path / "rsft").mkdir()
+    rsft = run_sft(
+        tiny_config(tmp_path / "rsft", rows=8, max_steps=2, eval_strategy="no", lora_dropout=0.0)
+    ).final_dir
+    data = write_split_data(tmp_path / "d.jsonl")
+    path = write_pipeline(
+        tmp_path, rsft, data, main_model=str(rsft), leave_out=[], generation_limit=1
+    )
+    out = tmp_path / "out"
+    # Generation and mining done before (a generation file is complete by its row count; the
+    # pairs file is what DPO reads): only the DPO stage runs.
+    for split in ("W", "A", "B"):
+        (out / "generations" / "main").mkdir(parents=True, exist_ok=True)
+        (out / "generations" / "main" / f"{split}.jsonl").write_text("{}\n")
+    write_pairs(out / "pairs.jsonl", 8)
+    done = subprocess.run(
+        [sys.executable, "-m", "reasonguard", "hsdpo", "--config", str(path)]
+        + ["--num-processes", "2", "--cpu"],
+        env={**cli_env(), **CPU_ENV},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-5000:]
+    config = out / "configs" / "dpo.yaml"
+    assert f"$ reasonguard train dpo --config {config} --num-processes 2 --cpu" in log
+    info = json.loads((out / "dpo" / "training_info.json").read_text())
+    assert info["outcome"] == "finished"
+    assert (info["plan"]["processes"], info["plan"]["distributed"]) == (2, "MULTI_CPU")
+    assert (out / "dpo" / "final" / "adapter_model.safetensors").is_file()

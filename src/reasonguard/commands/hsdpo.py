@@ -5,6 +5,7 @@ see `reasonguard.hsdpo.pipeline`.
 
 Example:
     reasonguard hsdpo --config configs/hsdpo/guardreasoner-3b.yaml --dry-run
+    reasonguard hsdpo --config configs/hsdpo/guardreasoner-3b.yaml --num-processes 4 data_parallel=4
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ command in a child process (printed before it starts), so it returns its GPU mem
 when one fails, the pipeline stops with that stage's exit code. With --dry-run the plan also lists what would stop the run here (a
 main_model that does not exist, a backend that is not installed); a real run refuses to start
 with those.
+
+Several GPUs: --num-processes N [--sharding fsdp|zero2|zero3] [--cpu] launch every training stage
+as `reasonguard train STAGE --config C.yaml --num-processes N ...` does; the generation stages
+use data_parallel. Give the same flags when rerunning to resume.
 
 Relative paths in the pipeline file (sft_config, dpo_config, main_model) are looked up in the
 pipeline file's folder first, then in the current directory, then in the folders above the
@@ -47,6 +52,25 @@ def register(subparsers: Any) -> None:
         help="write the resolved R-SFT configs of the main and diversity models and the DPO "
         "config to DIR (to run or inspect stages by hand), then stop",
     )
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        metavar="N",
+        help="train every R-SFT and DPO stage in N processes, one per GPU (passed on to "
+        "`reasonguard train`, like its --num-processes); generation: data_parallel",
+    )
+    parser.add_argument(
+        "--sharding",
+        choices=("ddp", "fsdp", "zero2", "zero3"),
+        default="ddp",
+        help="with --num-processes: how the training stages share the model (see "
+        "`reasonguard train sft --help`)",
+    )
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="train the stages in CPU processes (gloo) even where GPUs exist",
+    )
     parser.set_defaults(func=run)
 
 
@@ -54,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from reasonguard.hsdpo.pipeline import Pipeline, load_pipeline_config, run_pipeline
-    from reasonguard.hsdpo.stages import StageFailed, save_stage_config
+    from reasonguard.hsdpo.stages import StageFailed, TrainLaunch, save_stage_config
 
+    launch = TrainLaunch(args.num_processes, args.sharding, args.cpu)  # refused before loading
     config = load_pipeline_config(args.config, args.overrides)
     if args.export_configs:
         pipeline = Pipeline(config)
@@ -69,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             print(item)
         return 0
     try:
-        run_pipeline(config, dry_run=args.dry_run)
+        run_pipeline(config, dry_run=args.dry_run, launch=launch)
     except StageFailed as exc:
         # The child already printed why; its exit code says how (2: bad input, as for any
         # reasonguard command), so a script sees the same code as from the stage run by hand.

@@ -16,6 +16,8 @@ command continues where it stopped:
 The training and generation stages resume inside themselves too (checkpoints, appended rows).
 Each of them runs as its own `reasonguard` command in a child process, so the GPU memory of one
 is returned before the next starts (`reasonguard.hsdpo.stages`); mining runs in this process.
+The training stages take the launch settings given to `reasonguard hsdpo` (`--num-processes N`,
+`--sharding S`, `--cpu`: `stages.TrainLaunch`), exactly as `reasonguard train` takes them.
 
 Relative paths in a pipeline config: `sft_config`, `dpo_config` and `main_model` name files
 that exist before the pipeline runs, so each is looked up, in this order, in the pipeline file's
@@ -59,7 +61,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from reasonguard.errors import UserError
-from reasonguard.hsdpo.stages import run_stage, save_stage_config
+from reasonguard.hsdpo.stages import TrainLaunch, run_stage, save_stage_config
 from reasonguard.train.config import (
     SFTConfig,
     _check_types,
@@ -254,13 +256,16 @@ class Stage:
     """The stage reads the main model (generation with it, DPO from it)."""
     generates: bool = False
     """The stage runs the generation backend."""
+    trains: bool = False
+    """The stage is a `reasonguard train` run (launched as `Pipeline.launch` says)."""
 
 
 class Pipeline:
     """The stages of one pipeline config, in order (see the module docstring)."""
 
-    def __init__(self, config: HSDPOConfig) -> None:
+    def __init__(self, config: HSDPOConfig, launch: TrainLaunch | None = None) -> None:
         self.config = config
+        self.launch = launch or TrainLaunch()
         self.out = Path(config.output_dir)
         self.main_sft = main_sft_config(config)
         self.splits = source_splits(self.main_sft)
@@ -309,8 +314,10 @@ class Pipeline:
                 Stage(
                     title,
                     _finished(run_dir),
-                    f"{self.main_sft.model_name_or_path} on {', '.join(self.splits)} -> {run_dir}",
+                    f"{self.main_sft.model_name_or_path} on {', '.join(self.splits)} -> {run_dir}"
+                    f" ({self.launch.describe()})",
                     lambda title=title: self._train(title, "sft", self.main_sft),
+                    trains=True,
                 )
             )
         for source, sft in self.diversity.items():
@@ -320,8 +327,9 @@ class Pipeline:
                 Stage(
                     title,
                     _finished(run_dir),
-                    f"on {', '.join(sft.splits or [])} -> {run_dir}",
+                    f"on {', '.join(sft.splits or [])} -> {run_dir} ({self.launch.describe()})",
                     lambda title=title, sft=sft: self._train(title, "sft", sft),
+                    trains=True,
                 )
             )
         for name in dict.fromkeys(n for n, _ in self.jobs):
@@ -353,20 +361,35 @@ class Pipeline:
             Stage(
                 "HS-DPO",
                 _finished(Path(dpo.output_dir)),
-                f"{dpo.finetuning} from {dpo.model_name_or_path} -> {dpo.output_dir}",
+                f"{dpo.finetuning} from {dpo.model_name_or_path} -> {dpo.output_dir}"
+                f" ({self.launch.describe()})",
                 lambda: self._train("HS-DPO", "dpo", self.dpo_config()),
                 uses_main=True,
+                trains=True,
             )
         )
         return stages
 
-    def problems(self, stages: Sequence[Stage]) -> list[str]:
+    def problems(self, stages: Sequence[Stage], gpus: int | None = None) -> list[str]:
         """What would stop the stages still to run on this machine, one line each: a configured
-        `main_model` that does not exist and that no stage trains, or a generation backend that
-        is not installed."""
+        `main_model` that does not exist and that no stage trains, a generation backend that
+        is not installed, or training stages in one process on a machine with several GPUs
+        (`gpus`: visible GPUs, counted when None; `launch.command.several_gpus_problem`)."""
+        from reasonguard.launch.command import visible_gpus
+
         c = self.config
         pending = [stage for stage in stages if not stage.done]
         found = []
+        gpus = visible_gpus() if gpus is None else gpus
+        one_process = (self.launch.num_processes or 1) == 1 and not self.launch.cpu
+        if gpus > 1 and one_process and any(stage.trains for stage in pending):
+            found.append(
+                f"this machine shows {gpus} GPUs, and a training stage in one process would be "
+                "spread over them by transformers' Trainer (torch.nn.DataParallel), which "
+                f"reasonguard's loss does not support: add --num-processes {gpus} (one process "
+                "per GPU for every training stage), or show the pipeline one GPU "
+                "(CUDA_VISIBLE_DEVICES=0)"
+            )
         if c.main_model and any(stage.uses_main for stage in pending):
             main = Path(c.main_model).expanduser()
             trained_here = {
@@ -391,13 +414,22 @@ class Pipeline:
             )
         return found
 
+    def stage_config_path(self, config: Any) -> Path:
+        """Where a training stage's config file goes: OUTPUT_DIR/configs/, named after its run
+        directory (as `--export-configs` names it)."""
+        return self.out / "configs" / f"{Path(config.output_dir).name}.yaml"
+
+    def train_argv(self, stage: str, config: Any) -> list[str]:
+        """The `reasonguard train STAGE` command (after `reasonguard`) of a training stage, with
+        the user's launch settings (`--num-processes`, `--sharding`, `--cpu`)."""
+        return self.launch.train_argv(stage, self.stage_config_path(config))
+
     def _train(self, title: str, stage: str, config: Any) -> None:
-        """`reasonguard train STAGE` on `config` in a child process, from the config's file in
-        OUTPUT_DIR/configs/ (named after its run directory, as `--export-configs` names it)."""
-        path = self.out / "configs" / f"{Path(config.output_dir).name}.yaml"
+        """`reasonguard train STAGE` on `config` in a child process, from its config file."""
+        path = self.stage_config_path(config)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_stage_config(config, path, stage)
-        run_stage(title, ["train", stage, "--config", str(path)])
+        run_stage(title, self.train_argv(stage, config))
 
     def _generation_done(self, name: str, split: str) -> bool:
         """Whether a generation file holds a row for every prompt it should (by row count;
@@ -475,15 +507,18 @@ def format_plan(stages: Sequence[Stage], problems: Sequence[str] = ()) -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(config: HSDPOConfig, dry_run: bool = False) -> Pipeline:
-    """Print the plan, then run every stage whose output is not complete yet.
+def run_pipeline(
+    config: HSDPOConfig, dry_run: bool = False, launch: TrainLaunch | None = None
+) -> Pipeline:
+    """Print the plan, then run every stage whose output is not complete yet; the training
+    stages launched as `launch` says (one process by default).
 
     Raises:
         UserError: (not in a dry run) the plan has problems (`Pipeline.problems`): nothing runs;
             or mining found no hard samples.
         StageFailed: a stage's child process failed (`reasonguard.hsdpo.stages`).
     """
-    pipeline = Pipeline(config)
+    pipeline = Pipeline(config, launch)
     stages = pipeline.stages()
     problems = pipeline.problems(stages)
     print(format_plan(stages, problems))

@@ -22,10 +22,58 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reasonguard.errors import UserError
 from reasonguard.train.config import save_config
+
+SHARDINGS = ("ddp", "fsdp", "zero2", "zero3")
+
+
+@dataclass(frozen=True)
+class TrainLaunch:
+    """How each training stage is launched: `reasonguard train`'s own `--num-processes N`,
+    `--sharding S` and `--cpu`, passed on to every R-SFT and DPO stage as the user gave them.
+
+    Raises:
+        UserError: a sharding without several processes, or fewer than one process.
+    """
+
+    num_processes: int | None = None
+    sharding: str = "ddp"
+    cpu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sharding not in SHARDINGS:
+            raise UserError(
+                f"--sharding must be one of {', '.join(SHARDINGS)}, got {self.sharding!r}"
+            )
+        if self.num_processes is not None and self.num_processes < 1:
+            raise UserError(f"--num-processes must be at least 1, got {self.num_processes}")
+        if self.sharding != "ddp" and not (self.num_processes and self.num_processes > 1):
+            raise UserError(f"--sharding {self.sharding} needs --num-processes N (N >= 2)")
+
+    def flags(self) -> list[str]:
+        """The `reasonguard train` flags of this launch (none for one process)."""
+        flags = []
+        if self.num_processes is not None:
+            flags += ["--num-processes", str(self.num_processes)]
+        if self.sharding != "ddp":
+            flags += ["--sharding", self.sharding]
+        if self.cpu:
+            flags.append("--cpu")
+        return flags
+
+    def train_argv(self, stage: str, config_path: str | os.PathLike[str]) -> list[str]:
+        """The `reasonguard train STAGE` command (after `reasonguard`) of a training stage."""
+        return ["train", stage, "--config", str(config_path), *self.flags()]
+
+    def describe(self) -> str:
+        processes = self.num_processes or 1
+        where = " CPU" if self.cpu else ""
+        return f"{processes}{where} process{'es' if processes > 1 else ''}, {self.sharding}"
 
 
 class StageFailed(Exception):
