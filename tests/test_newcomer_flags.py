@@ -55,6 +55,7 @@ def test_bad_input_rows_name_the_file_and_line_and_no_missing_flag(cli, tmp_path
 def test_cascade_without_bands_fails_before_loading_and_names_no_option(
     cli, tmp_path: Path
 ) -> None:
+    (tmp_path / "config.json").write_text("{}")  # a model folder by its layout, with no weights
     code, _, err = cli("classify", "--model", tmp_path, "--prompt", "hi", "--mode", "cascade")
     assert code == 2
     assert f"{tmp_path}: no cascade.json; run `reasonguard calibrate --model {tmp_path}" in err
@@ -65,6 +66,7 @@ def test_cascade_without_bands_fails_before_loading_in_the_api(tmp_path: Path) -
     from reasonguard import load_guard
     from reasonguard.errors import UserError
 
+    (tmp_path / "config.json").write_text("{}")  # a model folder by its layout, with no weights
     with pytest.raises(UserError, match="no calibrated cascade"):
         load_guard(str(tmp_path), mode="cascade")
 
