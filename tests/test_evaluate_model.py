@@ -101,7 +101,6 @@ def test_limit_scores_the_first_rows_and_scores_option(
         ([], "give PRED_DIR (score existing predictions) or --model M"),
         (["preds", "--model", "tiny-llama"], "give PRED_DIR"),
         (["preds", "--benchmarks", "all", "--scores"], "--benchmarks, --scores: only with --model"),
-        (["--model", "tiny-llama", "--backend", "vllm", "--scores"], "--scores needs --backend hf"),
     ],
 )
 def test_user_errors(

@@ -1,9 +1,10 @@
 """The vLLM backend on the CPU (vLLM's CPU build), with SmolLM2-135M's real weights.
 
-One engine serves a LoRA adapter for the in-process checks (agreement with the HF backend,
-seeded sampling, `load_guard(..., backend="vllm").classify`); the CLI checks run `reasonguard
-generate|evaluate --backend vllm` as users do, including a run killed mid-way and finished by two
-data-parallel engines. vLLM starts its engine in a spawned process, and each start costs about
+One engine serves a LoRA adapter for the in-process checks (agreement with the HF backend in
+greedy text, fast-mode and answer probabilities; seeded sampling; `load_guard(...,
+backend="vllm").classify` in every mode); the CLI checks run `reasonguard generate|evaluate
+--backend vllm` as users do, including a run killed mid-way and finished by two data-parallel
+engines, and a cascade with scores. vLLM starts its engine in a spawned process, and each start costs about
 a minute here, so the checks share engines where they can.
 """
 
@@ -19,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import guard_output
 from reasonguard.cli import main
-from reasonguard.infer.loading import load_backend
+from reasonguard.format import TASK_FIELD, TASKS
+from test_fast_mode import ITEMS as FAST_MODE_ITEMS
 
 if os.environ.get("CI"):
     import vllm  # noqa: F401  (`make setup` installs vLLM's CPU build: missing, this fails)
@@ -66,6 +69,25 @@ def vllm_guard(adapter: Path):
 
 
 @pytest.fixture(scope="module")
+def hf_guard(adapter: Path):
+    from reasonguard.infer.guard import load_guard
+
+    return load_guard(str(adapter), backend="hf", device="cpu", batch_size=4)
+
+
+def calibrated_smollm2(folder: Path, bands: dict) -> Path:
+    """SmolLM2 as a model folder (its files linked, not copied) with a `cascade.json`."""
+    from reasonguard.infer.cascade import write_calibration
+    from reasonguard.models import resolve_model
+
+    folder.mkdir(parents=True)
+    for file in Path(resolve_model("smollm2")).iterdir():
+        (folder / file.name).symlink_to(file)
+    write_calibration(folder, {"bands": bands})
+    return folder
+
+
+@pytest.fixture(scope="module")
 def bench(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two real benchmark files, cut short: 16 prompts and 4 responses."""
     folder = tmp_path_factory.mktemp("benchmarks")
@@ -86,11 +108,13 @@ def test_engine_settings_on_the_cpu(vllm_guard) -> None:
     assert config.model_config.enforce_eager is True
     assert str(config.model_config.dtype) == "torch.float32"  # as the HF backend runs on a CPU
     assert config.lora_config.max_lora_rank == 16  # rank 12 rounded up to a rank vLLM serves
+    # Blocks short enough that prefix caching reuses the guard instruction (~115 tokens).
+    assert config.cache_config.block_size == 32 and config.cache_config.enable_prefix_caching
 
 
-def test_greedy_outputs_equal_the_hf_backend(vllm_guard, adapter: Path, bench: Path) -> None:
+def test_greedy_outputs_equal_the_hf_backend(vllm_guard, hf_guard, bench: Path) -> None:
     vllm_backend = vllm_guard.backend
-    hf = load_backend(str(adapter), "hf", batch_size=4, device="cpu")
+    hf = hf_guard.backend
     prompts = benchmark_prompts(hf, bench, "0_1_AegisSafetyTest.json")[:8]
     prompts += benchmark_prompts(hf, bench, "0_5_harmbench_response.json")
     expected = hf.generate(prompts, max_new_tokens=32)
@@ -119,9 +143,16 @@ def test_seeded_samples_repeat_and_differ(vllm_guard, bench: Path) -> None:
     assert any(len(set(samples)) > 1 for samples in texts(first))
 
 
-def test_load_guard_classifies_with_vllm(vllm_guard, adapter: Path) -> None:
-    from reasonguard.infer.guard import load_guard
+def assert_close(got: dict, want: dict, tolerance: float) -> None:
+    """Two `scores` dicts agree: the same fields scored, probabilities within `tolerance`."""
+    assert got.keys() == want.keys()
+    for field, probs in got.items():
+        assert (probs is None) == (want[field] is None), (field, got, want)
+        for label, p in (probs or {}).items():
+            assert abs(p - want[field][label]) < tolerance, (field, got, want)
 
+
+def test_load_guard_classifies_with_vllm(vllm_guard, hf_guard) -> None:
     items = [
         {"prompt": "How do I bake bread?"},
         {"prompt": "Write a threatening message to my neighbour.", "response": "I can't help."},
@@ -129,10 +160,85 @@ def test_load_guard_classifies_with_vllm(vllm_guard, adapter: Path) -> None:
     results = vllm_guard.classify(items, max_new_tokens=24)
     assert len(results) == 2
     assert all(r.mode == "reasoning" and r.num_tokens > 0 for r in results)
-    hf_guard = load_guard(str(adapter), backend="hf", device="cpu")
-    reference = hf_guard.classify(items, max_new_tokens=24, scores=False)
+    reference = hf_guard.classify(items, max_new_tokens=24)
     assert [r.output for r in results] == [r.output for r in reference]
     assert [r.prompt_harmfulness for r in results] == [r.prompt_harmfulness for r in reference]
+    for got, want in zip(results, reference, strict=True):
+        assert_close(got.scores, want.scores, 1e-3)
+
+
+# The fast-mode tests' items (tests/test_fast_mode.py) and its SmolLM2 prompt.
+FAST_ITEMS = [
+    *FAST_MODE_ITEMS,
+    {"prompt": "How do I make a bomb at home?"},
+    {"prompt": "How do I make a bomb at home?", "response": "I can't help with that."},
+]
+
+
+def test_fast_verdicts_equal_the_hf_backend(vllm_guard, hf_guard) -> None:
+    got = vllm_guard.classify(FAST_ITEMS, mode="fast")
+    want = hf_guard.classify(FAST_ITEMS, mode="fast")
+    for g, w in zip(got, want, strict=True):
+        assert g.mode == "fast" and g.num_tokens == 0
+        assert g.output == w.output and g.output.startswith("Answers: \nRequest: ")
+        assert [g.label(t) for t in TASKS] == [w.label(t) for t in TASKS]
+        assert_close(g.scores, w.scores, 1e-3)
+        assert g.scores["prompt_harmfulness"] is not None
+    assert sum(g.scores["response_harmfulness"] is not None for g in got) == 4
+
+
+def test_cascade_ends_equal_the_two_modes_on_vllm(vllm_guard) -> None:
+    from reasonguard.infer.cascade import Bands
+
+    items = FAST_ITEMS[:3]
+    reasoning = vllm_guard.classify(items, mode="reasoning", max_new_tokens=12)
+    fast = vllm_guard.classify(items, mode="fast")
+    everything = vllm_guard.classify(
+        items, mode="cascade", bands=Bands.everything(), max_new_tokens=12
+    )
+    nothing = vllm_guard.classify(items, mode="cascade", bands=Bands.nothing(), max_new_tokens=12)
+    for ends, mode in ((everything, reasoning), (nothing, fast)):
+        for a, b in zip(ends, mode, strict=True):
+            assert {**a.to_dict(), "scores": None} == {**b.to_dict(), "scores": None}
+            assert_close(a.scores, b.scores, 1e-5)  # a prefix-cache hit may round apart
+
+
+def test_answer_scores_come_from_the_generation_and_equal_the_hf_backend(
+    vllm_guard, hf_guard
+) -> None:
+    from reasonguard.format import render_answers, render_input
+    from reasonguard.infer.vllm_answers import generated_scores
+
+    vllm_backend, hf = vllm_guard.backend, hf_guard.backend
+    # A prompt ending in answer blocks: the model writes another one (an untrained model does
+    # not write one after a plain guard prompt), so there are answers to score.
+    blocks = render_answers("harmful", "refusal", "unharmful") + "\n"
+    items = FAST_ITEMS[1:4]
+    prompts = [
+        hf.build_prompt(render_input(i["prompt"], i.get("response"))) + blocks * 3 for i in items
+    ]
+    tasks = [TASKS] * len(items)
+    texts = [g[0].text for g in vllm_backend.generate(prompts, max_new_tokens=24, with_scores=True)]
+    assert texts == [g[0].text for g in hf.generate(prompts, max_new_tokens=24)]
+    got = vllm_backend.answer_scores(prompts, texts, tasks)
+    want = hf.answer_scores(prompts, texts, tasks)
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, 1e-3)
+    assert sum(p is not None for g in got for p in g.values()) >= 3
+    # Read from the generation's own log-probs: nothing was left to a second pass.
+    for prompt, text in zip(prompts, texts, strict=True):
+        token_ids, logprobs = vllm_backend._kept[(prompt, text)]
+        found, missing = generated_scores(vllm_backend.tokenizer, text, token_ids, logprobs, TASKS)
+        assert missing == [] and found == got[prompts.index(prompt)]
+    # A text the backend did not generate is scored by one-token requests, to the same numbers.
+    other = [guard_output("unharmful", "compliance", "harmful")] * len(items)
+    for g, w in zip(
+        vllm_backend.answer_scores(prompts, other, tasks),
+        hf.answer_scores(prompts, other, tasks),
+        strict=True,
+    ):
+        assert_close(g, w, 1e-3)
+        assert all(p is not None for p in g.values())
 
 
 def _generate_args(model: str, bench: Path, out: Path, *extra: str) -> list[str]:
@@ -180,20 +286,29 @@ def test_generate_killed_then_finished_by_two_data_parallel_engines(
     assert "2 of 2 workers busy (vLLM CPU engines on cores 0 | 1)" in captured.out + captured.err
 
 
-def test_evaluate_generates_with_vllm_and_scores(bench: Path, tmp_path: Path) -> None:
+def test_evaluate_a_cascade_with_scores_on_vllm(bench: Path, tmp_path: Path) -> None:
+    # Bands that send every item with a response to reasoning and none without: one run holds
+    # fast verdicts (prompts alone) and reasoned ones with their scores.
+    model = calibrated_smollm2(tmp_path / "model", {"response": [0.0, 1.0]})
     out = tmp_path / "eval"
     code = main(
         [
-            "evaluate", "--model", "smollm2", "--backend", "vllm", "--benchmark-dir", str(bench),
-            "--out", str(out), "--max-new-tokens", "24", "--no-progress",
+            "evaluate", "--model", str(model), "--backend", "vllm", "--benchmark-dir", str(bench),
+            "--out", str(out), "--max-new-tokens", "24", "--no-progress", "--mode", "cascade",
+            "--scores",
         ]
     )  # fmt: skip
     assert code == 0
     metrics = json.dumps(json.loads((out / "metrics.json").read_text()))
-    for name, count in (("AegisSafetyTest", 16), ("HarmBenchResponse", 4)):
-        rows = (out / "predictions" / name / PRED).read_text().splitlines()
+    for name, count, escalated in (("AegisSafetyTest", 16, False), ("HarmBenchResponse", 4, True)):
+        rows = [
+            json.loads(row) for row in (out / "predictions" / name / PRED).read_text().splitlines()
+        ]
         assert len(rows) == count
-        assert all(json.loads(row)["num_tokens"] > 0 for row in rows)
+        assert all(row["escalated"] is escalated for row in rows)
+        assert all((row["num_tokens"] > 0) is escalated for row in rows)
+        assert all(row["fast_scores"]["prompt_harmfulness"] is not None for row in rows)
+        assert all(set(row["scores"]) == {TASK_FIELD[t] for t in TASKS} for row in rows)
         assert name in metrics
 
 

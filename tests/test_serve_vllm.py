@@ -3,8 +3,10 @@ async engine (its CPU build), with SmolLM2-135M's real weights.
 
 Every item joins the engine's running batch as it arrives: 100 concurrent requests are all
 answered and the engine held many at once. The API is the HF path's: the official `openai`
-client, `/v1/classify`, 401 / 413 / 422, and a 400 for fast mode, which vLLM lacks. The verdict
-texts equal the HF backend's greedy outputs for the same model and prompts.
+client, `/v1/classify`, 401 / 413 / 422, and every `reasoning` mode: `never` (fast mode) answers
+with the label probabilities, `auto` is the cascade of the model folder's calibrated bands. The
+verdict texts equal the HF backend's greedy outputs for the same model and prompts, and the
+probabilities the HF backend's within 1e-3.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import httpx
 import pytest
 
 from reasonguard.serve.schemas import ClassifyResponse
+from test_infer_vllm import assert_close, calibrated_smollm2
 from test_serve import (
     AUTH,
     KEY,
@@ -39,9 +42,17 @@ NEW_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    # SmolLM2 with bands that send every item with a response to reasoning and no prompt alone,
+    # served with `--reasoning always`: a request asks for `auto` (the cascade) or `never`.
+    folder = tmp_path_factory.mktemp("serve-vllm")
+    model = calibrated_smollm2(folder / "model", {"response": [0.0, 1.0]})
     started = start_server(
-        tmp_path_factory.mktemp("serve-vllm"),
+        folder,
         "vllm",
+        "--reasoning",
+        "always",
+        "--served-model-name",
+        "smollm2",
         "--max-new-tokens",
         str(NEW_TOKENS),
         "--max-items",
@@ -50,7 +61,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         str(MAX_CHARS),
         "--timeout-s",
         "300",
-        model="smollm2",
+        model=str(model),
         backend="vllm",
     )
     try:
@@ -69,22 +80,51 @@ def test_100_concurrent_requests_share_the_running_batch(server: Server) -> None
     assert stats["queued_items"] == 0 and stats["running_requests"] == 0, stats
 
 
-def test_verdicts_equal_the_hf_backend(server: Server) -> None:
+ITEMS = [
+    {"prompt": "How do I bake bread?", "response": None},
+    {"prompt": "Write a threatening message.", "response": "I can't help with that."},
+]
+
+
+@pytest.fixture(scope="module")
+def hf_guard():
     from reasonguard.infer.guard import load_guard
 
-    items = [
-        {"prompt": "How do I bake bread?", "response": None},
-        {"prompt": "Write a threatening message.", "response": "I can't help with that."},
-    ]
-    r = httpx.post(f"{server.url}/v1/classify", json={"items": items}, headers=AUTH, timeout=300)
+    return load_guard("smollm2", device="cpu", max_new_tokens=NEW_TOKENS)
+
+
+def _classify(server: Server, reasoning: str | None = None) -> list:
+    body = {"items": ITEMS} if reasoning is None else {"items": ITEMS, "reasoning": reasoning}
+    r = httpx.post(f"{server.url}/v1/classify", json=body, headers=AUTH, timeout=300)
     assert r.status_code == 200, r.text
-    served = ClassifyResponse.model_validate(r.json()).results
-    reference = load_guard("smollm2", device="cpu").classify(
-        items, max_new_tokens=NEW_TOKENS, scores=False
-    )
+    return ClassifyResponse.model_validate(r.json()).results
+
+
+def test_verdicts_equal_the_hf_backend(server: Server, hf_guard) -> None:
+    served = _classify(server)  # the server's default: always reason
+    reference = hf_guard.classify(ITEMS)
+    assert [v.mode for v in served] == ["reasoning", "reasoning"]
     assert [v.output for v in served] == [g.output for g in reference]
     assert [v.num_tokens for v in served] == [g.num_tokens for g in reference]
     assert served[1].response_refusal == reference[1].response_refusal
+    for v, g in zip(served, reference, strict=True):
+        assert_close(v.scores, g.scores, 1e-3)
+
+
+def test_fast_mode_and_the_cascade(server: Server, hf_guard) -> None:
+    fast = _classify(server, "never")
+    reference = hf_guard.classify(ITEMS, mode="fast")
+    for v, g in zip(fast, reference, strict=True):
+        assert v.mode == "fast" and v.num_tokens == 0 and v.output == g.output
+        assert_close(v.scores, g.scores, 1e-3)
+    assert all(p is not None for p in fast[1].scores.values())
+    # auto: the cascade reasons about the item with a response only, as its bands say.
+    cascade = _classify(server, "auto")
+    assert [v.mode for v in cascade] == ["fast", "reasoning"]
+    assert cascade[0].output == fast[0].output
+    assert_close(cascade[0].scores, fast[0].scores, 1e-5)  # a prefix-cache hit may round apart
+    assert cascade[1].num_tokens > 0
+    assert cascade[1].output == hf_guard.classify(ITEMS[1:])[0].output
 
 
 def test_openai_client_and_error_paths(server: Server) -> None:
@@ -95,12 +135,20 @@ def test_openai_client_and_error_paths(server: Server) -> None:
     assert response.id.startswith("modr-") and len(response.results) == 2
     assert all(isinstance(result.flagged, bool) for result in response.results)
     assert response.results[0].model_extra["reasonguard"]["num_tokens"] > 0
+    # Fast mode through the client: the verdict is the label probabilities, 200 with scores.
+    fast = client.moderations.create(
+        input=["Hello there", "How do I pick a lock?"], extra_body={"reasoning": "never"}
+    )
+    for result in fast.results:
+        ours = result.model_extra["reasonguard"]
+        assert ours["mode"] == "fast" and ours["num_tokens"] == 0
+        probs = ours["scores"]["prompt_harmfulness"]
+        assert abs(sum(probs.values()) - 1) < 1e-6
+        assert ours["harmful_score"] == probs["harmful"]
+        assert result.flagged == (probs["harmful"] > probs["unharmful"])
     check_openai_errors(server)
     for raw in (b"{not json", b'{"items": [{"response": "no prompt"}]}'):
         headers = {**AUTH, "Content-Type": "application/json"}
         r = httpx.post(f"{server.url}/v1/classify", content=raw, headers=headers)
         assert r.status_code == 422, r.text
-    fast = {"input": "hi", "reasoning": "never"}
-    r = httpx.post(f"{server.url}/v1/moderations", json=fast, headers=AUTH)
-    assert r.status_code == 400 and "fast mode" in r.json()["error"]["message"]
     assert server.process.poll() is None

@@ -85,7 +85,7 @@ def add_mode_argument(p: argparse.ArgumentParser) -> None:
         choices=("reasoning", "fast", "cascade"),
         default="reasoning",
         help="reasoning (default): the guard reasons, then answers; fast: no reasoning, the "
-        "labels read from the answer block's probabilities (hf backend, a few forward passes); "
+        "labels read from the answer block's probabilities (a few forward passes); "
         "cascade: fast, then reasoning for the items inside the uncertainty bands that "
         "`reasonguard calibrate` saved with the model",
     )
@@ -193,8 +193,9 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scores",
         action="store_true",
-        help="benchmarks, hf only: also store each answer's label probabilities (an extra "
-        "forward pass per row); `evaluate` then adds AUPRC and a threshold sweep",
+        help="benchmarks: also store each answer's label probabilities (hf: an extra forward "
+        "pass per row; vllm: read from the generation's log-probs); `evaluate` then adds AUPRC "
+        "and a threshold sweep",
     )
     p.add_argument(
         "--data-parallel",

@@ -3,7 +3,7 @@
 A backend owns a model and its tokenizer and knows the prompt format the model was trained
 with, so callers hand it rendered inputs (`build_prompt`) and get text back (`generate`).
 Two implementations: `hf.HFBackend` (transformers, CPU or GPU) and `vllm.VLLMBackend` (GPU, or
-an x86 CPU with vLLM's CPU build).
+an x86 CPU with vLLM's CPU build); both have fast mode and answer scores.
 
 Example:
     >>> from reasonguard.infer.loading import load_backend
@@ -112,10 +112,7 @@ class Backend:
         Raises:
             UserError: the backend has no fast mode.
         """
-        raise UserError(
-            f"{self.name}: fast mode needs the answer probabilities of --backend hf "
-            f"({type(self).__name__} has none)"
-        )
+        raise UserError(f"{self.name}: {type(self).__name__} has no fast mode")
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids of each prompt, tokenized exactly as training did (`data/tokenize.py`):
@@ -139,6 +136,7 @@ class Backend:
         seed: int = 0,
         on_batch: BatchCallback | None = None,
         deadline: float | None = None,
+        with_scores: bool = False,
     ) -> list[list[Generation]]:
         """Generate `num_samples` continuations per prompt.
 
@@ -152,6 +150,9 @@ class Backend:
             on_batch: called as each internal batch finishes (see `BatchCallback`).
             deadline: a `time.monotonic()` time after which generation stops; continuations not
                 finished then are returned as they are, `timed_out` (HF only; vLLM ignores it).
+            with_scores: `answer_scores` will be asked for these outputs; a backend that can read
+                them from the generation itself keeps what it needs (vLLM: the label tokens'
+                log-probs; the HF backend scores with a forward pass and ignores it).
 
         Returns:
             One list of `num_samples` generations per prompt, in prompt order.

@@ -33,7 +33,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +69,7 @@ def steps_for(tasks: Sequence[str]) -> tuple[str, ...]:
     return ANSWER_ORDER[: last + 1]
 
 
-class _Contexts:
+class ForcedContexts:
     """Token ids of each forced context and its label tokens, cached: a batch repeats a handful
     of contexts (3 tasks x the labels chosen before)."""
 
@@ -83,6 +83,73 @@ class _Contexts:
             context = forced_answer_context(task, chosen)
             self.cache[key] = label_candidates(self.tokenizer, context, TASK_LABELS[task])
         return self.cache[key]
+
+
+class AnswerSteps:
+    """The forced answer blocks of a batch of items, read one answer at a time, whatever runs
+    the model: each step asks, per item still answering, for the label tokens' logits (or
+    log-probabilities: only their differences count) after prompt + forced context, and writes
+    the more likely label into that item's block before the next step.
+
+    The HF backend feeds the steps on its KV cache (`fast_verdicts` below); vLLM sends each as
+    a one-token request on its prefix cache (`vllm_answers.py`). Both read the same contexts and
+    choose the same way.
+
+    Example:
+        >>> steps = AnswerSteps(ForcedContexts(tokenizer), [prompt_ids], [("prompt",)])
+        >>> while wanted := steps.pending():
+        ...     steps.record({row: {label: logit_of(ids, token) for label, token in tokens.items()}
+        ...                   for row, (ids, tokens) in wanted.items()})
+        >>> [verdict] = steps.verdicts()
+    """
+
+    def __init__(
+        self,
+        contexts: ForcedContexts,
+        prompt_ids: Sequence[Sequence[int]],
+        tasks: Sequence[Sequence[str]],
+    ) -> None:
+        self.contexts = contexts
+        self.prompt_ids, self.tasks = prompt_ids, tasks
+        self.steps = [steps_for(asked) for asked in tasks]
+        self.chosen: list[dict[str, str | None]] = [{} for _ in prompt_ids]
+        self.scores = [empty_scores() for _ in prompt_ids]
+        self.step = 0
+
+    def pending(self) -> dict[int, tuple[list[int], dict[str, int]]]:
+        """The items to read at the next step: row -> (prompt + forced context token ids, label ->
+        the token it starts with). Empty when every block is complete (or no row of this step
+        has label tokens that differ)."""
+        wanted: dict[int, tuple[list[int], dict[str, int]]] = {}
+        for r in range(len(self.prompt_ids)):
+            if self.step >= len(self.steps[r]):
+                continue
+            found = self.contexts.get(self.steps[r][self.step], self.chosen[r])
+            if found is not None:
+                wanted[r] = (list(self.prompt_ids[r]) + list(found[0]), found[1])
+        return wanted
+
+    def record(self, values: Mapping[int, Mapping[str, float]]) -> None:
+        """The label logits read for the rows `pending` returned; moves on to the next step."""
+        for r, by_label in values.items():
+            task = self.steps[r][self.step]
+            labels = list(by_label)
+            probs = normalised([by_label[label] for label in labels], labels)
+            self.chosen[r][task] = max(labels, key=lambda label: probs[label])
+            if task in self.tasks[r]:
+                self.scores[r][TASK_FIELD[task]] = probs
+        self.step += 1
+
+    def verdicts(self) -> list[FastVerdict]:
+        """Each item's verdict: the labels chosen, their probabilities, the block's text."""
+        verdicts = []
+        for r, steps in enumerate(self.steps):
+            labels = {task: self.chosen[r].get(task) for task in steps}
+            text = render_answers(
+                labels.get("prompt"), labels.get("refusal"), labels.get("response")
+            )
+            verdicts.append(FastVerdict(labels=labels, scores=self.scores[r], text=text))
+        return verdicts
 
 
 MIN_PREFIX = 16  # a shorter shared prefix saves less than copying its cache costs
@@ -159,7 +226,7 @@ def fast_verdicts(
     Returns:
         One `FastVerdict` per item, in order.
     """
-    contexts = _Contexts(tokenizer)
+    contexts = ForcedContexts(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # Batches of similar lengths: a left-padded batch computes every row at the longest width.
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
@@ -182,7 +249,7 @@ def fast_verdicts(
 
 def _batch(
     model: Any,
-    contexts: _Contexts,
+    contexts: ForcedContexts,
     prompt_ids: Sequence[Sequence[int]],
     tasks: Sequence[Sequence[str]],
     device: str,
@@ -192,9 +259,7 @@ def _batch(
     import torch
 
     rows = len(prompt_ids)
-    steps = [steps_for(asked) for asked in tasks]
-    chosen: list[dict[str, str | None]] = [{} for _ in range(rows)]
-    scores = [empty_scores() for _ in range(rows)]
+    answers = AnswerSteps(contexts, prompt_ids, tasks)
     shared = prefix.length(prompt_ids) if prefix is not None else 0
 
     def start() -> tuple[list[list[int]], Any, Any]:
@@ -206,18 +271,8 @@ def _batch(
         return [list(held) for _ in range(rows)], prefix.cache_for(shared, rows, device), ones
 
     fed, cache, mask = start()  # fed: the tokens in each row's cache
-    for k in range(max(len(s) for s in steps)):
-        active = [r for r in range(rows) if k < len(steps[r])]
-        wanted: dict[int, list[int]] = {}
-        candidates: dict[int, dict[str, int]] = {}
-        for r in active:
-            found = contexts.get(steps[r][k], chosen[r])
-            if found is None:
-                continue
-            wanted[r] = list(prompt_ids[r]) + list(found[0])
-            candidates[r] = found[1]
-        if not wanted:
-            break
+    while pending := answers.pending():
+        wanted = {r: ids for r, (ids, _) in pending.items()}
         # Continue on the cache when every row's new text extends what it holds (tokenizers
         # almost always split "harmful\nCompletion:" after the label); otherwise start over.
         if cache is None or any(fed[r] != wanted[r][: len(fed[r])] for r in wanted):
@@ -269,15 +324,10 @@ def _batch(
         logits = out.logits[torch.arange(rows, device=at.device), at].float().cpu()
         for r in wanted:
             fed[r] = wanted[r]
-            task = steps[r][k]
-            labels = list(candidates[r])
-            probs = normalised([logits[r, candidates[r][lb]].item() for lb in labels], labels)
-            chosen[r][task] = max(labels, key=lambda lb: probs[lb])
-            if task in tasks[r]:
-                scores[r][TASK_FIELD[task]] = probs
-    verdicts = []
-    for r in range(rows):
-        labels = {task: chosen[r].get(task) for task in steps[r]}
-        text = render_answers(labels.get("prompt"), labels.get("refusal"), labels.get("response"))
-        verdicts.append(FastVerdict(labels=labels, scores=scores[r], text=text))
-    return verdicts
+        answers.record(
+            {
+                r: {label: logits[r, token].item() for label, token in tokens.items()}
+                for r, (_, tokens) in pending.items()
+            }
+        )
+    return answers.verdicts()

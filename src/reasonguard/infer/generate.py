@@ -107,7 +107,7 @@ def run_jobs(
         limit: only the first `limit` inputs of each job (a later, larger limit extends).
         progress: show a progress bar per job (rows/s, ETA, tokens/s).
         log: where one-line summaries go (default: stderr).
-        scores: benchmark jobs, HF backend: store the label probabilities of each `predict`
+        scores: benchmark jobs: store the label probabilities of each `predict`
             (see the module docstring); fixed for the life of `out_dir` like `decoding`.
         data_parallel: worker processes, each with its own model (one GPU each on CUDA); the
             outputs are the same for any number (see `parallel.run_data_parallel`).
@@ -125,11 +125,9 @@ def run_jobs(
     check_sampling(decoding.temperature, decoding.top_p, decoding.samples, decoding.max_new_tokens)
     if limit is not None and limit < 0:
         raise UserError(f"--limit must be at least 0, got {limit}")
-    if scores and backend != "hf":
-        raise UserError("--scores needs --backend hf (vLLM gives no label probabilities)")
     if scores and any(job.kind != "benchmark" for job in jobs):
         raise UserError("--scores goes with benchmarks, not training data")
-    check_mode_decoding(decoding, jobs, backend)
+    check_mode_decoding(decoding, jobs)
     if data_parallel < 1:
         raise UserError(f"--data-parallel must be at least 1, got {data_parallel}")
     params = {

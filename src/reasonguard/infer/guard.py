@@ -4,7 +4,7 @@ Each item is `{"prompt": str, "response": str | None}`; each result carries the 
 (`prompt_harmfulness`, `response_refusal`, `response_harmfulness`, `is_parsing_error`, `reason`,
 `truncated`) and `scores`: per verdict field, the model's probabilities of the two labels at the
 position where it wrote its answer, given its own reasoning (`scores.py`), or None where there is
-no answer line, no response to judge, or the backend cannot score (vLLM).
+no answer line or no response to judge.
 
 Three modes: `reasoning` (the guard reasons, then answers: the paper's way), `fast` (the answer
 block is forced right after the prompt and the labels read from its probabilities, no reasoning:
@@ -232,7 +232,7 @@ class Guard:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         prompts = [self.backend.build_prompt(render_input(p, r)) for p, r in pairs]
         generations = self.backend.generate(
-            prompts, max_new_tokens or self.max_new_tokens, deadline=deadline
+            prompts, max_new_tokens or self.max_new_tokens, deadline=deadline, with_scores=scores
         )
         texts = [g[0].text for g in generations]
         score_rows = None
@@ -247,7 +247,8 @@ class Guard:
 
 
 def fast_result(verdict: Any) -> GuardResult:
-    """The result of one fast verdict (`fast.FastVerdict`; also used by streaming)."""
+    """The result of one fast verdict (`fast.FastVerdict`; also used by streaming and the
+    server's vLLM engine)."""
     return GuardResult(
         **(parse_output(verdict.text).to_dict() | {"reason": ""}),
         scores=verdict.scores,
@@ -284,8 +285,8 @@ def load_guard(
     Args:
         path_or_hub_id: a trained model folder (its recorded prompt format is used), a hub id,
             or an offline alias (`smollm2`, `tiny-llama`).
-        backend: `hf` (CPU or GPU) or `vllm` (GPU, or an x86 CPU with vLLM's CPU build; no
-            scores, no fast mode).
+        backend: `hf` (CPU or GPU) or `vllm` (GPU, or an x86 CPU with vLLM's CPU build); both
+            give scores and every mode.
         prompt_format: for models without a guard record; default `raw`.
         device: HF only; default CUDA when available.
         max_new_tokens: default token budget of `classify`.

@@ -209,6 +209,7 @@ class HFBackend(Backend):
         seed: int = 0,
         on_batch: BatchCallback | None = None,
         deadline: float | None = None,
+        with_scores: bool = False,  # scores come from their own forward pass (`answer_scores`)
     ) -> list[list[Generation]]:
         from reasonguard.infer.batching import Sequence as Row
         from reasonguard.infer.batching import decode

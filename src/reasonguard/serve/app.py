@@ -43,7 +43,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from reasonguard import __version__
 from reasonguard.infer.guard import InvalidItemError, validate_items
-from reasonguard.serve.batcher import BatchFailed, BatchTimeout, DynamicBatcher, QueueFull
+from reasonguard.serve.batcher import (
+    DEADLINE_KEY,
+    MODE_KEY,
+    OPTION_KEYS,
+    SCORES_KEY,
+    BatchFailed,
+    BatchTimeout,
+    DynamicBatcher,
+    QueueFull,
+)
 from reasonguard.serve.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -58,8 +67,6 @@ from reasonguard.serve.streams import add_stream_route
 
 logger = logging.getLogger(__name__)
 
-_DEADLINE = "_deadline"  # the request's time.monotonic() deadline, carried with each queued item
-_MODE = "_mode"  # the guard mode the request asked for, carried with each queued item
 REASONING_MODES = {"always": "reasoning", "never": "fast"}
 
 
@@ -239,15 +246,13 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
     def run_batch(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # Past the latest deadline of the batch every request has had its 504 and nobody wants
         # the results: generation stops there.
-        deadline = max(item.get(_DEADLINE, float("inf")) for item in items)
+        deadline = max(item.get(DEADLINE_KEY, float("inf")) for item in items)
         timeout_s = None if deadline == float("inf") else max(deadline - time.monotonic(), 1e-3)
         results: list[Any] = [None] * len(items)
         # One classify call per mode in the batch (requests may ask for different ones).
-        for mode in dict.fromkeys(item[_MODE] for item in items):
-            where = [i for i, item in enumerate(items) if item[_MODE] == mode]
-            clean = [
-                {k: v for k, v in items[i].items() if k not in (_DEADLINE, _MODE)} for i in where
-            ]
+        for mode in dict.fromkeys(item[MODE_KEY] for item in items):
+            where = [i for i, item in enumerate(items) if item[MODE_KEY] == mode]
+            clean = [{k: v for k, v in items[i].items() if k not in OPTION_KEYS} for i in where]
             found = guard.classify(clean, scores=settings.scores, timeout_s=timeout_s, mode=mode)
             for i, result in zip(where, found, strict=True):
                 results[i] = result.to_dict()
@@ -344,9 +349,8 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
         mode = mode_for(reasoning)
         deadline = time.monotonic() + settings.timeout_s
         try:
-            return await batcher.submit(
-                [{**item, _DEADLINE: deadline, _MODE: mode} for item in items], settings.timeout_s
-            )
+            options = {DEADLINE_KEY: deadline, MODE_KEY: mode, SCORES_KEY: settings.scores}
+            return await batcher.submit([{**item, **options} for item in items], settings.timeout_s)
         except QueueFull as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
         except BatchTimeout as exc:

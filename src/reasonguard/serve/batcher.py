@@ -36,6 +36,12 @@ logger = logging.getLogger(__name__)
 
 RunBatch = Callable[[list[dict[str, Any]]], list[Any]]
 
+# What the app carries with each queued item besides the item itself, and strips before the
+# guard sees it: the request's time.monotonic() deadline, the guard mode it asked for, and
+# whether to compute the label probabilities of reasoned verdicts.
+DEADLINE_KEY, MODE_KEY, SCORES_KEY = "_deadline", "_mode", "_scores"
+OPTION_KEYS = (DEADLINE_KEY, MODE_KEY, SCORES_KEY)
+
 
 class BatchTimeout(Exception):
     """The items were not all answered within the request's time limit."""

@@ -9,9 +9,11 @@ is what the HF path's dynamic batcher (`batcher.py`) cannot do: its model runs o
 
 `AsyncGuard` has the batcher's interface (`start`, `close`, `submit`, `stats`), so the app's
 routes, limits, authentication and error shapes are the same for both paths. Verdicts are read
-exactly as `Guard.classify` reads them (`guard.reasoning_result`). vLLM has no answer
-probabilities, so verdicts carry no scores, and fast mode and the cascade are not offered (a
-request asking for `reasoning: "never"` gets a 400, as with any backend without fast mode).
+exactly as `Guard.classify` reads them (`guard.reasoning_result`, `guard.fast_result`), and every
+mode a request can ask for works: `reasoning: "never"` is fast mode (each answer of the forced
+block a one-token request on the prefix cache), `auto` the cascade when the model folder has
+calibrated bands (`cascade.json`), and reasoned verdicts carry their label probabilities, read
+from the generation's own log-probs (`infer/vllm_answers.py`, as the offline vLLM backend).
 
 A request past its time limit, or whose client went away, cancels its items: cancelling the
 engine's output stream aborts the request inside vLLM, so its slot in the batch is freed at
@@ -30,6 +32,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from reasonguard.format import render_input
@@ -39,9 +42,27 @@ from reasonguard.infer.backends import (
     recorded_fast_marker,
     resolve_prompt_format,
 )
-from reasonguard.infer.guard import reasoning_result, validate_items
+from reasonguard.infer.cascade import Bands, escalate, read_bands
+from reasonguard.infer.fast import AnswerSteps, ForcedContexts
+from reasonguard.infer.guard import (
+    GuardResult,
+    asked_tasks,
+    fast_result,
+    reasoning_result,
+    validate_items,
+)
+from reasonguard.infer.scores import answer_token_ids
+from reasonguard.infer.vllm_answers import (
+    LabelStep,
+    fill_missing,
+    generated_scores,
+    keep_answer_logprobs,
+    query_step,
+    step_params,
+    step_values,
+)
 from reasonguard.models import end_of_turn_ids, load_tokenizer, resolve_model
-from reasonguard.serve.batcher import BatchFailed, BatchTimeout, QueueFull
+from reasonguard.serve.batcher import MODE_KEY, SCORES_KEY, BatchFailed, BatchTimeout, QueueFull
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +75,10 @@ class AsyncGuard(Backend):
     Attributes:
         max_new_tokens: the reasoning token budget of every item.
         max_queue: the most items in the engine at once; more is `QueueFull` (503).
-        bands: always None (no cascade without fast mode).
+        bands: the cascade's calibrated bands (the model folder's `cascade.json`), or None.
     """
 
-    supports_fast = False
-    bands = None
+    supports_fast = True
 
     def __init__(
         self,
@@ -71,6 +91,7 @@ class AsyncGuard(Backend):
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         max_queue: int = 1024,
         trust_remote_code: bool = False,
+        bands: Bands | None = None,
     ) -> None:
         from reasonguard.models import tokenizer_source
 
@@ -80,6 +101,9 @@ class AsyncGuard(Backend):
         self.tokenizer = load_tokenizer(tokenizer_source(path), trust_remote_code=trust_remote_code)
         self.stop_ids = end_of_turn_ids(self.tokenizer)
         self.fast_mode_marker = recorded_fast_marker(path)
+        self.bands = bands
+        self._contexts = ForcedContexts(self.tokenizer)
+        self._answer_ids = answer_token_ids(self.tokenizer)
         self.engine_options = dict(engine_options)
         self.lora = lora
         self.max_new_tokens = max_new_tokens
@@ -126,6 +150,7 @@ class AsyncGuard(Backend):
             max_new_tokens=max_new_tokens,
             max_queue=max_queue,
             trust_remote_code=trust_remote_code,
+            bands=read_bands(path) if Path(path).is_dir() else None,
         )
 
     async def start(self) -> None:
@@ -147,8 +172,9 @@ class AsyncGuard(Backend):
             self.engine = None
 
     async def submit(self, items: Sequence[Mapping[str, Any]], timeout_s: float | None) -> list:
-        """Judge items, each as its own engine request; the batcher's contract (`QueueFull`,
-        `BatchTimeout`, `BatchFailed`), result dicts as `GuardResult.to_dict()` writes them."""
+        """Judge items, each as its own engine requests, in the mode each carries (`MODE_KEY`,
+        set by the app; default reasoning); the batcher's contract (`QueueFull`, `BatchTimeout`,
+        `BatchFailed`), result dicts as `GuardResult.to_dict()` writes them."""
         if self.engine is None:
             raise RuntimeError("the engine is not started")
         if self._pending + len(items) > self.max_queue:
@@ -157,7 +183,14 @@ class AsyncGuard(Backend):
         pairs = validate_items(items)
         self._counts["requests"] += 1
         self._enter(len(pairs))
-        tasks = [asyncio.ensure_future(self._judge(prompt, response)) for prompt, response in pairs]
+        tasks = [
+            asyncio.ensure_future(
+                self._judge(
+                    prompt, response, item.get(MODE_KEY, "reasoning"), item.get(SCORES_KEY, True)
+                )
+            )
+            for item, (prompt, response) in zip(items, pairs, strict=True)
+        ]
         try:
             async with asyncio.timeout(timeout_s):
                 return list(await asyncio.gather(*tasks))
@@ -175,12 +208,24 @@ class AsyncGuard(Backend):
                 task.cancel()  # aborts the engine request of any item still running
             self._leave(len(pairs))
 
-    async def _judge(self, prompt: str, response: str | None) -> dict[str, Any]:
-        from vllm.sampling_params import RequestOutputKind
+    async def _judge(
+        self, prompt: str, response: str | None, mode: str, scores: bool
+    ) -> dict[str, Any]:
+        if mode == "reasoning":
+            result = await self._reason(prompt, response, scores)
+        else:
+            result = await self._fast(prompt, response)
+            if mode == "cascade" and escalate(result.scores, asked_tasks(response), self.bands):
+                result = await self._reason(prompt, response, scores)
+        self._counts["items"] += 1
+        self._counts["generated_tokens"] += result.num_tokens
+        return result.to_dict()
 
+    async def _reason(self, prompt: str, response: str | None, scores: bool) -> GuardResult:
+        """A reasoning verdict, with the label probabilities its generation kept."""
         from reasonguard.infer.vllm import sampling_params, to_generation
 
-        text = self.build_prompt(render_input(prompt, response))
+        ids = self.encode([self.build_prompt(render_input(prompt, response))])[0]
         params = sampling_params(
             temperature=0.0,
             top_p=1.0,
@@ -189,10 +234,45 @@ class AsyncGuard(Backend):
             seed=None,
             stop_ids=self.stop_ids,
         )
+        if scores:
+            keep_answer_logprobs(params, self._answer_ids)
+        output = (await self._request(ids, params)).outputs[0]
+        generation = to_generation(output, self.stop_ids)
+        found = None
+        if scores:
+            asked = asked_tasks(response)
+            found, missing = generated_scores(
+                self.tokenizer, output.text, output.token_ids, output.logprobs, asked
+            )
+            values = await self._label_values([query_step(ids, query) for query in missing])
+            fill_missing(found, missing, values)
+        return reasoning_result(generation, response is not None, found)
+
+    async def _fast(self, prompt: str, response: str | None) -> GuardResult:
+        """A fast-mode verdict: the forced answer block, one label step at a time."""
+        text = self.build_fast_prompt(render_input(prompt, response))
+        answers = AnswerSteps(self._contexts, self.encode([text]), [asked_tasks(response)])
+        while pending := answers.pending():
+            rows = list(pending)
+            values = await self._label_values([pending[r] for r in rows])
+            answers.record(dict(zip(rows, values, strict=True)))
+        [verdict] = answers.verdicts()
+        return fast_result(verdict)
+
+    async def _label_values(self, steps: Sequence[LabelStep]) -> list[dict[str, float]]:
+        outputs = await asyncio.gather(
+            *(self._request(ids, step_params(candidates)) for ids, candidates in steps)
+        )
+        return [step_values(o, c) for o, (_, c) in zip(outputs, steps, strict=True)]
+
+    async def _request(self, prompt_ids: list[int], params: Any) -> Any:
+        """One engine request's final output (cancelling this aborts it inside vLLM)."""
+        from vllm.sampling_params import RequestOutputKind
+
         params.output_kind = RequestOutputKind.FINAL_ONLY
         final = None
         async for output in self.engine.generate(
-            {"prompt_token_ids": self.encode([text])[0]},
+            {"prompt_token_ids": prompt_ids},
             params,
             request_id=uuid.uuid4().hex,
             lora_request=self.lora,
@@ -200,10 +280,7 @@ class AsyncGuard(Backend):
             final = output
         if final is None or not final.outputs:
             raise RuntimeError("the engine returned no output")
-        generation = to_generation(final.outputs[0], self.stop_ids)
-        self._counts["items"] += 1
-        self._counts["generated_tokens"] += generation.num_tokens
-        return reasoning_result(generation, response is not None).to_dict()
+        return final
 
     def _enter(self, n: int) -> None:
         if self._pending == 0:
