@@ -8,7 +8,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -113,10 +112,8 @@ def test_flops_models_on_llama_3_2_3b() -> None:
 
 def test_a_row_past_its_limit_is_stopped(tmp_path: Path) -> None:
     log = tmp_path / "sleep.log"
-    started = time.perf_counter()
     run = gpu_check.run_limited(["sleep", "30"], log, {"PATH": "/usr/bin:/bin"}, limit=1)
     assert run["timed_out"] is True and run["exit_code"] != 0
-    assert time.perf_counter() - started < 15
     assert "timed out" in gpu_check.failure_reason(run, log)
 
 

@@ -161,5 +161,6 @@ def test_probe_runs_once_per_process(online_mode, monkeypatch) -> None:
 def test_aliases_and_existing_folders_are_not_checked_against_the_hub(tmp_path: Path) -> None:
     from reasonguard.models import resolve_model
 
+    (tmp_path / "config.json").write_text("{}")  # a model folder (an empty one is refused)
     assert resolve_model(tmp_path) == str(tmp_path)
     assert Path(resolve_model("llama3-tokenizer")).is_dir()

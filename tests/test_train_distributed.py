@@ -309,9 +309,10 @@ def test_sharded_processes_accumulating_micro_batches_train_the_weights_of_one(
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="on a GPU machine FSDP runs (test_sharded_processes_*)"
+)
 def test_an_fsdp_launch_on_cpu_trains_as_ddp_and_says_so(tmp_path: Path, single) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU machine FSDP runs (test_sharded_processes_*)")
     config = _sft_config(tmp_path, **_FULL, **_ACCUMULATING)
     path = write_yaml_config(tmp_path / "sft.yaml", config)
     two = tmp_path / "two"

@@ -14,6 +14,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from reasonguard.launch.command import SHARDINGS
+
 _HELP = """\
 Hard-sample DPO, the whole stage, resumable: (1) the main R-SFT model, (2) one diversity R-SFT
 model per left-out source, (3) k sampled outputs per training prompt (each left-out source
@@ -61,7 +63,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--sharding",
-        choices=("ddp", "fsdp", "zero2", "zero3"),
+        choices=SHARDINGS,
         default="ddp",
         help="with --num-processes: how the training stages share the model (see "
         "`reasonguard train sft --help`)",

@@ -19,6 +19,7 @@ from typing import Any
 
 # Light imports only: `reasonguard --help` imports this file.
 from reasonguard.errors import UserError
+from reasonguard.launch.command import SHARDINGS
 
 # Kept in step with reasonguard.plan.estimate.TARGETS (tests check it), so --help needs no import.
 GPU_CHOICES = (
@@ -33,8 +34,8 @@ GPU_CHOICES = (
     "4070ti-super",
     "cpu",
 )
-# Kept in step with reasonguard.plan.estimate.SHARDINGS (tests check it) and `train --sharding`.
-SHARDING_CHOICES = ("ddp", "fsdp", "zero2", "zero3")
+# The launcher's list (a light import: no torch), as `train --sharding` takes it.
+SHARDING_CHOICES = SHARDINGS
 
 _HELP = """\
 Tokens per epoch, optimizer steps, a memory estimate (weights, trainable weights and AdamW

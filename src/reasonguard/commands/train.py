@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from reasonguard.launch.command import SHARDINGS
+
 _SFT_HELP = """\
 Reasoning SFT (GuardReasoner stage 1). Settings come from the YAML config; `key=value` overrides
 (YAML values: 5e-5, true, [a, b], null) apply on top. The run directory (output_dir) receives
@@ -71,7 +73,7 @@ def _add_stage(stages: Any, stage: str, help_text: str, description: str) -> Non
     )
     parser.add_argument(
         "--sharding",
-        choices=("ddp", "fsdp", "zero2", "zero3"),
+        choices=SHARDINGS,
         default="ddp",
         help="with --num-processes: ddp = a full replica per process (default); fsdp = PyTorch "
         "FSDP2, zero2 / zero3 = DeepSpeed ZeRO stage 2 / 3 (parameters, gradients and optimizer "

@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from reasonguard.errors import UserError
+from reasonguard.launch.command import SHARDINGS
 from reasonguard.train.config import save_config
-
-SHARDINGS = ("ddp", "fsdp", "zero2", "zero3")
 
 
 @dataclass(frozen=True)

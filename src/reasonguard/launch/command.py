@@ -180,6 +180,7 @@ SHARDING_CONFIGS = {
     "zero2": "deepspeed-zero2.yaml",
     "zero3": "deepspeed-zero3.yaml",
 }
+SHARDINGS = tuple(SHARDING_CONFIGS)  # what `--sharding` accepts, everywhere it is taken
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate_configs"
 
 

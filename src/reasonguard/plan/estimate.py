@@ -44,6 +44,7 @@ import math
 from typing import Any
 
 from reasonguard.errors import UserError
+from reasonguard.launch.command import SHARDINGS
 from reasonguard.plan.batch_profile import (
     PUBLISHED_TOKENS,
     SIMULATED_STEPS,
@@ -73,7 +74,6 @@ from reasonguard.plan.memory import (
     CPU_RUNTIME_GIB,
     CUDA_CONTEXT_GIB,
     DEEPSPEED_REDUCE_BUCKET,
-    SHARDINGS,
     STRATEGY_TEXT,
     both_memories,
     memory_estimate,

@@ -36,9 +36,6 @@ CUDA_CONTEXT_GIB = 1.0
 ALLOCATOR_SLACK = 0.10
 CPU_RUNTIME_GIB = 1.5
 
-# Several GPUs (`--num-processes N --sharding S`, as `train` takes them; train/sharding.py and
-# train/zero.py implement the strategies).
-SHARDINGS = ("ddp", "fsdp", "zero2", "zero3")
 STRATEGY_TEXT = {
     "ddp": "data parallel: a full replica of weights, gradients and AdamW state on every GPU",
     "zero2": "DeepSpeed ZeRO-2: the bf16 weights whole on every GPU; fp32 master weights, "
