@@ -34,11 +34,11 @@ BENCHMARKS = ("SimpleSafetyTests", "AegisSafetyTest", "HarmBenchResponse", "XSTe
 
 def load_items(benchmark_dir: str | None, rows: int) -> list[dict[str, Any]]:
     """The demo's held-out rows, then `rows` benchmark rows; each with its true labels."""
+    from reasonguard.cascade.calibrate import DevItem, items_from_benchmarks
     from reasonguard.data.sources import load_source
     from reasonguard.demo import split_samples
     from reasonguard.evaluate.labels import read_label
     from reasonguard.format import TASKS, split_input
-    from reasonguard.infer.calibrate import DevItem, items_from_benchmarks
 
     records = [r for rows_ in load_source("samples").values() for r in rows_]
     _, held_out = split_samples(records)
@@ -54,7 +54,7 @@ def load_items(benchmark_dir: str | None, rows: int) -> list[dict[str, Any]]:
 
 
 def f1(truth: list[bool], predicted: list[bool]) -> float | None:
-    from reasonguard.infer.cascade import f1_score
+    from reasonguard.cascade.bands import f1_score
 
     return f1_score(truth, predicted) if any(truth) else None
 
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
     from reasonguard import load_guard
+    from reasonguard.cascade.bands import Bands, read_bands
     from reasonguard.format import TASKS
-    from reasonguard.infer.cascade import Bands, read_bands
 
     items = load_items(args.benchmark_dir, args.benchmark_rows)
     guard = load_guard(

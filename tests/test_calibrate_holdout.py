@@ -10,11 +10,11 @@ from collections import Counter
 
 import pytest
 
+from reasonguard.cascade.bands import CASCADE_FILE, TaskEvidence, choose_band
+from reasonguard.cascade.calibrate import DevItem, Measured, fit, split_dev
+from reasonguard.cascade.holdout import calibrated_on, item_hash, stratified_split
 from reasonguard.errors import UserError
-from reasonguard.infer.calibrate import DevItem, Measured, fit, split_dev
-from reasonguard.infer.cascade import CASCADE_FILE, TaskEvidence, choose_band
 from reasonguard.infer.guard import GuardResult
-from reasonguard.infer.holdout import calibrated_on, item_hash, stratified_split
 
 
 def test_split_is_stratified_seeded_and_independent_of_order() -> None:

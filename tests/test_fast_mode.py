@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from reasonguard import load_guard
+from reasonguard.cascade.bands import Bands, TaskEvidence, choose_band, escalate
 from reasonguard.errors import UserError
 from reasonguard.format import (
     FAST_MODE_MARKER,
@@ -18,7 +19,6 @@ from reasonguard.format import (
     render_answers,
     render_input,
 )
-from reasonguard.infer.cascade import Bands, TaskEvidence, choose_band, escalate
 from reasonguard.infer.fast import steps_for
 from reasonguard.infer.scores import label_candidates, normalised
 
@@ -231,7 +231,7 @@ def test_calibrate_writes_bands_and_the_cascade_reads_them(tmp_path, shared_dir,
     import json
     import shutil
 
-    from reasonguard.infer.cascade import CASCADE_FILE
+    from reasonguard.cascade.bands import CASCADE_FILE
     from reasonguard.models import resolve_model
     from test_train_support import write_dataset
 

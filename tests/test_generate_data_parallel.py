@@ -17,7 +17,7 @@ import pytest
 
 from reasonguard.cli import main
 from reasonguard.format import INSTRUCTION, render_input
-from reasonguard.infer.parallel import shard_ranges
+from reasonguard.generation.parallel import shard_ranges
 
 PRED = "generated_predictions.jsonl"
 # Batch size 1: windows of 4 rows, so 16 rows make 4 windows, 2 per worker.
@@ -91,7 +91,7 @@ def _same_outputs(out: Path, reference: Path) -> None:
     ]
     # The workers' timing is summed into the run's: no row is counted twice (rows a killed
     # worker wrote after its last timing update are not counted).
-    from reasonguard.infer.generate import read_cost
+    from reasonguard.generation.run import read_cost
 
     for name in ("AegisSafetyTest", "HarmBenchResponse"):
         rows = len((out / name / PRED).read_text().splitlines())
@@ -107,7 +107,7 @@ def test_two_workers_write_what_one_process_writes(
     out = tmp_path / "dp"
     assert main(_generate(folder, out, "--data-parallel", "2")) == 0
     _same_outputs(out, reference)
-    from reasonguard.infer.generate import read_cost
+    from reasonguard.generation.run import read_cost
 
     for name, rows in (("AegisSafetyTest", 16), ("HarmBenchResponse", 3)):
         assert read_cost(out, f"{name}/{PRED}")["rows"] == rows  # each row counted once

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from reasonguard.errors import UserError
-from reasonguard.infer.resume import JsonlAppender, RunState, fingerprint
+from reasonguard.generation.resume import JsonlAppender, RunState, fingerprint
 
 
 def test_append_then_reopen_counts_rows(tmp_path: Path) -> None:

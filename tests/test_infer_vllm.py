@@ -77,7 +77,7 @@ def hf_guard(adapter: Path):
 
 def calibrated_smollm2(folder: Path, bands: dict) -> Path:
     """SmolLM2 as a model folder (its files linked, not copied) with a `cascade.json`."""
-    from reasonguard.infer.cascade import write_calibration
+    from reasonguard.cascade.bands import write_calibration
     from reasonguard.models import resolve_model
 
     folder.mkdir(parents=True)
@@ -188,7 +188,7 @@ def test_fast_verdicts_equal_the_hf_backend(vllm_guard, hf_guard) -> None:
 
 
 def test_cascade_ends_equal_the_two_modes_on_vllm(vllm_guard) -> None:
-    from reasonguard.infer.cascade import Bands
+    from reasonguard.cascade.bands import Bands
 
     items = FAST_ITEMS[:3]
     reasoning = vllm_guard.classify(items, mode="reasoning", max_new_tokens=12)

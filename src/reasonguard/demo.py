@@ -99,7 +99,7 @@ def run_demo(
     """
     from reasonguard.data.sources import load_source
     from reasonguard.evaluate.dataset import evaluate_dataset, render_dataset_report
-    from reasonguard.infer.generate import Decoding, data_jobs, run_jobs
+    from reasonguard.generation.run import Decoding, data_jobs, run_jobs
     from reasonguard.models import resolve_model
     from reasonguard.train.config import load_config
     from reasonguard.train.sft import run_sft

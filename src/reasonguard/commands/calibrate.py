@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from reasonguard.cascade.holdout import DEFAULT_HELD_OUT_SHARE, DEFAULT_SEED
 from reasonguard.commands.generate import add_model_arguments, backend_options
-from reasonguard.infer.holdout import DEFAULT_HELD_OUT_SHARE, DEFAULT_SEED
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -79,10 +79,10 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
+    from reasonguard.cascade.bands import write_calibration
+    from reasonguard.cascade.calibrate import calibrate, items_from_benchmarks, items_from_source
     from reasonguard.commands.generate import benchmark_names
     from reasonguard.errors import UserError
-    from reasonguard.infer.calibrate import calibrate, items_from_benchmarks, items_from_source
-    from reasonguard.infer.cascade import write_calibration
 
     if args.max_f1_drop < 0:
         raise UserError(f"--max-f1-drop must not be negative, got {args.max_f1_drop}")

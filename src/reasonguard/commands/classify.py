@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     bands = cascade_bands(args.model, args.mode)
     options = backend_options(args)
 
-    from reasonguard.infer.cascade import Bands
+    from reasonguard.cascade.bands import Bands
     from reasonguard.infer.guard import load_guard
 
     _quiet_deprecations()

@@ -116,7 +116,7 @@ def _default_scoring_out(pred_dir: Path) -> Path:
 def _generate(args: argparse.Namespace, out: Path) -> Path:
     """`--model`: generate the benchmarks' predictions into OUT/predictions (resuming)."""
     from reasonguard.evaluate.registry import resolve_benchmark_dir
-    from reasonguard.infer.generate import benchmark_jobs
+    from reasonguard.generation.run import benchmark_jobs
 
     folder = resolve_benchmark_dir(args.benchmark_dir)
     if folder is None:

@@ -101,8 +101,8 @@ def cascade_bands(model: str, mode: str) -> dict | None:
         return None
     from pathlib import Path
 
+    from reasonguard.cascade.bands import CASCADE_FILE, read_bands
     from reasonguard.errors import UserError
-    from reasonguard.infer.cascade import CASCADE_FILE, read_bands
     from reasonguard.models import resolve_model
 
     path = resolve_model(model)
@@ -121,8 +121,8 @@ def warn_calibration_overlap(model: str, jobs: list, limit: int | None) -> None:
     import sys
     from pathlib import Path
 
-    from reasonguard.infer.cascade import CASCADE_FILE, read_calibration
-    from reasonguard.infer.holdout import calibrated_on
+    from reasonguard.cascade.bands import CASCADE_FILE, read_calibration
+    from reasonguard.cascade.holdout import calibrated_on
     from reasonguard.models import resolve_model
 
     path = resolve_model(model)
@@ -215,7 +215,7 @@ def benchmark_names(values: list[str]) -> list[str]:
 
 def run_generation(args: argparse.Namespace, jobs: list, out: str) -> dict[str, int]:
     """Run `jobs` into `out` with the parsed model and generation options (resumable)."""
-    from reasonguard.infer.generate import Decoding, run_jobs
+    from reasonguard.generation.run import Decoding, run_jobs
 
     if args.mode == "cascade":
         warn_calibration_overlap(args.model, jobs, args.limit)
@@ -271,7 +271,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from reasonguard.errors import UserError
-    from reasonguard.infer.generate import benchmark_jobs, data_jobs
+    from reasonguard.generation.run import benchmark_jobs, data_jobs
 
     if args.benchmarks:
         from reasonguard.evaluate.registry import resolve_benchmark_dir

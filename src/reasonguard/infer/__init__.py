@@ -1,4 +1,6 @@
-"""Inference: generation backends (Hugging Face, vLLM), resumable generation and the guard API.
+"""Inference: generation backends (Hugging Face, vLLM), fast and streaming verdicts, scores and
+the guard API. Resumable `generate` runs are `reasonguard.generation`; the cascade's bands and
+their calibration are `reasonguard.cascade`.
 
 Nothing heavy is imported here: torch, transformers and vLLM load inside the modules that use them.
 

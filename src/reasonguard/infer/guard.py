@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reasonguard.cascade.bands import MODES, Bands, escalate, read_bands
 from reasonguard.errors import UserError
 from reasonguard.format import TASK_FIELD, parse_output, render_input
 from reasonguard.infer.backends import Backend, Generation
-from reasonguard.infer.cascade import MODES, Bands, escalate, read_bands
 from reasonguard.infer.loading import load_backend
 from reasonguard.infer.scores import empty_scores
 from reasonguard.models import resolve_model

@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from reasonguard.cascade.bands import Bands, escalate, read_bands
 from reasonguard.format import render_input
 from reasonguard.infer.backends import (
     Backend,
@@ -42,7 +43,6 @@ from reasonguard.infer.backends import (
     recorded_fast_marker,
     resolve_prompt_format,
 )
-from reasonguard.infer.cascade import Bands, escalate, read_bands
 from reasonguard.infer.fast import AnswerSteps, ForcedContexts
 from reasonguard.infer.guard import (
     GuardResult,

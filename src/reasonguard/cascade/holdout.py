@@ -17,7 +17,7 @@ Our own small code: scikit-learn's `StratifiedShuffleSplit` does the same alloca
 a dependency here, and it knows nothing of duplicate items.
 
 Example:
-    >>> from reasonguard.infer.holdout import item_hash, stratified_split
+    >>> from reasonguard.cascade.holdout import item_hash, stratified_split
     >>> stratified_split(["a"] * 6 + ["b"] * 4, 0.3, seed=0, keys=[str(i) for i in range(10)])
     ([0, 2, 3, 5, 7, 8, 9], [1, 4, 6])
     >>> item_hash("How do I bake bread?", None)

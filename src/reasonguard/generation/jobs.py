@@ -3,7 +3,7 @@ benchmark or a training split), the decoding settings a run folder keeps, the ro
 the timing file beside each output.
 
 Example:
-    >>> from reasonguard.infer.jobs import benchmark_jobs
+    >>> from reasonguard.generation.jobs import benchmark_jobs
     >>> [job.relpath for job in benchmark_jobs(["AegisSafetyTest"], "data/benchmarks")]
     ['AegisSafetyTest/generated_predictions.jsonl']
 """
@@ -21,8 +21,8 @@ from typing import Any
 from reasonguard.errors import UserError
 from reasonguard.evaluate.registry import BENCHMARKS, PREDICTIONS_FILE
 from reasonguard.format import INSTRUCTION, TASKS, split_input
+from reasonguard.generation.resume import STATE_DIR
 from reasonguard.infer.backends import Generation
-from reasonguard.infer.resume import STATE_DIR
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ def output_row(
 
 def check_mode_decoding(decoding: Decoding, jobs: Sequence[Job]) -> None:
     """Reject a fast or cascade run that cannot work, naming the option."""
-    from reasonguard.infer.cascade import MODES
+    from reasonguard.cascade.bands import MODES
 
     if decoding.mode not in MODES:
         raise UserError(f"--mode must be one of {', '.join(MODES)}, got {decoding.mode!r}")

@@ -15,7 +15,7 @@ labels, as `evaluate` reads them; a benchmark calibrated on is then no longer a 
 
 Example:
     >>> from reasonguard import load_guard
-    >>> from reasonguard.infer.calibrate import calibrate, items_from_source
+    >>> from reasonguard.cascade.calibrate import calibrate, items_from_source
     >>> guard = load_guard("runs/demo/model/final")
     >>> record = calibrate(guard, items_from_source("dev.jsonl"), max_f1_drop=0.5)
     >>> record["bands"], record["held_out"]["escalated_share"]
@@ -30,9 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reasonguard.errors import UserError
-from reasonguard.format import POSITIVE_LABEL, TASKS, split_input
-from reasonguard.infer.cascade import (
+from reasonguard.cascade.bands import (
     Bands,
     TaskEvidence,
     band_outcome,
@@ -40,7 +38,7 @@ from reasonguard.infer.cascade import (
     escalate,
     positive_probability,
 )
-from reasonguard.infer.holdout import (
+from reasonguard.cascade.holdout import (
     DEFAULT_HELD_OUT_SHARE,
     DEFAULT_SEED,
     HASH_METHOD,
@@ -48,6 +46,8 @@ from reasonguard.infer.holdout import (
     item_hash,
     stratified_split,
 )
+from reasonguard.errors import UserError
+from reasonguard.format import POSITIVE_LABEL, TASKS, split_input
 
 DEFAULT_MAX_F1_DROP = 0.5
 
@@ -107,7 +107,7 @@ def items_from_benchmarks(
     from reasonguard.evaluate.evaluator import _true_labels
     from reasonguard.evaluate.files import BadRows
     from reasonguard.evaluate.registry import BENCHMARKS
-    from reasonguard.infer.generate import benchmark_jobs
+    from reasonguard.generation.run import benchmark_jobs
 
     items = []
     for job in benchmark_jobs(names, benchmark_dir):

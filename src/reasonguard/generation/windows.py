@@ -13,8 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from reasonguard.errors import UserError
-from reasonguard.infer.backends import Backend, Generation
-from reasonguard.infer.jobs import (
+from reasonguard.generation.jobs import (
     Decoding,
     Job,
     add_cost,
@@ -23,7 +22,8 @@ from reasonguard.infer.jobs import (
     record_key,
     score_tasks,
 )
-from reasonguard.infer.resume import JsonlAppender
+from reasonguard.generation.resume import JsonlAppender
+from reasonguard.infer.backends import Backend, Generation
 
 
 def check_resume(job: Job, out: JsonlAppender, done: int) -> int:
@@ -177,7 +177,7 @@ def _fast_window(
     The whole window is computed (as a reasoning window is, so a resumed window equals an
     uninterrupted one) and its rows from `done` on are written in order.
     """
-    from reasonguard.infer.cascade import Bands, escalate
+    from reasonguard.cascade.bands import Bands, escalate
 
     tasks = [score_tasks(r) for r in records]
     fast_prompts = [backend.build_fast_prompt(r["input"], instruction_of(r)) for r in records]

@@ -7,7 +7,7 @@ outputs records the run parameters, and a restart with different ones is refused
 settings in one file would make it silently wrong). A lock file keeps two runs off one folder.
 
 Example:
-    >>> from reasonguard.infer.resume import JsonlAppender
+    >>> from reasonguard.generation.resume import JsonlAppender
     >>> out = JsonlAppender("preds/AegisSafetyTest/generated_predictions.jsonl")
     >>> done = out.open()          # complete rows already there (0 for a new file)
     >>> out.append([{"prompt": "...", "label": "unharmful", "predict": "..."}])

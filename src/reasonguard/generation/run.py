@@ -30,7 +30,7 @@ window boundaries and merges their outputs in input order (see `parallel.py`); t
 the same as one process writes.
 
 Example:
-    >>> from reasonguard.infer.generate import Decoding, benchmark_jobs, run_jobs
+    >>> from reasonguard.generation.run import Decoding, benchmark_jobs, run_jobs
     >>> jobs = benchmark_jobs(["AegisSafetyTest"], "data/benchmarks")
     >>> run_jobs("smollm2", jobs, "runs/preds", Decoding(max_new_tokens=256), batch_size=8)
     {'AegisSafetyTest/generated_predictions.jsonl': 359}
@@ -45,8 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from reasonguard.errors import UserError
-from reasonguard.infer.backends import Backend, check_sampling, resolve_prompt_format
-from reasonguard.infer.jobs import (
+from reasonguard.generation.jobs import (
     Decoding,
     Job,
     add_cost,
@@ -57,10 +56,11 @@ from reasonguard.infer.jobs import (
     read_cost,
     record_key,
 )
+from reasonguard.generation.parallel import run_data_parallel
+from reasonguard.generation.resume import JsonlAppender, RunState, fingerprint
+from reasonguard.generation.windows import check_resume, generate_job
+from reasonguard.infer.backends import Backend, check_sampling, resolve_prompt_format
 from reasonguard.infer.loading import load_backend
-from reasonguard.infer.parallel import run_data_parallel
-from reasonguard.infer.resume import JsonlAppender, RunState, fingerprint
-from reasonguard.infer.windows import check_resume, generate_job
 from reasonguard.models import resolve_model
 
 # The job and decoding types are part of this module's interface (`generate.Decoding`, ...).

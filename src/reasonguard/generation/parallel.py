@@ -22,7 +22,7 @@ ignored, and removed once the job is merged. The folder's manifest and lock are 
 (`RunState`), and N is not one of the run's settings: one process may continue a data-parallel
 run and the other way round (work in unmerged shards is then redone).
 
-Workers are subprocesses, `python -m reasonguard.infer.parallel`, that read their shards (a
+Workers are subprocesses, `python -m reasonguard.generation.parallel`, that read their shards (a
 pickled `_Spec`) from stdin. Chosen over `multiprocessing` / `torch.multiprocessing` spawn: the
 environment (CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS) is set before the interpreter starts;
 nothing re-imports the caller's `__main__` (spawn re-runs a script's top level, a trap for
@@ -34,7 +34,7 @@ killed outright leaves no orphan holding a GPU. Worker output goes to
 error was one.
 
 Example:
-    >>> from reasonguard.infer.generate import Decoding, benchmark_jobs, run_jobs
+    >>> from reasonguard.generation.run import Decoding, benchmark_jobs, run_jobs
     >>> jobs = benchmark_jobs(["all"], "data/benchmarks")
     >>> run_jobs("runs/sft/final", jobs, "runs/preds", Decoding(), data_parallel=4)
 """
@@ -57,13 +57,13 @@ from pathlib import Path
 from typing import Any
 
 from reasonguard.errors import UserError
-from reasonguard.infer.jobs import Decoding, Job, add_cost, cost_path, read_cost, record_key
+from reasonguard.generation.jobs import Decoding, Job, add_cost, cost_path, read_cost, record_key
+from reasonguard.generation.resume import STATE_DIR, JsonlAppender, RunState, fingerprint
+from reasonguard.generation.windows import check_resume, generate_job
 from reasonguard.infer.loading import load_backend, planned_window_size
-from reasonguard.infer.resume import STATE_DIR, JsonlAppender, RunState, fingerprint
-from reasonguard.infer.windows import check_resume, generate_job
 
 SHARDS = "shards"  # OUT/_generate/shards
-WORKER_MODULE = "reasonguard.infer.parallel"
+WORKER_MODULE = "reasonguard.generation.parallel"
 POLL_S = 0.5  # how often the parent checks its workers and counts their rows
 
 
@@ -587,8 +587,8 @@ def _work(spec: _Spec) -> None:
 
 
 if __name__ == "__main__":
-    # Run as `python -m reasonguard.infer.parallel`: hand over to the imported module, whose
+    # Run as `python -m reasonguard.generation.parallel`: hand over to the imported module, whose
     # classes the parent's pickle names.
-    from reasonguard.infer.parallel import worker_main as _main
+    from reasonguard.generation.parallel import worker_main as _main
 
     raise SystemExit(_main())

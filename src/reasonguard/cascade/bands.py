@@ -11,7 +11,7 @@ while the cascade's F1 stays within a budget of full reasoning's (`reasonguard c
 result is written as `cascade.json` beside the model and read back by default.
 
 Example:
-    >>> from reasonguard.infer.cascade import Bands, escalate
+    >>> from reasonguard.cascade.bands import Bands, escalate
     >>> bands = Bands({"prompt": (0.2, 0.8)})
     >>> escalate({"prompt_harmfulness": {"harmful": 0.6, "unharmful": 0.4}}, ("prompt",), bands)
     True
