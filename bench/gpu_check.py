@@ -982,7 +982,11 @@ def run_facts(info: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "outcome": info.get("outcome"),
         "steps_completed": info.get("steps_completed"),
+        # torch's tensors, its allocator's reserve, and NVML's reading of the device (what
+        # nvidia-smi shows: the number to compare with the card), rank 0's.
         "peak_gpu_memory_gib": first(memory.get("peak_cuda_allocated_gib")),
+        "peak_gpu_reserved_gib": first(memory.get("peak_cuda_reserved_gib")),
+        "peak_gpu_nvml_gib": first(memory.get("peak_nvml_gib")),
         "peak_rss_gib": first(memory.get("peak_rss_gib")),
         "trainable_parameters": (model.get("parameters") or {}).get("trainable"),
         "quantization": decided("quantization"),
@@ -1061,11 +1065,18 @@ def print_report(report: dict[str, Any], path: Path) -> None:
     if not report["rows"]:
         print(f"\nresults: {path}")
         return
-    print("| row | status | tokens/s | peak memory GiB | MFU | MFU (plan FLOPs) | note |")
+    print(
+        "| row | status | tokens/s | peak memory GiB (allocated / reserved / NVML; CPU: RSS) "
+        "| MFU | MFU (plan FLOPs) | note |"
+    )
     print("|---|---|---:|---:|---:|---:|---|")
     for r in report["rows"]:
         if r["kind"] == "train":
-            memory = r.get("peak_gpu_memory_gib") or r.get("peak_rss_gib")
+            gpu = [r.get(k) for k in ("peak_gpu_memory_gib", "peak_gpu_reserved_gib")]
+            gpu.append(r.get("peak_gpu_nvml_gib"))
+            memory = (
+                " / ".join(_fmt(v, 2) for v in gpu) if gpu[0] is not None else r.get("peak_rss_gib")
+            )
             rate = _fmt(r.get("tokens_per_second"))
             note = r.get("reason") or r.get("mfu_reason") or ""
             if r.get("attention") and r["status"] != "skipped":

@@ -27,6 +27,7 @@ def test_status_of_a_live_run(tmp_path: Path, cli) -> None:
             "allocated_gib": 10.0,
             "reserved_gib": 12.0,
             "max_allocated_gib": 11.5,
+            "max_reserved_gib": 13.0,
             "total_gib": 80.0,
         },
         warnings=["eval loss has not improved for 3 evaluations"],
@@ -43,7 +44,7 @@ def test_status_of_a_live_run(tmp_path: Path, cli) -> None:
         "2,346 tokens/s",
         "ETA 15m00s",
         "checkpoint-100",
-        "11.5 GiB peak",
+        "10.0 GiB allocated (11.5 GiB peak), 12.0 GiB reserved (13.0 GiB peak), 80.0 GiB total",
         "not improved for 3 evaluations",
     ):
         assert text in out, text

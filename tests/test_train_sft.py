@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,15 @@ def test_run_directory_listing_is_exactly_as_documented(tmp_path: Path) -> None:
     assert info["tokens_seen"]["total"] > info["tokens_seen"]["labelled"] > 0
     assert info["final_train_loss"] > 0 and info["final_eval_loss"] > 0
     assert info["data"]["eval_rows"] == 2 and info["data"]["validation"]["num_invalid"] == 0
+    # Peak memory on a CPU: the process's resident set (this process: training ran in it),
+    # said so in words; no GPU readings.
+    memory = info["memory_per_rank"]
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    assert 0.1 < memory["peak_rss_gib"][0] <= peak_rss + 0.001, memory
+    for gpu_reading in ("peak_cuda_allocated_gib", "peak_cuda_reserved_gib", "peak_nvml_gib"):
+        assert memory[gpu_reading] is None, memory
+    assert "ru_maxrss" in memory["measured"] and "no CUDA device" in memory["measured"]
+    assert memory["weights_gib"][0] > 0
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == status["total_steps"] == total
     # train_loss is the mean of the last logged losses (one log can be a one-row step's spike)

@@ -75,9 +75,13 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     gpu = status.get("gpu_memory")
     if gpu:
+        # Reserved is what torch's allocator holds of the card (allocated plus its cache).
+        reserved = f"{gpu['reserved_gib']} GiB reserved" if "reserved_gib" in gpu else ""
+        if reserved and "max_reserved_gib" in gpu:
+            reserved += f" ({gpu['max_reserved_gib']} GiB peak)"
         lines.append(
-            f"GPU memory   {gpu['allocated_gib']} GiB allocated, {gpu['max_allocated_gib']} GiB "
-            f"peak, {gpu['total_gib']} GiB total"
+            f"GPU memory   {gpu['allocated_gib']} GiB allocated ({gpu['max_allocated_gib']} GiB "
+            f"peak), {reserved + ', ' if reserved else ''}{gpu['total_gib']} GiB total"
         )
     if status.get("final_dir"):
         lines.append(f"final model  {status['final_dir']}")

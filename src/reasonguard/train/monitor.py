@@ -247,6 +247,7 @@ def gpu_memory() -> dict[str, float] | None:
         "allocated_gib": round(torch.cuda.memory_allocated() / gib, 2),
         "reserved_gib": round(torch.cuda.memory_reserved() / gib, 2),
         "max_allocated_gib": round(torch.cuda.max_memory_allocated() / gib, 2),
+        "max_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 2),
         "total_gib": round(
             torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / gib, 2
         ),

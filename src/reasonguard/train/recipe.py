@@ -30,6 +30,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from reasonguard.train import checkpoint as ckpt
 from reasonguard.train import monitor
 from reasonguard.train.config import read_yaml, save_config
 from reasonguard.train.engine import process_count
+from reasonguard.train.peak_memory import PeakMemory, memory_fields
 
 CONFIG_FILE = "config.yaml"
 INFO_FILE = "training_info.json"
@@ -446,6 +448,7 @@ class Recipe:
 
     def count_step(self, rows: list[Any]) -> None:
         """Called by the trainer after each optimizer step's passes."""
+        self.memory.sample()
         self.last_step_tokens = sum(len(r) for r in rows)
         self.state["tokens_seen"] += self.last_step_tokens
         self.state["label_tokens_seen"] += sum(r.num_labels for r in rows)
@@ -464,31 +467,32 @@ class Recipe:
     def checkpoint_names(self) -> list[str]:
         return [p.name for p in ckpt.list_checkpoints(self.run_dir)]
 
+    @cached_property
+    def memory(self) -> PeakMemory:
+        """This process's peak memory readings (`train.peak_memory`)."""
+        return PeakMemory()
+
     def _peak_memory(self) -> dict[str, Any]:
-        """Each rank's memory (GiB): peak resident set, peak CUDA allocation, and the model
-        state it holds (weights; optimizer master copies and moments): what sharding divides.
-        Collective: every rank sends its own."""
-        import resource
-
-        import torch
-
+        """Each rank's memory (GiB): its peaks (`train.peak_memory`: resident set; on a GPU
+        torch's allocated and reserved, and NVML's reading) and the model state it holds
+        (weights; optimizer master copies and moments): what sharding divides. Collective:
+        every rank sends its own."""
         gib = 1024**3
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib  # KiB on Linux
-        cuda = torch.cuda.max_memory_allocated() / gib if torch.cuda.is_available() else None
+        peaks = self.memory.reading()
         state = model_state_bytes(self.trainer.model_wrapped, self.trainer.optimizer)
-        values = [rss, cuda or 0.0, state["weights"] / gib, state["optimizer"] / gib]
+        readings = {
+            **{k: v or 0.0 for k, v in peaks.items()},
+            "weights": state["weights"] / gib,
+            "optimizer": state["optimizer"] / gib,
+        }
         world, rank = self.world_size, self.trainer._rank
-        mine = [0.0] * (len(values) * world)
-        for i, value in enumerate(values):
+        mine = [0.0] * (len(readings) * world)
+        for i, value in enumerate(readings.values()):
             mine[i * world + rank] = value
         every = self.trainer._sum(mine)
-        column = [[round(v, 3) for v in every[i * world : (i + 1) * world]] for i in range(4)]
-        return {
-            "peak_rss_gib": column[0],
-            "peak_cuda_allocated_gib": column[1] if cuda is not None else None,
-            "weights_gib": column[2],
-            "optimizer_state_gib": column[3],
-        }
+        columns = {k: every[i * world : (i + 1) * world] for i, k in enumerate(readings)}
+        available = {k: v is not None for k, v in peaks.items()}
+        return memory_fields(columns, available, self.memory.measured())
 
     # ------------------------------------------------------------------------------ messages
 
