@@ -23,6 +23,8 @@ PLANNING = [
     "reasonguard.plan.memory",
     "reasonguard.plan.timing",
     "reasonguard.plan.report",
+    "reasonguard.plan.target",
+    "reasonguard.plan.fit",
     "reasonguard.plan.estimate",
     "reasonguard.plan.decisions",
 ]

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     rate = args.tokens_per_second
     if rate is not None and not (math.isfinite(rate) and rate > 0):
         raise UserError(f"--tokens-per-second must be a positive number, got {rate}")
-    processes, sharding = args.num_processes, args.sharding  # checked by plan.check_parallel
+    processes, sharding = args.num_processes, args.sharding  # checked by plan.target.check_parallel
     from reasonguard.plan.estimate import format_training_plan, plan_training
     from reasonguard.train.config import load_config
 

@@ -1,7 +1,8 @@
 """What a training run will cost and decide, before any weights load.
 
 - `estimate.py`: `reasonguard plan`: tokens, steps, memory and wall time of a config, on this
-  machine or a named GPU;
+  machine or a named GPU; `target.py` the device and launch it is for, `fit.py` what would fit
+  when the run does not;
 - `dryrun.py`: `train ... --dry-run`: the data plan (rows, tokens, steps) without the weights;
 - `decisions.py`: the `auto` settings a run resolves (checkpointing, QLoRA fallback, Liger,
   precision, attention), each with its reason;

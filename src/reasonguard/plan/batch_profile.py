@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from reasonguard.errors import UserError
+
 # GuardReasonerTrain (the GuardReasoner paper's training set, arXiv:2501.18492; hub dataset
 # yueliu1999/GuardReasonerTrain) with the Llama 3 tokenizer: mean ~570 tokens a row, p50 ~520,
 # p95 ~930. The label (output) share, 0.54, is measured on nine real rows of the dataset in chat
@@ -161,4 +163,59 @@ def token_profile(
         "max_micro_tokens": largest_tokens,
         "max_micro_label_tokens": labels_largest,
         "simulated_steps": len(seen),
+    }
+
+
+def row_tokens(c: Any, data: Any, data_plan: dict[str, Any], max_length: int) -> dict[str, Any]:
+    """The token lengths of a run's rows: measured when the data was tokenized, else drawn.
+
+    Args:
+        c: the `SFTConfig`.
+        data: the tokenized data (`train.data.prepare`'s result), or None when the rows were
+            only counted (a hub dataset with no hub access).
+        data_plan: the dry run's data plan (`dryrun.plan_sft`): its train and eval row counts.
+        max_length: the row length cap the run uses.
+
+    Returns:
+        {"lengths", "labels"} of every training row, the evaluation set's "eval_tokens" and
+        "eval_labels", a "source" text, whether it is "estimated", and "notes".
+
+    Raises:
+        UserError: the rows were not tokenized and no published statistics exist for them.
+    """
+    from reasonguard.train.data import PUBLISHED_P95_TOKENS
+
+    notes: list[str] = []
+    if data is not None:
+        return {
+            "lengths": [len(e) for e in data.train],
+            "labels": [e.num_labels for e in data.train],
+            "eval_tokens": sum(len(e) for e in data.eval),
+            "eval_labels": sum(e.num_labels for e in data.eval),
+            "source": "measured: every training row, tokenized",
+            "estimated": False,
+            "notes": notes,
+        }
+    stats = PUBLISHED_TOKENS.get(c.dataset)
+    if stats is None:
+        raise UserError(
+            f"cannot plan tokens: the rows of {c.dataset!r} were counted but not tokenized "
+            "(tokenizer not reachable) and no published token statistics are known for it"
+        )
+    lengths = sample_lengths(data_plan["train_rows"], stats, max_length, seed=c.seed)
+    eval_tokens = round(data_plan["eval_rows"] * stats["mean"])
+    if c.dataset in PUBLISHED_P95_TOKENS and c.max_length == "auto":
+        notes.append("max_length auto decided from the published p95 (ESTIMATED)")
+    return {
+        "lengths": lengths,
+        "labels": [round(n * stats["label_share"]) for n in lengths],
+        "eval_tokens": eval_tokens,
+        "eval_labels": round(eval_tokens * stats["label_share"]),
+        "source": (
+            f"ESTIMATED: a seeded log-normal sample of row lengths with the published mean "
+            f"{stats['mean']}, p50 {stats['p50']}, p95 {stats['p95']} (Llama 3 tokenizer), "
+            f"{stats['label_share']:.0%} of tokens labelled"
+        ),
+        "estimated": True,
+        "notes": notes,
     }

@@ -21,9 +21,10 @@ config, the data and the model's shapes:
    described by its memory and bf16 TFLOPS (`hardware.custom_gpu`). N GPUs divide the time by N x an assumed scaling
    efficiency; the optimizer steps are the trainer's for N processes.
 
-The parts live in `plan.hardware` (GPU and model tables), `plan.batch_profile` (token counts),
-`plan.memory`, `plan.timing` and `plan.report` (the text); their public names are
-importable from here too.
+The parts live in `plan.hardware` (GPU and model tables), `plan.target` (the device and the
+launch a plan is for), `plan.batch_profile` (token counts), `plan.memory`, `plan.timing`,
+`plan.fit` (what would fit when the run does not) and `plan.report` (the text); their public
+names are importable from here too.
 
 Accuracy: a planning estimate. The MFU values are assumptions from published anchors, not
 measurements of this code on these GPUs (GPU speed is unmeasured, see BENCHMARKS.md); the memory
@@ -49,12 +50,12 @@ from reasonguard.plan.batch_profile import (
     PUBLISHED_TOKENS,
     SIMULATED_STEPS,
     per_sample_attention,
-    sample_lengths,
+    row_tokens,
     token_profile,
 )
 from reasonguard.plan.decisions import checkpointing_decision, quantization_decision
+from reasonguard.plan.fit import SHARDED_PROCESS_COUNTS, sharded_fit, smaller_alternatives
 from reasonguard.plan.hardware import (
-    CUSTOM,
     GIB,
     GPUS,
     KNOWN_ARCHITECTURES,
@@ -64,7 +65,6 @@ from reasonguard.plan.hardware import (
     GPUClass,
     architecture_from_config,
     cpu_label,
-    custom_gpu,
     model_architecture,
     ram_bytes,
     this_machine,
@@ -82,6 +82,7 @@ from reasonguard.plan.memory import (
     trainable_params,
 )
 from reasonguard.plan.report import format_training_plan, hours_text
+from reasonguard.plan.target import check_parallel, plan_target
 from reasonguard.plan.timing import (
     CPU_EFFICIENCY,
     SCALING_EFFICIENCY,
@@ -129,9 +130,6 @@ __all__ = [
     "token_profile",
 ]
 
-# The process counts the "does not fit" advice tries with fsdp / zero3 (GPUs of one node).
-SHARDED_PROCESS_COUNTS = (2, 4, 8)
-
 
 def plan_training(
     config: Any,
@@ -169,7 +167,7 @@ def plan_training(
             (see `check_parallel`), or what `plan_sft` and `model_architecture` raise.
     """
     from reasonguard.plan.dryrun import plan_sft
-    from reasonguard.train.data import PUBLISHED_P95_TOKENS, prepare
+    from reasonguard.train.data import prepare
 
     target, device = plan_target(gpu, gpu_memory_gib, gpu_tflops)
     if tokens_per_second is not None and not tokens_per_second > 0:
@@ -199,33 +197,11 @@ def plan_training(
     max_length = data_plan["max_length"] or 2048
     budget = c.pack_tokens or max_length
     per_sample = per_sample_attention(c.attn_implementation, c.packing, on_gpu)
-    data = captured.get("data")
-    if data is not None:
-        lengths = [len(e) for e in data.train]
-        labels = [e.num_labels for e in data.train]
-        eval_tokens = sum(len(e) for e in data.eval)
-        eval_labels = sum(e.num_labels for e in data.eval)
-        token_source = "measured: every training row, tokenized"
-        estimated = False
-    else:
-        stats = PUBLISHED_TOKENS.get(c.dataset)
-        if stats is None:
-            raise UserError(
-                f"cannot plan tokens: the rows of {c.dataset!r} were counted but not tokenized "
-                "(tokenizer not reachable) and no published token statistics are known for it"
-            )
-        lengths = sample_lengths(data_plan["train_rows"], stats, max_length, seed=c.seed)
-        labels = [round(n * stats["label_share"]) for n in lengths]
-        eval_tokens = round(data_plan["eval_rows"] * stats["mean"])
-        eval_labels = round(eval_tokens * stats["label_share"])
-        token_source = (
-            f"ESTIMATED: a seeded log-normal sample of row lengths with the published mean "
-            f"{stats['mean']}, p50 {stats['p50']}, p95 {stats['p95']} (Llama 3 tokenizer), "
-            f"{stats['label_share']:.0%} of tokens labelled"
-        )
-        estimated = True
-        if c.dataset in PUBLISHED_P95_TOKENS and c.max_length == "auto":
-            notes.append("max_length auto decided from the published p95 (ESTIMATED)")
+    rows = row_tokens(c, captured.get("data"), data_plan, max_length)
+    lengths, labels = rows["lengths"], rows["labels"]
+    eval_tokens, eval_labels = rows["eval_tokens"], rows["eval_labels"]
+    token_source, estimated = rows["source"], rows["estimated"]
+    notes.extend(rows["notes"])
     profile = token_profile(lengths, labels, c, budget, per_sample, n)
     if data_plan["samples_per_step"] < n:
         notes.append(
@@ -392,123 +368,15 @@ def plan_training(
         "problems": problems,
     }
     if not fits:
-        plan["memory"]["would_fit"] = _alternatives(
+        plan["memory"]["would_fit"] = smaller_alternatives(
             arch, c, bf16, profile, checkpointing, on_gpu, capacity, sharding, n
         )
         if on_gpu and c.finetuning != "qlora":
             shards = (lengths, labels, budget, per_sample)
-            plan["memory"]["sharded_fit"] = _sharded_fit(
+            plan["memory"]["sharded_fit"] = sharded_fit(
                 arch, c, bf16, shards, checkpointing, capacity, (sharding, n)
             )
     return plan
-
-
-def plan_target(
-    gpu: str | None, memory_gib: float | None = None, tflops: float | None = None
-) -> tuple[str, GPUClass | None]:
-    """The plan's target name and its GPU class (None for `cpu`).
-
-    Args:
-        gpu: a `TARGETS` name in any case, or None for this machine (`this_machine`) or, when
-            `memory_gib` or `tflops` is given, a GPU outside the table (`custom`).
-        memory_gib, tflops: numbers that replace the class's (see `hardware.custom_gpu`).
-
-    Raises:
-        UserError: an unknown name, numbers with `cpu`, or an incomplete or bad description.
-    """
-    described = memory_gib is not None or tflops is not None
-    if gpu is None:
-        if described:
-            return CUSTOM, custom_gpu(None, memory_gib, tflops)
-        target = this_machine()
-    else:
-        target = gpu.strip().lower()
-        if target not in TARGETS:
-            raise UserError(
-                f"--gpu {gpu!r} is not known; choose one of: {', '.join(TARGETS)}; or describe "
-                "it with --gpu-memory-gib and --gpu-tflops (no --gpu)"
-            )
-    if target == "cpu":
-        if described:
-            raise UserError(
-                "--gpu-memory-gib and --gpu-tflops describe a GPU; leave them out with --gpu cpu"
-            )
-        return target, None
-    return target, custom_gpu(target, memory_gib, tflops) if described else GPUS[target]
-
-
-def check_parallel(config: Any, target: str, num_processes: int, sharding: str) -> None:
-    """Refuse a process count / sharding the trainer would refuse, or the plan cannot model.
-
-    Raises:
-        UserError: N < 1, an unknown sharding, a sharding other than ddp on one process,
-            several processes on the CPU, or QLoRA sharded (train refuses it).
-    """
-    if num_processes < 1:
-        raise UserError(f"--num-processes must be at least 1, got {num_processes}")
-    if sharding not in SHARDINGS:
-        raise UserError(
-            f"--sharding {sharding!r} is not known; choose one of: {', '.join(SHARDINGS)}"
-        )
-    if sharding != "ddp" and num_processes == 1:
-        raise UserError(
-            f"--sharding {sharding} shards over several GPUs: give --num-processes N (N >= 2)"
-        )
-    if num_processes > 1 and target == "cpu":
-        raise UserError(
-            "--num-processes N > 1 plans N GPUs; CPU processes share one machine's cores and "
-            "memory, which the plan does not model: choose a --gpu class"
-        )
-    if sharding != "ddp" and config.finetuning == "qlora":
-        raise UserError(
-            f"finetuning qlora cannot be sharded with {sharding} (train refuses it: its 4-bit "
-            "weights are not shardable); plan it with --sharding ddp, or use finetuning=lora"
-        )
-
-
-def _sharded_fit(
-    arch: Architecture,
-    c: Any,
-    bf16: bool,
-    rows: tuple[Any, Any, int, bool],
-    checkpointing: bool,
-    capacity: float,
-    current: tuple[str, int],
-) -> dict[str, Any]:
-    """The smallest process count of `SHARDED_PROCESS_COUNTS` at which fsdp or zero3 fits,
-    with the per-GPU estimate of each that does (the current strategy and count left out).
-
-    `rows` are the training rows' (lengths, label counts, pack budget, per-sample attention): each count
-    shares every step's rows out anew, which sets its largest micro-batch. Checkpointing is the
-    run's: train decides `auto` from one process's full replica, the same for every count.
-
-    Returns:
-        {"num_processes": N or None, "options": [{"sharding", "total_bytes"}...],
-        "tried": the counts tried}.
-    """
-    lengths, labels, budget, per_sample = rows
-    for n in SHARDED_PROCESS_COUNTS:
-        profile = token_profile(lengths, labels, c, budget, per_sample, n)
-        options = []
-        for sharding in ("fsdp", "zero3"):
-            if (sharding, n) == current:
-                continue
-            total = memory_estimate(
-                arch,
-                c,
-                bf16,
-                profile["max_micro_tokens"],
-                profile["max_micro_label_tokens"],
-                checkpointing,
-                True,
-                sharding,
-                n,
-            )["total"]
-            if total <= capacity:
-                options.append({"sharding": sharding, "total_bytes": total})
-        if options:
-            return {"num_processes": n, "options": options, "tried": list(SHARDED_PROCESS_COUNTS)}
-    return {"num_processes": None, "options": [], "tried": list(SHARDED_PROCESS_COUNTS)}
 
 
 def _eval_count(c: Any, total_steps: int, steps_epoch: int) -> int:
@@ -518,84 +386,3 @@ def _eval_count(c: Any, total_steps: int, steps_epoch: int) -> int:
         return 0
     every = c.eval_steps if c.eval_strategy == "steps" else steps_epoch
     return total_steps // every + (1 if total_steps % every else 0)
-
-
-def _alternatives(
-    arch: Architecture,
-    c: Any,
-    bf16: bool,
-    profile: dict[str, Any],
-    checkpointing: bool,
-    on_gpu: bool,
-    capacity: float,
-    sharding: str = "ddp",
-    processes: int = 1,
-    limit: int = 4,
-) -> list[dict[str, Any]]:
-    """Override sets whose memory estimate fits: each a combination of checkpointing on, a
-    smaller micro-batch, and a frozen (LoRA) or 4-bit (QLoRA) base, fewest changes first, then
-    the cheapest in speed (checkpointing, micro-batch, LoRA, QLoRA); a set that contains a
-    fitting smaller set is left out. Estimated per GPU under `sharding` over `processes` (QLoRA
-    only with ddp: it cannot be sharded)."""
-    import dataclasses
-    import itertools
-
-    share = profile["max_micro_label_tokens"] / max(1, profile["max_micro_tokens"])
-    tokens = profile["max_micro_tokens"]
-    ckpt_choices: list[list[str]] = [[]] + (
-        [] if checkpointing else [["gradient_checkpointing=true"]]
-    )
-    # A smaller micro-batch: a smaller token budget (packed), or fewer rows (padded) with more
-    # accumulation so the rows per optimizer step stay the same.
-    base = (c.pack_tokens or tokens) if c.packing else c.per_device_train_batch_size
-    sizes, size = [base], base
-    while size > (256 if c.packing else 1):
-        size //= 2
-        if c.packing or c.samples_per_step % size == 0:
-            sizes.append(size)
-
-    def resize(size: int) -> list[str]:
-        if c.packing:
-            return [f"pack_tokens={size}"]
-        if c.effective_batch_size is not None:  # the accumulation is derived from it
-            return [f"per_device_train_batch_size={size}"]
-        accumulation = c.samples_per_step // size
-        return [
-            f"per_device_train_batch_size={size}",
-            f"gradient_accumulation_steps={accumulation}",
-        ]
-
-    modes = [c.finetuning] + [
-        m
-        for m in ("lora", "qlora")
-        if m != c.finetuning
-        and c.finetuning != "qlora"
-        and (m == "lora" or (on_gpu and sharding == "ddp"))
-    ]
-    # Each axis is ordered from mild to drastic; a candidate at least as drastic as a fitting
-    # one on every axis adds nothing.
-    candidates = []
-    for (mi, mode), (si, size), ckpt in itertools.product(
-        enumerate(modes), enumerate(sizes), ckpt_choices
-    ):
-        overrides = list(ckpt)
-        overrides += resize(size) if si else []
-        overrides += [f"finetuning={mode}"] if mi else []
-        rank = (len(ckpt), si, mi)
-        changes = len(ckpt) + (si > 0) + (mi > 0)
-        candidates.append(((changes, mi, si, len(ckpt)), rank, overrides, mode, size))
-    fitting: list[dict[str, Any]] = []
-    ranks: list[tuple[int, int, int]] = []
-    for _, rank, overrides, mode, size in sorted(candidates, key=lambda x: x[0]):
-        if not overrides or any(all(f <= r for f, r in zip(fr, rank, strict=True)) for fr in ranks):
-            continue
-        cfg = dataclasses.replace(c, finetuning=mode)
-        micro = max(1, tokens * size // base)
-        ckpt = checkpointing or rank[0] > 0
-        total = memory_estimate(
-            arch, cfg, bf16, micro, round(micro * share), ckpt, on_gpu, sharding, processes
-        )
-        if total["total"] <= capacity:
-            fitting.append({"overrides": overrides, "total_bytes": total["total"]})
-            ranks.append(rank)
-    return fitting[:limit]
