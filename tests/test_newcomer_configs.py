@@ -156,3 +156,39 @@ def test_no_main_model_flag_when_the_pipeline_trains_it(cli, tmp_path, monkeypat
     code, out, err = cli("hsdpo", "--config", PIPELINE_3B, "--dry-run", "main_model=null")
     assert code == 0, err
     assert "main_model" not in out
+
+
+# ------------------------------------------------------------------------ DPO's missing inputs
+
+DPO_1B = REPO / "configs" / "guardreasoner-hsdpo-1b.yaml"
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+def test_dpo_without_its_rsft_model_names_train_sft(cli, tmp_path, monkeypatch, dry_run) -> None:
+    """The shipped DPO config starts from runs/guardreasoner-rsft-1b/final, absent on a fresh
+    clone: a plain error naming the key and `train sft`, not a hub library's validation error."""
+    monkeypatch.chdir(tmp_path)
+    pairs = tmp_path / "PAIRS.jsonl"
+    pairs.write_text(json.dumps({"input": "x", "chosen": "a", "rejected": "b"}) + "\n")
+    args = ["train", "dpo", "--config", DPO_1B, f"dataset={pairs}"]
+    code, _, err = cli(*args, *(["--dry-run"] if dry_run else []))
+    assert code == 2
+    assert (
+        "config key 'model_name_or_path': no such folder: runs/guardreasoner-rsft-1b/final" in err
+    )
+    assert "`reasonguard train sft`" in err
+    assert "HFValidationError" not in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+def test_dpo_without_its_pairs_names_mine_not_the_hub(cli, tmp_path, monkeypatch, dry_run) -> None:
+    """A missing local pairs.jsonl is a file to make (`mine` or `hsdpo`), not an unreachable hub."""
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "dpo", "--config", DPO_1B, "model_name_or_path=tiny-llama"]
+    code, _, err = cli(*args, *(["--dry-run"] if dry_run else []))
+    assert code == 2
+    assert "config key 'dataset': no such file: runs/guardreasoner-hsdpo-1b/pairs.jsonl" in err
+    assert "`reasonguard mine`" in err and "`reasonguard hsdpo`" in err
+    assert "hub" not in err
+    assert not (tmp_path / "runs").exists()

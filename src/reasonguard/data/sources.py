@@ -71,12 +71,14 @@ def load_source(
     else:
         # A missing path or a misspelt alias fails here; so does a hub id that cannot be had
         # (no hub reachable, or offline mode without a cached copy), in seconds, not retries.
-        check_name(source, kind="dataset", aliases=(SAMPLES,), hub_id=_looks_like_hub_id(source))
+        check_name(source, kind="dataset", aliases=(SAMPLES,), hub_id=is_hub_dataset_id(source))
         by_split = _load_hub(source)
     return _select(by_split, splits, source)
 
 
-def _looks_like_hub_id(source: str) -> bool:
+def is_hub_dataset_id(source: str) -> bool:
+    """Whether a data source that is not here names a hub dataset (`owner/name`), not a file:
+    a name ending in a data file's suffix (`pairs.jsonl`) is a file, whatever its shape."""
     return looks_like_hub_id(source) and Path(source).suffix.lower() not in FILE_SUFFIXES
 
 

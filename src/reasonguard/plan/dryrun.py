@@ -18,8 +18,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from reasonguard.data.sources import SAMPLES, is_hub_dataset_id
 from reasonguard.errors import UserError
-from reasonguard.models import hub_reachable
+from reasonguard.models import check_name, hub_reachable, looks_like_hub_id
 from reasonguard.train import checkpoint as ckpt
 from reasonguard.train.data import (
     PUBLISHED_P95_TOKENS,
@@ -30,6 +31,7 @@ from reasonguard.train.data import (
     steps_per_epoch,
     total_steps,
 )
+from reasonguard.train.dpo.pairs import check_sources
 from reasonguard.train.modeling import environment_problems, load_training_tokenizer, warmup_steps
 
 
@@ -37,6 +39,18 @@ def _is_local(name: str) -> bool:
     from reasonguard.models import ALIASES
 
     return name in ALIASES or name == "samples" or Path(name).expanduser().exists()
+
+
+def _check_local_model(config: Any) -> None:
+    """A model or tokenizer named by a path that does not exist fails as training would ("no
+    such folder"), before a hub cache lookup that would choke on a path."""
+    for key in ("model_name_or_path", "tokenizer_name_or_path"):
+        name = getattr(config, key, None)
+        if name and not _is_local(name) and not looks_like_hub_id(name):
+            try:
+                check_name(name, kind="model")
+            except UserError as exc:
+                raise UserError(f"config key {key!r}: {exc}") from None
 
 
 def _tokenizer(config: Any, online: bool) -> tuple[Any | None, str]:
@@ -77,6 +91,12 @@ def plan_sft(
             without the chat template the prompt format needs.
     """
     c = config
+    if stage == "dpo":
+        check_sources(c)  # a missing R-SFT model or pair file, with the command that makes it
+    _check_local_model(c)
+    if not _is_local(c.dataset) and not is_hub_dataset_id(c.dataset):
+        # A file that is not there: "no such file", not the hub's reachability.
+        check_name(c.dataset, kind="dataset", aliases=(SAMPLES,), hub_id=False)
     data = None
     online = None  # probed lazily: a fully local config never touches the network
     plan: dict[str, Any] = {"config": c.to_dict(), "problems": environment_problems(c), "notes": []}

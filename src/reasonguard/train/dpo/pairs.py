@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reasonguard.data.sources import is_hub_dataset_id
 from reasonguard.data.validate import InvalidRow, ValidationReport, check_texts
 from reasonguard.errors import UserError
+from reasonguard.models import ALIASES, looks_like_hub_id
 from reasonguard.train.data import Example, encode, p95, split_stats, split_train_eval
 
 
@@ -113,12 +115,53 @@ def validate_pairs(
     return triples, report
 
 
+def _missing_path(name: str, hub_id: Any) -> bool:
+    """Whether `name` is a local path that does not exist (not an alias, not a hub id)."""
+    if name in ALIASES or Path(name).expanduser().exists():
+        return False
+    return not hub_id(name)
+
+
+def check_sources(config: Any) -> None:
+    """Before anything loads: the DPO stage's two inputs exist, else say which command makes each.
+
+    The starting model is an R-SFT run's `final/` (`reasonguard train sft`), the pairs are what
+    `reasonguard mine` wrote; the whole stage, both included, is `reasonguard hsdpo`.
+
+    Raises:
+        UserError: `model_name_or_path` or `dataset` is a local path that does not exist.
+    """
+    start = config.model_name_or_path
+    if _missing_path(start, looks_like_hub_id):
+        raise UserError(
+            f"config key 'model_name_or_path': no such folder: {start}; DPO starts from an R-SFT "
+            "model, the final/ folder of a `reasonguard train sft` run: train that first, or set "
+            "model_name_or_path=FOLDER"
+        )
+    check_pairs_file(config.dataset)
+
+
+def check_pairs_file(dataset: str | None) -> None:
+    """The configured pair file is set and, when it is a local path, exists.
+
+    Raises:
+        UserError: no `dataset`, or a local path that does not exist (naming `reasonguard mine`).
+    """
+    if not dataset:
+        raise UserError("config key 'dataset': name the pair file written by `reasonguard mine`")
+    if _missing_path(dataset, is_hub_dataset_id):
+        raise UserError(
+            f"config key 'dataset': no such file: {dataset}; the preference pairs are "
+            "written by `reasonguard mine` (or `reasonguard hsdpo`, which runs generation, "
+            "mining and DPO): run it first, or set dataset=PAIRS"
+        )
+
+
 def load_pairs(config: Any) -> tuple[list[tuple[str, int, dict]], dict[str, Any]]:
     """Load and validate the configured pair file(s); at most `max_samples` pairs per split."""
     from reasonguard.data.sources import load_source
 
-    if not config.dataset:
-        raise UserError("config key 'dataset': name the pair file written by `reasonguard mine`")
+    check_pairs_file(config.dataset)
     loaded = load_source(config.dataset, config.splits)
     triples, report = validate_pairs(loaded, config.skip_invalid, config.dataset)
     if config.max_samples is not None:

@@ -55,6 +55,7 @@ from reasonguard.train.dpo.pairs import (
     PairData,
     PairExample,
     attach_reference,
+    check_sources,
     collate_pairs,
     prepare_pairs,
     saved_reference,
@@ -336,4 +337,5 @@ def run_dpo(config: DPOConfig) -> TrainResult:
     """
     from reasonguard.train.recipe import run_recipe
 
+    check_sources(config)  # before the run directory or any weights: name the missing input
     return run_recipe(DPORecipe(config))
