@@ -160,6 +160,14 @@ def test_a_killed_run_resumes_to_the_same_outputs(bench: tuple[Path, Path], tmp_
     proc.wait()
     assert len(written) == 2 and min(written) >= 1 and sum(written) < 16, written
     assert (out / "AegisSafetyTest" / PRED).read_text() == ""  # nothing merged yet
+    # A worker killed inside its timing update leaves the half-written file beside it; where
+    # its shard is not redone (finished, or of another plan) nothing overwrites it. The kill
+    # lands there only sometimes: make it certain, as the resumed run must clean it too.
+    from reasonguard.generation.jobs import cost_path
+
+    timing = cost_path(shards / "900-1000", f"AegisSafetyTest/{PRED}")
+    timing.parent.mkdir(parents=True, exist_ok=True)
+    timing.with_name(timing.name + ".tmp").write_text('{"seconds": 1.')
     assert main(_generate(folder, out, "--data-parallel", "2")) == 0
     _same_outputs(out, reference)
 

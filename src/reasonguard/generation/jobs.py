@@ -235,6 +235,18 @@ def add_cost(out_dir: str | os.PathLike[str], relpath: str, seconds: float, rows
     cost = {"seconds": round(cost["seconds"] + seconds, 3), "rows": cost["rows"] + rows}
     path = cost_path(out_dir, relpath)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _cost_tmp(path)
     tmp.write_text(json.dumps(cost) + "\n")
     tmp.replace(path)
+
+
+def remove_cost(out_dir: str | os.PathLike[str], relpath: str) -> None:
+    """Delete an output's timing file and the half-written one a process killed inside
+    `add_cost` leaves beside it."""
+    path = cost_path(out_dir, relpath)
+    path.unlink(missing_ok=True)
+    _cost_tmp(path).unlink(missing_ok=True)
+
+
+def _cost_tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")

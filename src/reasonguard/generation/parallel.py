@@ -57,12 +57,13 @@ from pathlib import Path
 from typing import Any
 
 from reasonguard.errors import UserError
-from reasonguard.generation.jobs import Decoding, Job, add_cost, cost_path, read_cost, record_key
+from reasonguard.generation.jobs import Decoding, Job, add_cost, read_cost, record_key, remove_cost
 from reasonguard.generation.resume import STATE_DIR, JsonlAppender, RunState, fingerprint
 from reasonguard.generation.windows import check_resume, generate_job
 from reasonguard.infer.loading import load_backend, planned_window_size
 
 SHARDS = "shards"  # OUT/_generate/shards
+MERGE_TMP = "merge.tmp"  # the merged file being written, renamed into place
 WORKER_MODULE = "reasonguard.generation.parallel"
 POLL_S = 0.5  # how often the parent checks its workers and counts their rows
 
@@ -330,7 +331,7 @@ def run_data_parallel(
                 log(f"{job.name}: all {total} rows already generated -> {path}")
                 continue
             shards = [(Path(_part(job, *b, window, root).path), b[1] - b[0]) for b in ranges if b]
-            _merge(path, shards, root / "merge.tmp")
+            _merge(path, shards, root / MERGE_TMP)
             # The workers' generation seconds, summed (worker time, not the wall time of the run).
             for shard, _ in shards:
                 cost = read_cost(str(shard)[: -len(job.relpath)], job.relpath)
@@ -515,8 +516,8 @@ def _clean(root: Path, relpaths: Sequence[str]) -> None:
         if entry.is_dir():
             for relpath in relpaths:
                 (entry / relpath).unlink(missing_ok=True)
-                cost_path(entry, relpath).unlink(missing_ok=True)
-        elif entry.name.startswith("worker-"):
+                remove_cost(entry, relpath)
+        elif entry.name.startswith("worker-") or entry.name == MERGE_TMP:
             entry.unlink()
     for folder, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
         if not os.listdir(folder):
