@@ -41,7 +41,6 @@ NOT_YET_SPLIT = {
     "hsdpo/mine.py",
     "hsdpo/pipeline.py",
     "infer/batching.py",
-    "evaluate/evaluator.py",
     "models.py",
     "data/validate.py",
     "train/data.py",

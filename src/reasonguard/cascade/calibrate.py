@@ -104,8 +104,8 @@ def items_from_benchmarks(
     Raises:
         UserError: unknown or missing benchmarks, or a row without a readable label.
     """
-    from reasonguard.evaluate.evaluator import _true_labels
     from reasonguard.evaluate.files import BadRows
+    from reasonguard.evaluate.labels import true_labels
     from reasonguard.evaluate.registry import BENCHMARKS
     from reasonguard.generation.run import benchmark_jobs
 
@@ -114,7 +114,7 @@ def items_from_benchmarks(
         bench = BENCHMARKS[job.name]
         for row, record in enumerate(job.records, start=1):
             place = f"{Path(benchmark_dir) / bench.filename} row {row}"
-            labels = _true_labels(bench, record, place, None, BadRows(skip=False))
+            labels = true_labels(bench, record, place, None, BadRows(skip=False))
             prompt, response = _split(record, place)
             truth = {t: (labels or {}).get(t) for t in TASKS}
             items.append(DevItem(prompt, response, truth, place))

@@ -23,15 +23,15 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reasonguard.errors import UserError, where
-from reasonguard.evaluate.files import BadRows, read_json_rows, read_jsonl
-from reasonguard.evaluate.labels import read_label
+from reasonguard.evaluate.cost import CostTally
+from reasonguard.evaluate.files import BadRows, find_predictions, read_json_rows, read_jsonl
+from reasonguard.evaluate.labels import true_labels
 from reasonguard.evaluate.metrics import (
     Confusion,
     average_precision,
@@ -42,7 +42,6 @@ from reasonguard.evaluate.metrics import (
 from reasonguard.evaluate.protocols import PROTOCOLS, Protocol
 from reasonguard.evaluate.registry import (
     BENCHMARKS,
-    PREDICTIONS_FILE,
     TASK_ORDER,
     Benchmark,
     all_pairs,
@@ -51,53 +50,6 @@ from reasonguard.format import POSITIVE_LABEL, TASK_FIELD, TASKS
 
 SCHEMA_VERSION = 1
 _MAX_EXAMPLES = 5  # bad-row messages kept per benchmark for the report
-
-
-def find_predictions(pred_dir: Path) -> tuple[dict[str, Path], list[dict[str, str]]]:
-    """Map each benchmark with a prediction folder to its predictions file.
-
-    Returns:
-        (benchmark name -> predictions path, missing benchmarks as {"benchmark", "reason"}).
-
-    Raises:
-        UserError: no such folder, a sub-folder that names no known benchmark, or no
-            benchmark folder at all.
-    """
-    if not pred_dir.is_dir():
-        raise UserError(f"{pred_dir}: predictions folder not found")
-    found: dict[str, Path] = {}
-    missing: list[dict[str, str]] = []
-    unknown: list[str] = []
-    for entry in sorted(pred_dir.iterdir()):
-        if not entry.is_dir() or entry.name.startswith((".", "_")):
-            continue  # metrics.json, report.md, hidden folders
-        if entry.name not in BENCHMARKS:
-            unknown.append(entry.name)
-        elif (entry / PREDICTIONS_FILE).is_file():
-            found[entry.name] = entry / PREDICTIONS_FILE
-        else:
-            missing.append({"benchmark": entry.name, "reason": f"no {PREDICTIONS_FILE} in folder"})
-    if unknown:
-        hints = [
-            f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
-            for name in unknown
-            for close in [difflib.get_close_matches(name, list(BENCHMARKS), n=1)]
-        ]
-        raise UserError(
-            f"{pred_dir}: unknown benchmark folder {', '.join(hints)}; "
-            f"known names: {', '.join(BENCHMARKS)}"
-        )
-    if not found and not missing:
-        raise UserError(
-            f"{pred_dir}: no benchmark folders (expected <Benchmark>/{PREDICTIONS_FILE})"
-        )
-    reported = {m["benchmark"] for m in missing}
-    missing += [
-        {"benchmark": name, "reason": "no predictions"}
-        for name in BENCHMARKS
-        if name not in found and name not in reported
-    ]
-    return found, missing
 
 
 @dataclass
@@ -112,39 +64,6 @@ class _Tally:
     unlabelled: int = 0
     scored: list[tuple[float, bool]] = field(default_factory=list)  # (P(positive), is positive)
     unscored: int = 0
-
-
-def _true_labels(
-    bench: Benchmark, row: Any, place: str, field: str | None, bad: BadRows
-) -> dict[str, str | None] | None:
-    """The true label per task of one row, or None when the row is bad (and skipped).
-
-    Args:
-        place: where the row is, for messages (`file:line` or `file row N`).
-        field: the field holding every task's label (`label` of a prediction row), or None to
-            read the benchmark's own label source.
-    """
-    if not isinstance(row, dict):
-        bad.add(f"{place}: expected a JSON object, got {type(row).__name__}")
-        return None
-    labels: dict[str, str | None] = {}
-    for task in bench.tasks:
-        key = field or bench.label_columns.get(task, "output")
-        if key not in row:
-            bad.add(f"{place}: missing key {key!r}")
-            return None
-        try:
-            # A bare word labels a task only where that is unambiguous: a single-task file, or
-            # a column that holds this task's label alone.
-            bare = len(bench.tasks) == 1 or key == bench.label_columns.get(task)
-            labels[task] = read_label(row[key], task, bare=bare)
-        except ValueError as exc:
-            hint = ""
-            if field and bench.label_columns:
-                hint = f" ({bench.name} labels live in the benchmark file; pass --benchmark-dir)"
-            bad.add(f"{place}: field {key!r}: {exc}{hint}")
-            return None
-    return labels
 
 
 def _score_benchmark(
@@ -169,13 +88,13 @@ def _score_benchmark(
                 "hold one row per benchmark row, in order"
             )
         truth = [
-            _true_labels(bench, row, f"{bench_file} row {i}", None, bad)
+            true_labels(bench, row, f"{bench_file} row {i}", None, bad)
             for i, row in enumerate(reference, start=1)
         ]
         labels_from = str(bench_file)
     else:
         truth = [
-            None if row is None else _true_labels(bench, row, where(pred_path, n), "label", bad)
+            None if row is None else true_labels(bench, row, where(pred_path, n), "label", bad)
             for n, row in preds
         ]
         labels_from = "label field of the predictions"
@@ -225,70 +144,6 @@ def _score_benchmark(
         for result in results:
             result["bad_rows"] = bad.messages[:_MAX_EXAMPLES]
     return results, notes
-
-
-@dataclass
-class CostTally:
-    """What a set of prediction rows cost: items, generated tokens, seconds, escalations."""
-
-    items: int = 0
-    tokens: int = 0
-    with_tokens: int = 0
-    seconds: float = 0.0
-    with_seconds: int = 0
-    escalated: int = 0
-    with_escalated: int = 0
-    fast: int = 0
-
-    def add(self, row: dict[str, Any]) -> None:
-        self.items += 1
-        tokens = row.get("num_tokens")
-        if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0:
-            self.tokens += tokens
-            self.with_tokens += 1
-        if isinstance(row.get("escalated"), bool):
-            self.with_escalated += 1
-            self.escalated += row["escalated"]
-        self.fast += row.get("mode") == "fast"
-
-    def add_timing(self, pred_path: Path) -> None:
-        """Seconds and rows from the timing file `generate` keeps for these predictions
-        (`PRED_DIR/_generate/cost/<Benchmark>/generated_predictions.jsonl.json`)."""
-        import json
-
-        folder = pred_path.parent
-        path = folder.parent / "_generate" / "cost" / folder.name / f"{pred_path.name}.json"
-        try:
-            timing = json.loads(path.read_text(encoding="utf-8"))
-            seconds, rows = float(timing["seconds"]), int(timing["rows"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return  # no timing kept (predictions from elsewhere): seconds stay unknown
-        if seconds >= 0 and rows > 0:
-            self.seconds += seconds
-            self.with_seconds += rows
-
-    def merge(self, other: CostTally) -> CostTally:
-        return CostTally(*(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__))
-
-    @property
-    def mode(self) -> str | None:
-        if not self.items:
-            return None
-        if self.with_escalated:
-            return "cascade"
-        return "fast" if self.fast == self.items else "reasoning"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Per-item means over the rows that record each quantity (None when none does)."""
-        return {
-            "mode": self.mode,
-            "items": self.items,
-            "tokens_per_item": self.tokens / self.with_tokens if self.with_tokens else None,
-            "seconds_per_item": self.seconds / self.with_seconds if self.with_seconds else None,
-            "escalated_share": (
-                self.escalated / self.with_escalated if self.with_escalated else None
-            ),
-        }
 
 
 def _tally(

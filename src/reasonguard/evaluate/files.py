@@ -13,12 +13,14 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from reasonguard.errors import UserError, where
+from reasonguard.evaluate.registry import BENCHMARKS, PREDICTIONS_FILE
 
 
 class BadRows:
@@ -131,3 +133,50 @@ def read_json_rows(path: str | os.PathLike[str]) -> list[Any]:
     if not isinstance(rows, list) or not rows:
         raise UserError(f"{path}: expected a non-empty JSON array of rows")
     return rows
+
+
+def find_predictions(pred_dir: Path) -> tuple[dict[str, Path], list[dict[str, str]]]:
+    """Map each benchmark with a prediction folder to its predictions file.
+
+    Returns:
+        (benchmark name -> predictions path, missing benchmarks as {"benchmark", "reason"}).
+
+    Raises:
+        UserError: no such folder, a sub-folder that names no known benchmark, or no
+            benchmark folder at all.
+    """
+    if not pred_dir.is_dir():
+        raise UserError(f"{pred_dir}: predictions folder not found")
+    found: dict[str, Path] = {}
+    missing: list[dict[str, str]] = []
+    unknown: list[str] = []
+    for entry in sorted(pred_dir.iterdir()):
+        if not entry.is_dir() or entry.name.startswith((".", "_")):
+            continue  # metrics.json, report.md, hidden folders
+        if entry.name not in BENCHMARKS:
+            unknown.append(entry.name)
+        elif (entry / PREDICTIONS_FILE).is_file():
+            found[entry.name] = entry / PREDICTIONS_FILE
+        else:
+            missing.append({"benchmark": entry.name, "reason": f"no {PREDICTIONS_FILE} in folder"})
+    if unknown:
+        hints = [
+            f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
+            for name in unknown
+            for close in [difflib.get_close_matches(name, list(BENCHMARKS), n=1)]
+        ]
+        raise UserError(
+            f"{pred_dir}: unknown benchmark folder {', '.join(hints)}; "
+            f"known names: {', '.join(BENCHMARKS)}"
+        )
+    if not found and not missing:
+        raise UserError(
+            f"{pred_dir}: no benchmark folders (expected <Benchmark>/{PREDICTIONS_FILE})"
+        )
+    reported = {m["benchmark"] for m in missing}
+    missing += [
+        {"benchmark": name, "reason": "no predictions"}
+        for name in BENCHMARKS
+        if name not in found and name not in reported
+    ]
+    return found, missing

@@ -17,7 +17,10 @@ Example:
 from __future__ import annotations
 
 import re
+from typing import Any
 
+from reasonguard.evaluate.files import BadRows
+from reasonguard.evaluate.registry import Benchmark
 from reasonguard.format import NO_RESPONSE, TASK_KEY, TASK_LABELS
 
 _NO_LABEL = ("", NO_RESPONSE.lower(), "null")
@@ -60,3 +63,36 @@ def read_label(value: object, task: str, bare: bool = True) -> str | None:
     if bare or value.strip().lower() in _NO_LABEL:
         return _word(value, task)
     raise ValueError(f"no '{TASK_KEY[task]}:' line for task {task} in {value.strip()[:60]!r}")
+
+
+def true_labels(
+    bench: Benchmark, row: Any, place: str, field: str | None, bad: BadRows
+) -> dict[str, str | None] | None:
+    """The true label per task of one row, or None when the row is bad (and skipped).
+
+    Args:
+        place: where the row is, for messages (`file:line` or `file row N`).
+        field: the field holding every task's label (`label` of a prediction row), or None to
+            read the benchmark's own label source.
+    """
+    if not isinstance(row, dict):
+        bad.add(f"{place}: expected a JSON object, got {type(row).__name__}")
+        return None
+    labels: dict[str, str | None] = {}
+    for task in bench.tasks:
+        key = field or bench.label_columns.get(task, "output")
+        if key not in row:
+            bad.add(f"{place}: missing key {key!r}")
+            return None
+        try:
+            # A bare word labels a task only where that is unambiguous: a single-task file, or
+            # a column that holds this task's label alone.
+            bare = len(bench.tasks) == 1 or key == bench.label_columns.get(task)
+            labels[task] = read_label(row[key], task, bare=bare)
+        except ValueError as exc:
+            hint = ""
+            if field and bench.label_columns:
+                hint = f" ({bench.name} labels live in the benchmark file; pass --benchmark-dir)"
+            bad.add(f"{place}: field {key!r}: {exc}{hint}")
+            return None
+    return labels
