@@ -38,8 +38,6 @@ NOT_YET_SPLIT = {
     "serve/app.py",
     "train/config.py",
     "train/recipe.py",
-    "hsdpo/mine.py",
-    "hsdpo/pipeline.py",
     "infer/batching.py",
     "models.py",
     "data/validate.py",

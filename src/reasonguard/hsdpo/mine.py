@@ -5,17 +5,10 @@ JSON lines `{"instruction", "input", "output", "source", "samples": [K strings]}
 labels are parsed from `output` by `format.parse_output`, the same parser that reads the samples,
 so a sample is judged by exactly the rules that score the model.
 
-Per row:
-
-1. Each sampled output must carry all three answers (`Request:`, `Completion:`, `Response:`; the
-   word None counts as an answer, so prompt-only outputs are kept). An output missing any of them
-   is ignored.
-2. The tasks are tried in the order prompt (the request), response, refusal; response and
-   refusal only when the input holds a real AI response and that task's true label is not None.
-   A task is hard when the kept outputs are mixed: at least one right and one wrong.
-3. The first hard task makes the row's only pair: chosen = the longest right output, rejected =
-   the longest wrong one (length in characters; between equally long outputs the earlier sample
-   wins, so a rerun picks the same pair), raw weight = #wrong - #right among the kept outputs.
+Per row, the rules of `hsdpo.hard` (`select_hard`): outputs missing an answer are ignored; the
+tasks are tried in the order prompt, response, refusal; the first hard one (right and wrong
+outputs mixed) makes the row's only pair, chosen the longest right output, rejected the longest
+wrong one, raw weight #wrong - #right. Those names are importable from here too.
 
 Per file the raw weights are min-max scaled to [1 - max_norm, 1 + max_norm] (all equal: 1.0).
 The files are then merged in the order given and de-duplicated on `input`: the first file wins
@@ -36,17 +29,16 @@ counted in the summary instead. A file of one sample per prompt (K = 1, `generat
 `--samples`) raises `UserError` whatever `skip_invalid` says: one output cannot disagree with
 itself, so it can never give a pair.
 
+The summary is built and printed by `hsdpo.summary`.
+
 Example:
-    >>> from reasonguard.hsdpo.mine import scale_weights
-    >>> scale_weights([-2, 0, 2], max_norm=0.2)
-    [0.8, 1.0, 1.2]
+    >>> from reasonguard.hsdpo.mine import mine_files
     >>> mine_files(["gen/WildGuardTrainR.jsonl", "gen/AegisTrainR.jsonl"], "pairs.jsonl")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,44 +47,53 @@ from typing import Any
 
 from reasonguard.data.validate import check_record
 from reasonguard.errors import UserError, where
-from reasonguard.format import (
-    INSTRUCTION,
-    TASKS,
-    answer_values,
-    parse_labels,
-    parse_output,
-    split_input,
+from reasonguard.format import INSTRUCTION, parse_labels, split_input
+from reasonguard.hsdpo.hard import (
+    ALL_RIGHT,
+    ALL_WRONG,
+    DEFAULT_MAX_NORM,
+    HARD,
+    STATUSES,
+    TASK_ORDER,
+    UNPARSEABLE,
+    Selection,
+    check_max_norm,
+    output_labels,
+    scale_weights,
+    select_hard,
+)
+from reasonguard.hsdpo.summary import (
+    MAX_LISTED,
+    build_summary,
+    empty_counts,
+    format_summary,
+    summary_path,
 )
 
-# The order tasks are tried in, spelled out rather than taken from TASKS so a reordering there
-# cannot silently change which pair a row gives.
-TASK_ORDER = ("prompt", "response", "refusal")
-HARD, ALL_RIGHT, ALL_WRONG, UNPARSEABLE = "hard", "all_right", "all_wrong", "unparseable"
-STATUSES = (HARD, ALL_RIGHT, ALL_WRONG, UNPARSEABLE)
-DEFAULT_MAX_NORM = 0.2
-MAX_LISTED = 20  # invalid rows quoted in the summary (all are counted)
+__all__ = [
+    "ALL_RIGHT",
+    "ALL_WRONG",
+    "DEFAULT_MAX_NORM",
+    "HARD",
+    "MAX_LISTED",
+    "STATUSES",
+    "TASK_ORDER",
+    "UNPARSEABLE",
+    "MinedFile",
+    "Selection",
+    "check_generation_row",
+    "check_max_norm",
+    "format_summary",
+    "merge_pairs",
+    "mine_file",
+    "mine_files",
+    "output_labels",
+    "scale_weights",
+    "select_hard",
+    "summary_path",
+]
+
 _SKIP_HINT = "pass --skip-invalid to skip invalid rows (they are counted in the summary)"
-
-
-@dataclass(frozen=True)
-class Selection:
-    """What mining made of one row.
-
-    Attributes:
-        statuses: status per task the row reached, in `TASK_ORDER`.
-        task: the task of the row's pair, None when it gave none.
-        chosen: the longest right output of that task (None without a pair).
-        rejected: the longest wrong output of that task (None without a pair).
-        raw_weight: #wrong - #right among the kept outputs for that task (None without a pair).
-        ignored: sampled outputs ignored for a missing answer.
-    """
-
-    statuses: Mapping[str, str]
-    task: str | None = None
-    chosen: str | None = None
-    rejected: str | None = None
-    raw_weight: int | None = None
-    ignored: int = 0
 
 
 @dataclass
@@ -109,102 +110,6 @@ class MinedFile:
     outputs: int = 0
     ignored_outputs: int = 0
     raw_weights: list[int] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------------
-# One row
-
-
-def output_labels(text: str) -> dict[str, str | None] | None:
-    """The three labels of one sampled output by task name, or None when an answer is missing.
-
-    `parse_output` already flags a missing or invalid request; a missing `Completion:` or
-    `Response:` line is not a parsing error for it (prompt-only answers may omit them), but
-    mining needs all three, so `answer_values` checks that each task has a valid answer line.
-    """
-    verdict = parse_output(text)
-    if verdict.is_parsing_error:
-        return None
-    if not all(any(valid for _, valid in answer_values(text, task)) for task in TASKS):
-        return None
-    return {task: verdict.label(task) for task in TASKS}
-
-
-def select_hard(
-    true_labels: Mapping[str, str | None], has_response: bool, samples: Sequence[str]
-) -> Selection:
-    """Pick the row's pair, if any, by the rules of the module docstring.
-
-    Args:
-        true_labels: the row's labels by task name (`format.parse_labels(output)`).
-        has_response: whether the input holds a real AI response (not the literal None).
-        samples: the K sampled outputs, in generation order.
-
-    Returns:
-        The selection; `task` is None when no task was hard.
-    """
-    kept = [(text, labels) for text in samples if (labels := output_labels(text)) is not None]
-    ignored = len(samples) - len(kept)
-    if not kept:
-        return Selection({TASK_ORDER[0]: UNPARSEABLE}, ignored=ignored)
-    statuses: dict[str, str] = {}
-    for task in TASK_ORDER:
-        truth = true_labels.get(task)
-        if truth is None or (task != "prompt" and not has_response):
-            continue
-        right = [text for text, labels in kept if labels[task] == truth]
-        wrong = [text for text, labels in kept if labels[task] != truth]
-        if not wrong:
-            statuses[task] = ALL_RIGHT
-        elif not right:
-            statuses[task] = ALL_WRONG
-        else:
-            statuses[task] = HARD
-            return Selection(
-                statuses,
-                task=task,
-                chosen=_longest(right),
-                rejected=_longest(wrong),
-                raw_weight=len(wrong) - len(right),
-                ignored=ignored,
-            )
-    return Selection(statuses, ignored=ignored)
-
-
-def _longest(texts: Sequence[str]) -> str:
-    # `max` returns the first of equal maxima: the earliest sample wins a tie.
-    return max(texts, key=len)
-
-
-def scale_weights(raw: Sequence[float], max_norm: float = DEFAULT_MAX_NORM) -> list[float]:
-    """Min-max scale raw weights to [1 - max_norm, 1 + max_norm].
-
-    w = 1 + m (2 (r - min) / (max - min) - 1), which is 1 - m at the minimum and 1 + m at the
-    maximum; when every raw weight is equal (one pair, or all equally hard) there is nothing to
-    rank and every weight is 1.0, with no division by zero.
-
-    >>> scale_weights([3, 3])
-    [1.0, 1.0]
-    """
-    check_max_norm(max_norm)
-    if not raw:
-        return []
-    low, high = min(raw), max(raw)
-    if high == low:
-        return [1.0] * len(raw)
-    return [1.0 + max_norm * (2.0 * (r - low) / (high - low) - 1.0) for r in raw]
-
-
-def check_max_norm(max_norm: float) -> float:
-    """Return `max_norm` if it keeps every weight >= 0, else raise `UserError`."""
-    if isinstance(max_norm, bool) or not isinstance(max_norm, int | float):
-        raise UserError(f"max_norm: expected a number in [0, 1], got {type(max_norm).__name__}")
-    if not (math.isfinite(max_norm) and 0.0 <= max_norm <= 1.0):
-        raise UserError(
-            f"max_norm: expected a number in [0, 1] (weights span [1 - max_norm, 1 + max_norm] "
-            f"and must stay >= 0), got {max_norm}"
-        )
-    return max_norm
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,7 +238,7 @@ def mine_file(
     )
     hard_rows = []
     for item in kept:
-        per_task = result.counts.setdefault(item.source, _empty_counts())
+        per_task = result.counts.setdefault(item.source, empty_counts())
         for task, status in item.selection.statuses.items():
             per_task[task][status] += 1
         result.outputs += item.k
@@ -391,10 +296,6 @@ def _common_k(rows: Sequence[_Row]) -> int | None:
     return max(counts, key=counts.__getitem__) if counts else None
 
 
-def _empty_counts() -> dict[str, dict[str, int]]:
-    return {task: dict.fromkeys(STATUSES, 0) for task in TASK_ORDER}
-
-
 # --------------------------------------------------------------------------------------------
 # Several files
 
@@ -416,12 +317,6 @@ def merge_pairs(pair_lists: Sequence[Sequence[Mapping[str, Any]]]) -> tuple[list
             seen.add(pair["input"])
             merged.append(dict(pair))
     return merged, duplicates
-
-
-def summary_path(out: str | os.PathLike[str]) -> Path:
-    """Where the summary of a pair file goes: `pairs.jsonl` -> `pairs.summary.json`."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.summary.json")
 
 
 def mine_files(
@@ -458,7 +353,7 @@ def mine_files(
             raise UserError(f"{path}: is also an output of this run; choose another --out")
     mined = [mine_file(path, max_norm, skip_invalid) for path in paths]
     pairs, duplicates = merge_pairs([m.pairs for m in mined])
-    summary = _summary(mined, pairs, duplicates, out, max_norm)
+    summary = build_summary(mined, pairs, duplicates, out, max_norm)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(summary_file, [json.dumps(summary, indent=2, ensure_ascii=False) + "\n"])
@@ -470,81 +365,6 @@ def mine_files(
         log("warning: no hard samples: every row's outputs agreed on each task it reached")
     log(f"wrote {len(pairs)} pairs to {out} and the summary to {summary_file}")
     return summary
-
-
-def _summary(
-    mined: Sequence[MinedFile],
-    pairs: Sequence[Mapping[str, Any]],
-    duplicates: int,
-    out: Path,
-    max_norm: float,
-) -> dict[str, Any]:
-    by_source: dict[str, dict[str, dict[str, int]]] = {}
-    for m in mined:
-        for source, per_task in m.counts.items():
-            total = by_source.setdefault(source, _empty_counts())
-            for task, statuses in per_task.items():
-                for status, n in statuses.items():
-                    total[task][status] += n
-    pairs_by_source: dict[str, dict[str, int]] = {}
-    for pair in pairs:
-        per_task = pairs_by_source.setdefault(pair["source"], dict.fromkeys(TASK_ORDER, 0))
-        per_task[pair["task"]] += 1
-    invalid = [text for m in mined for text in m.invalid]
-    return {
-        "output": str(out),
-        "max_norm": max_norm,
-        "pairs": len(pairs),
-        "pairs_before_dedup": sum(len(m.pairs) for m in mined),
-        "duplicates_dropped": duplicates,
-        "invalid_rows": len(invalid),
-        "files": [
-            {
-                "path": str(m.path),
-                "rows": m.rows,
-                "invalid_rows": len(m.invalid),
-                "samples_per_row": m.samples_per_row,
-                "outputs": m.outputs,
-                "outputs_missing_an_answer": m.ignored_outputs,
-                "pairs": len(m.pairs),
-                "raw_weight_min": min(m.raw_weights, default=None),
-                "raw_weight_max": max(m.raw_weights, default=None),
-            }
-            for m in mined
-        ],
-        "by_source": by_source,
-        "pairs_by_source": pairs_by_source,
-        "invalid_examples": invalid[:MAX_LISTED],
-    }
-
-
-def format_summary(summary: Mapping[str, Any]) -> str:
-    """The summary as a plain-text table: rows per source and task by status."""
-    files = summary["files"]
-    rows = sum(f["rows"] for f in files)
-    outputs = sum(f["outputs"] for f in files)
-    ignored = sum(f["outputs_missing_an_answer"] for f in files)
-    lines = [
-        f"Hard-sample mining: {len(files)} file(s), {rows} rows "
-        f"({summary['invalid_rows']} invalid, skipped), {outputs} outputs "
-        f"({ignored} missing an answer, ignored)"
-    ]
-    header = ["source", "task", *STATUSES]
-    table = [
-        [source if i == 0 else "", task, *(str(statuses[s]) for s in STATUSES)]
-        for source, per_task in summary["by_source"].items()
-        for i, (task, statuses) in enumerate(per_task.items())
-    ]
-    widths = [max(len(r[c]) for r in [header, *table]) for c in range(len(header))]
-    for r in [header, *table]:
-        cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])]
-        cells += [cell.rjust(width) for cell, width in zip(r[2:], widths[2:], strict=True)]
-        lines.append("  " + "  ".join(cells))
-    lines.append(
-        f"pairs: {summary['pairs']} ({summary['pairs_before_dedup']} mined, "
-        f"{summary['duplicates_dropped']} duplicate inputs dropped)"
-    )
-    return "\n".join(lines)
 
 
 def _write_atomic(path: Path, chunks: Any) -> None:
