@@ -38,7 +38,6 @@ NOT_YET_SPLIT = {
     "serve/app.py",
     "train/config.py",
     "train/recipe.py",
-    "infer/batching.py",
     "models.py",
     "data/validate.py",
     "train/data.py",

@@ -65,8 +65,8 @@ PRIVATE_APIS: tuple[PrivateAPI, ...] = (
     PrivateAPI(
         "transformers",
         "PretrainedConfig._attn_implementation",
-        "train/packed_attention.py and infer/batching.py: read, then set to an attention "
-        "registered in `AttentionInterface` (there is a public setter on the model, "
+        "train/packed_attention.py, infer/decode_cache.py and infer/batching.py: read, then set to an "
+        "attention registered in `AttentionInterface` (there is a public setter on the model, "
         "`set_attn_implementation`, but no public getter)",
         "it names the attention the layers dispatch to at each forward, and setting it to a "
         "registered name switches a loaded model to that function without a reload",
@@ -75,8 +75,8 @@ PRIVATE_APIS: tuple[PrivateAPI, ...] = (
     PrivateAPI(
         "transformers",
         "DynamicLayer / DynamicCache.layers",
-        "infer/batching.py, _GrowingLayer(DynamicLayer) in a DynamicCache whose `layers` list "
-        "is assigned; infer/batching.py and infer/fast.py read `layer.keys` / `layer.values`",
+        "infer/decode_cache.py, GrowingLayer(DynamicLayer) in a DynamicCache whose `layers` "
+        "list is assigned; infer/batching.py and infer/fast.py read `layer.keys` / `layer.values`",
         "`DynamicLayer()` takes no arguments; a cache's `update(k, v, i)` calls `layers[i]."
         "update(k, v, ...)` and uses what it returns; the mask length comes from the layer's "
         "`get_seq_length`; a forward's `past_key_values.layers[i].keys` is [batch, heads, "
