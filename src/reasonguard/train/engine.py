@@ -291,7 +291,12 @@ class GuardTrainer(Trainer):
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix="eval"):
         """The token-normalised loss (or the stage's objective) over the held-out rows; each
-        rank evaluates its share."""
+        rank evaluates its share.
+
+        Not Trainer's `evaluation_loop`: in transformers 5.19 it averages each batch's loss
+        weighted by the batch's row count, so its `eval_loss` is not the per-token mean over the
+        held-out set that the train loss is, and it cannot give DPO's reward metrics.
+        """
         import torch
 
         if not self.eval_rows:

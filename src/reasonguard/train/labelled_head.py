@@ -107,7 +107,13 @@ def cross_entropy_sum(mask: Any, targets: Any) -> HeadFn:
 
 def liger_cross_entropy_sum(mask: Any, targets: Any) -> HeadFn:
     """`cross_entropy_sum` with liger-kernel's fused linear cross-entropy (CUDA): the head and
-    the loss run together in chunks, so the labels x vocabulary logits are never all held."""
+    the loss run together in chunks, so the labels x vocabulary logits are never all held.
+
+    Not Trainer's `use_liger_kernel`: in transformers 5.19 it calls `apply_liger_kernel`, which
+    swaps the model's forward for liger's own, computing a loss from `labels` there; that
+    forward would skip this head replacement, where the loss is summed for the engine to divide
+    by the whole step's label count.
+    """
     import torch
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 

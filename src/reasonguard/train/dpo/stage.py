@@ -18,7 +18,10 @@ The reference model is the model the run starts from. Its log-probs of every pai
 once, when training begins (the model already placed and, under FSDP / ZeRO-3, sharded), and
 saved in `RUN_DIR/reference_logps.safetensors`: no second copy of the model is held in memory,
 and a resumed run reads them back instead of recomputing them with already-updated weights.
-This works the same for full fine-tuning, LoRA and QLoRA.
+This works the same for full fine-tuning, LoRA and QLoRA. TRL's `precompute_ref_log_probs`
+(TRL 1.16) does the same only inside its `DPOTrainer`, which has no given per-pair weight (its
+`use_weighting` is WPO's weight from the policy's own probabilities), and keeps the log-probs in
+the datasets cache under a model hash, not in the run directory a resumed run reads.
 
 `model_name_or_path` is usually the R-SFT output folder. A full model is trained as is. A LoRA
 output (adapter) is either trained further (`init_adapter: continue`, the default; the result is
