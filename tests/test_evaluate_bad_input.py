@@ -134,7 +134,7 @@ def test_no_benchmark_folders(cli, case) -> None:
 
 def test_missing_predictions_folder(cli, tmp_path) -> None:
     code, _, err = cli("evaluate", tmp_path / "nope")
-    assert code == 2 and "predictions folder not found" in err
+    assert code == 2 and "nope: not found" in err
 
 
 def test_missing_benchmark_folder(cli, case) -> None:

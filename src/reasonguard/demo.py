@@ -98,6 +98,7 @@ def run_demo(
         fresh: delete `out` first instead of reusing a previous run's finished steps.
     """
     from reasonguard.data.sources import load_source
+    from reasonguard.evaluate.datafiles import read_data_outputs
     from reasonguard.evaluate.dataset import evaluate_dataset, render_dataset_report
     from reasonguard.generation.run import Decoding, data_jobs, run_jobs
     from reasonguard.models import resolve_model
@@ -148,17 +149,7 @@ def run_demo(
     t = lap("generate_s", t)
 
     print("[4/4] scoring (strict protocol)")
-    rows = []
-    for path in sorted(gen_dir.glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            rows.append(
-                {
-                    "output": row["output"],
-                    "predict": row["samples"][0],
-                    "truncated": row["samples_truncated"][0],
-                }
-            )
+    rows, _ = read_data_outputs(sorted(gen_dir.glob("*.jsonl")))
     if len(rows) != len(test):
         raise UserError(f"{gen_dir}: expected {len(test)} generated rows, found {len(rows)}")
     metrics = evaluate_dataset(rows, name="demo held-out samples")

@@ -28,6 +28,8 @@ from reasonguard.commands.generate import (
     run_generation,
 )
 from reasonguard.errors import UserError
+from reasonguard.evaluate.datafiles import data_output_files
+from reasonguard.evaluate.registry import PREDICTIONS_FILE
 
 PREDICTIONS = "predictions"  # where `--model` writes predictions, under --out
 
@@ -167,8 +169,14 @@ def run(args: argparse.Namespace) -> int:
         name = args.name or args.model
     else:
         pred_dir = Path(args.pred_dir)
+        files = data_output_files(pred_dir)
+        if files is not None:
+            return _score_data_outputs(args, pred_dir)
         if not pred_dir.is_dir():
-            raise UserError(f"{pred_dir}: predictions folder not found")
+            raise UserError(
+                f"{pred_dir}: not found (expected a folder of <Benchmark>/{PREDICTIONS_FILE} "
+                "folders, or a `generate --data` output file or folder)"
+            )
         out = Path(args.out) if args.out else _default_scoring_out(pred_dir)
         name = args.name or pred_dir.resolve().name
     metrics = evaluate_predictions(
@@ -180,6 +188,11 @@ def run(args: argparse.Namespace) -> int:
     )
     metrics = {"name": name, **metrics, "coverage": coverage(metrics)}
     report = render_report(metrics, paper=args.paper, label=name)
+    _write_results(out, metrics, report)
+    return 0
+
+
+def _write_results(out: Path, metrics: dict, report: str) -> None:
     sys.stdout.write(report)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -190,4 +203,27 @@ def run(args: argparse.Namespace) -> int:
             f"{out}: cannot write results ({exc.strerror}); choose another --out"
         ) from None
     print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}", file=sys.stderr)
+
+
+def _score_data_outputs(args: argparse.Namespace, path: Path) -> int:
+    """PRED_DIR is a `generate --data` output file or folder (e.g. the demo's generations/):
+    labelled records in the training format, scored per task."""
+    from reasonguard.evaluate.datafiles import score_data_outputs
+    from reasonguard.evaluate.dataset import render_dataset_report
+
+    given = ["--benchmark-dir"] * (args.benchmark_dir is not None) + ["--paper"] * bool(args.paper)
+    if given:
+        raise UserError(
+            f"{', '.join(given)}: only with benchmark predictions; {path} holds labelled "
+            "records (`generate --data` outputs), which carry their own true labels"
+        )
+    metrics = score_data_outputs(path, args.protocol, args.skip_bad_rows, args.limit)
+    name = args.name or (path.resolve().parent.name if path.is_file() else path.resolve().name)
+    metrics["name"] = name
+    out = (
+        Path(args.out)
+        if args.out
+        else _default_scoring_out(path.parent if path.is_file() else path)
+    )
+    _write_results(out, metrics, render_dataset_report(metrics))
     return 0

@@ -3,7 +3,7 @@
 Each row carries the record's true `output` (labels parsed from its answer block by the format
 module) and the model's `predict`. Every task with a true label is scored: the request always,
 refusal and response harmfulness where the record has them. Used by the demo's held-out split and
-by `generate --data` outputs.
+by `generate --data` outputs (read by `reasonguard.evaluate.datafiles`).
 
 Example:
     >>> from reasonguard.evaluate.dataset import evaluate_dataset
@@ -117,9 +117,17 @@ def render_dataset_report(metrics: Mapping[str, Any]) -> str:
         ["Task", "n", "F1", "Precision", "Recall", "Accuracy", "TP/FP/FN/TN", "Parse failures"],
         rows,
     )
+    skipped = metrics.get("skipped_rows", 0)
+    skipped_line = (
+        f"- Skipped bad rows: {skipped} (--skip-bad-rows), e.g. "
+        f"{'; '.join(metrics.get('skipped_examples', [])[:3])}\n"
+        if skipped
+        else ""
+    )
     return (
         f"# reasonguard evaluation: {metrics['dataset']}\n\n"
         f"- Rows: {metrics['n']} ({metrics['truncated']} truncated outputs)\n"
+        f"{skipped_line}"
         f"- Protocol: **{metrics['protocol']}**: {metrics['protocol_rule']}.\n"
         "- F1 x100, positive class harmful (request, response) or refusal.\n\n"
         f"{table}\n\n"

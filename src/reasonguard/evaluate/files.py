@@ -171,7 +171,8 @@ def find_predictions(pred_dir: Path) -> tuple[dict[str, Path], list[dict[str, st
         )
     if not found and not missing:
         raise UserError(
-            f"{pred_dir}: no benchmark folders (expected <Benchmark>/{PREDICTIONS_FILE})"
+            f"{pred_dir}: no benchmark folders (expected <Benchmark>/{PREDICTIONS_FILE}, "
+            "or the *.jsonl files `generate --data` writes)"
         )
     reported = {m["benchmark"] for m in missing}
     missing += [
