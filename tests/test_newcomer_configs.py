@@ -49,6 +49,18 @@ def test_cross_field_override_error_names_the_override(tmp_path: Path) -> None:
     assert "'effective_batch_size'" in str(err.value)
 
 
+def test_the_override_an_error_names_is_blamed_not_an_earlier_one(tmp_path: Path) -> None:
+    """eval_split_ratio=0 alone contradicts the file's eval_strategy, which a later override
+    sets to `no`: the bad finetuning value is the one to name."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"eval_split_ratio": 0.1, "eval_strategy": "steps"}))
+    overrides = ["eval_split_ratio=0", "eval_strategy=no", "finetuning=bogus"]
+    with pytest.raises(UserError) as err:
+        load_config(path, overrides)
+    assert str(err.value).startswith("command-line override finetuning=bogus: ")
+    assert load_config(path, overrides[:2]).eval_strategy == "no"
+
+
 def test_errors_of_the_file_still_name_the_file(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"learning_rate": "fast"}))

@@ -301,13 +301,16 @@ def config_with_overrides(
         if not overrides:
             raise
         error = exc
+    # The override that sets the key the error names is to blame. Only when none does are the
+    # overrides replayed one at a time, since a prefix of them can be inconsistent on its own
+    # (eval_split_ratio=0 before eval_strategy=no) where the whole list is not.
+    key = _named_key(str(error).removeprefix(f"{source}: "))
+    for item in reversed(overrides):
+        if key is not None and _override_key(item) == key:
+            raise _override_error(item, error, source, overrides_from) from None
     try:
         config_from_dict(data, cls, source)
     except UserError:
-        key = _named_key(str(error).removeprefix(f"{source}: "))
-        for item in reversed(overrides):
-            if key is not None and _override_key(item) == key:
-                raise _override_error(item, error, source, overrides_from) from None
         raise error from None
     for i, item in enumerate(overrides):
         try:
