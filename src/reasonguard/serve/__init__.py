@@ -1,8 +1,9 @@
 """The HTTP server: an OpenAI-compatible moderation endpoint and a native classify endpoint.
 
 `schemas.py` holds the request/response models, `batcher.py` the dynamic batcher that merges
-concurrent requests into one model batch, and `app.py` the FastAPI app factory (no model code:
-it is handed a loaded guard). `reasonguard serve` (commands/serve.py) loads the guard and runs
+concurrent requests into one model batch, `app.py` the FastAPI app factory (no model code:
+it is handed a loaded guard), `middleware.py` the API-key and body-size checks, `validation.py`
+the 422 messages, `streams.py` the streaming WebSocket and `engine.py` vLLM's async engine. `reasonguard serve` (commands/serve.py) loads the guard and runs
 uvicorn.
 
 Example:

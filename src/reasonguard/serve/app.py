@@ -17,6 +17,8 @@ Errors use OpenAI's `{"error": {"message", "type", "code"}}` shape: 401 missing 
 422 malformed body, 503 queue full, 504 not answered within `timeout_s`, 500 the model failed on
 an input (other requests are unaffected). A batch's generation stops once every request in it is
 past its time limit (`Guard.classify(timeout_s=...)`), so a 504 does not leave the model busy.
+The API-key and body-size middleware are `serve.middleware`'s, the 422 messages
+`serve.validation`'s.
 
 Example:
     >>> app = create_app(guard, ServeSettings(model_name="smollm2", api_key="s3cret"))
@@ -25,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 import uuid
@@ -39,7 +40,6 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from reasonguard import __version__
 from reasonguard.infer.guard import InvalidItemError, validate_items
@@ -53,10 +53,16 @@ from reasonguard.serve.batcher import (
     DynamicBatcher,
     QueueFull,
 )
+from reasonguard.serve.middleware import (
+    ERROR_CODES,
+    ERROR_RESPONSES,
+    BearerAuth,
+    BodyLimit,
+    error_response,
+)
 from reasonguard.serve.schemas import (
     ClassifyRequest,
     ClassifyResponse,
-    ErrorResponse,
     ModerationRequest,
     ModerationResponse,
     error_body,
@@ -64,6 +70,7 @@ from reasonguard.serve.schemas import (
     verdict,
 )
 from reasonguard.serve.streams import add_stream_route
+from reasonguard.serve.validation import validation_details
 
 logger = logging.getLogger(__name__)
 
@@ -133,104 +140,6 @@ class ServeSettings:
         return 12 * self.max_chars + (1 << 20)
 
 
-def _error(status: int, message: str, code: str, kind: str = "invalid_request_error") -> Any:
-    return JSONResponse(error_body(message, code, kind), status)
-
-
-_ERROR_CODES = {
-    400: "bad_request",
-    401: "invalid_api_key",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "request_too_large",
-    500: "model_error",
-    503: "overloaded",
-    504: "timeout",
-}
-_ERRORS = {
-    status: {"model": ErrorResponse, "description": code.replace("_", " ")}
-    for status, code in _ERROR_CODES.items()
-    if status in (401, 413, 503, 504)
-}
-
-
-class _BearerAuth:
-    """ASGI middleware: `/v1/*` requests need `Authorization: Bearer <key>`.
-
-    A middleware rather than a route dependency so the key is checked before the body is read
-    or parsed: an unauthenticated client learns nothing about the request format. A WebSocket
-    (`/v1/stream`) is checked on its handshake and refused with the same 401 response.
-    """
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.expected = api_key.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or not scope["path"].startswith("/v1/"):
-            await self.app(scope, receive, send)
-            return
-        given = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                if scheme.lower() == b"bearer":
-                    given = token.strip()
-                break
-        # compare_digest: the comparison time does not reveal how much of the key matched.
-        if given and hmac.compare_digest(given, self.expected):
-            await self.app(scope, receive, send)
-            return
-        response = _error(
-            401,
-            "missing or invalid API key (send 'Authorization: Bearer <key>')",
-            "invalid_api_key",
-        )
-        response.headers["WWW-Authenticate"] = "Bearer"
-        if scope["type"] == "websocket" and "websocket.http.response" not in scope.get(
-            "extensions", {}
-        ):
-            # A server without the denial-response extension can only refuse the handshake.
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        await response(scope, receive, send)  # on a WebSocket: the HTTP 401 of the handshake
-
-
-class _BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes is a 413 before anything parses it.
-
-    A declared `Content-Length` over the limit is answered at once, without reading the body;
-    a streamed body is cut off as soon as the bytes received pass the limit (the route's body
-    read raises the 413, which FastAPI passes on as it is).
-    """
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        message = f"the request body is larger than {self.limit} bytes"
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await _error(413, message, "request_too_large")(scope, receive, send)
-                return
-        received = 0
-
-        async def limited() -> Any:
-            nonlocal received
-            event = await receive()
-            if event["type"] == "http.request":
-                received += len(event.get("body", b""))
-                if received > self.limit:
-                    raise HTTPException(413, message)
-            return event
-
-        await self.app(scope, limited, send)
-
-
 def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
     """Build the app around a loaded guard.
 
@@ -297,15 +206,15 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
     app.state.batcher = batcher
     app.state.settings = settings
     streams = add_stream_route(app, guard, settings, batcher)
-    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     if settings.api_key is not None:  # added last, so it runs first: a 401 reads nothing
-        app.add_middleware(_BearerAuth, api_key=settings.api_key)
+        app.add_middleware(BearerAuth, api_key=settings.api_key)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        code = _ERROR_CODES.get(exc.status_code, "error")
+        code = ERROR_CODES.get(exc.status_code, "error")
         kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
-        response = _error(exc.status_code, str(exc.detail), code, kind)
+        response = error_response(exc.status_code, str(exc.detail), code, kind)
         response.headers.update(exc.headers or {})
         return response
 
@@ -313,14 +222,7 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Only where and what, never the offending input: it may be huge, private, or not
         # encodable (a lone surrogate would turn this 422 into a 500).
-        details = [
-            {
-                "loc": _location(e.get("loc", ())),
-                "msg": _message(e, exc.body),
-                "type": e.get("type"),
-            }
-            for e in _one_form(exc.errors())
-        ]
+        details = validation_details(exc.errors(), exc.body)
         first = details[0] if details else {"loc": [], "msg": "invalid request"}
         where = ".".join(str(part) for part in first["loc"])
         whole_body = first["msg"].startswith("the request body")
@@ -331,7 +233,7 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error(500, "internal server error", "internal_error", "server_error")
+        return error_response(500, "internal server error", "internal_error", "server_error")
 
     async def judge(items: list[dict[str, Any]], reasoning: str | None) -> list[dict[str, Any]]:
         """Check limits and items, then run them through the batcher."""
@@ -359,7 +261,7 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
             # Logged with its traceback by the batcher; the client gets no internals.
             raise HTTPException(500, str(exc)) from None
 
-    @app.post("/v1/moderations", response_model=ModerationResponse, responses=_ERRORS)
+    @app.post("/v1/moderations", response_model=ModerationResponse, responses=ERROR_RESPONSES)
     async def moderations(body: ModerationRequest) -> dict[str, Any]:
         """OpenAI-compatible moderation: each text is judged as a user prompt."""
         results = await judge(
@@ -371,7 +273,7 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
             "results": [moderation_result(r) for r in results],
         }
 
-    @app.post("/v1/classify", response_model=ClassifyResponse, responses=_ERRORS)
+    @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES)
     async def classify(body: ClassifyRequest) -> dict[str, Any]:
         """Judge prompts and (optional) responses: verdicts, reasoning and scores."""
         items = [{"prompt": i.prompt, "response": i.response} for i in body.items]
@@ -382,7 +284,7 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
             "results": [verdict(r) for r in results],
         }
 
-    @app.get("/v1/models", responses={401: _ERRORS[401]})
+    @app.get("/v1/models", responses={401: ERROR_RESPONSES[401]})
     async def models() -> dict[str, Any]:
         """The served model, in OpenAI's list shape."""
         card = {"id": settings.model_name, "object": "model", "created": started}
@@ -401,120 +303,3 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
         }
 
     return app
-
-
-def _location(loc: Sequence[Any]) -> list[Any]:
-    # pydantic names the member of a union that failed ("list[TextPart]",
-    # "function-after[_utf8(), str]"); clients want the field path only.
-    return [part for part in loc if not (isinstance(part, str) and part.endswith("]"))]
-
-
-# What a field accepts, said where pydantic would only say which check failed.
-_ACCEPTS = {
-    "input": 'give a string, a non-empty list of strings, or a list of text parts ({"type": '
-    '"text", "text": ...})',
-    "items": 'give at least one item {"prompt": ..., "response": ...} (response optional)',
-}
-
-
-def _kind(value: Any) -> str:
-    """A JSON value's kind, for messages (never the value itself)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true or false"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    return "an object"
-
-
-def _one_form(errors: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """pydantic reports a value that matches no form of a union once per form (`input`: a
-    string, a list of strings, a list of text parts), the string form first: "Input should be a
-    valid string" for an empty list. Keep the errors of the form the value was meant as (by
-    its JSON kind), or one error saying what the field accepts."""
-    out: list[Mapping[str, Any]] = []
-    done: set[tuple[Any, ...]] = set()
-    for error in errors:
-        loc = tuple(error.get("loc", ()))
-        member = next(
-            (i for i, p in enumerate(loc) if isinstance(p, str) and p.endswith("]")), None
-        )
-        if member is None:
-            out.append(error)
-            continue
-        prefix = loc[:member]
-        if prefix in done:
-            continue
-        done.add(prefix)
-        forms = [e for e in errors if _member_of(tuple(e.get("loc", ())), prefix)]
-        out.extend(_pick_form(prefix, forms))
-    return out
-
-
-def _member_of(loc: tuple[Any, ...], prefix: tuple[Any, ...]) -> bool:
-    """Whether an error location is inside a union member at `prefix`."""
-    n = len(prefix)
-    return len(loc) > n and loc[:n] == prefix and str(loc[n]).endswith("]")
-
-
-def _pick_form(prefix: tuple[Any, ...], forms: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    member = len(prefix)
-    value = next((e.get("input") for e in forms if len(e.get("loc", ())) == member + 1), None)
-    accepts = _ACCEPTS.get(str(prefix[-1]), "it matches none of the accepted forms")
-
-    def form(want_list: bool, parts: bool | None = None) -> list[Mapping[str, Any]]:
-        chosen = []
-        for e in forms:
-            label = str(e["loc"][member])
-            if label.startswith("list[") != want_list:
-                continue
-            if parts is not None and ("TextPart" in label) != parts:
-                continue
-            chosen.append(e)
-        return chosen
-
-    def plain(msg: str, kind: str) -> list[Mapping[str, Any]]:
-        return [{"loc": prefix, "msg": msg, "type": kind}]
-
-    if isinstance(value, str):
-        return form(want_list=False) or forms
-    if isinstance(value, list):
-        if not value:
-            return plain(f"an empty list; {accepts}", "too_short")
-        dicts = [isinstance(v, dict) for v in value]
-        if all(dicts):
-            return form(want_list=True, parts=True) or forms
-        if any(dicts) and any(isinstance(v, str) for v in value):
-            return plain(f"a list that mixes strings and text parts; {accepts}", "value_error")
-        return form(want_list=True, parts=False) or forms
-    return plain(f"{_kind(value)}; {accepts}", "type_error")
-
-
-def _message(error: Mapping[str, Any], body: Any = None) -> str:
-    """A 422 detail's message, in the user's terms where pydantic's are its own."""
-    kind, loc = error.get("type"), tuple(error.get("loc", ()))
-    if kind == "string_pattern_mismatch":
-        return "must contain a non-space character"  # our only pattern is the prompt's r"\S"
-    if kind == "json_invalid":
-        reason = str((error.get("ctx") or {}).get("error") or "malformed")
-        reason = reason[:1].lower() + reason[1:]
-        pos = loc[-1] if loc and isinstance(loc[-1], int) else None
-        where = "" if pos is None else f" at character {pos}"
-        if pos is not None and isinstance(body, str) and "\n" in body[:pos]:
-            line = body.count("\n", 0, pos) + 1
-            column = pos - body.rfind("\n", 0, pos)
-            where += f" (line {line}, column {column})"
-        return f"the request body is not valid JSON: {reason}{where}"
-    if loc == ("body",) and kind == "missing":
-        return "the request body is empty; send a JSON object (the schema is at /openapi.json)"
-    if loc == ("body",) and kind in ("model_attributes_type", "dict_type", "model_type"):
-        return f"the request body must be a JSON object, got {_kind(error.get('input'))}"
-    if kind == "too_short" and (error.get("ctx") or {}).get("actual_length") == 0:
-        field = str(loc[-1]) if loc else ""
-        return f"an empty list; {_ACCEPTS.get(field, 'give at least one')}"
-    return str(error.get("msg", ""))
