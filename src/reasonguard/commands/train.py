@@ -1,8 +1,10 @@
-"""`reasonguard train sft|dpo --config C.yaml [key=value ...] [--dry-run]`: train a guard model.
+"""`reasonguard train sft|dpo|classifier --config C.yaml [key=value ...] [--dry-run]`: train a
+guard model, or the encoder classifier of a cascade's first tier.
 
 Example:
     reasonguard train sft --config configs/demo-cpu.yaml learning_rate=1e-4 --dry-run
     reasonguard train dpo --config configs/guardreasoner-hsdpo-3b.yaml --dry-run
+    reasonguard train classifier --config configs/classifier-minilm.yaml
     reasonguard train sft --config configs/demo-cpu.yaml --num-processes 2 --cpu
     reasonguard train sft --config configs/guardreasoner-rsft-8b.yaml --num-processes 4 --sharding zero3
 """
@@ -33,14 +35,70 @@ the chosen output's NLL is multiplied by its sample_weight. Same run directory, 
 """
 
 
+_CLASSIFIER_HELP = """\
+An encoder classifier (all-MiniLM-L6-v2 offline with model_name_or_path: minilm; a DeBERTa-v3
+or ModernBERT hub id on a real machine) with one head per task: request harmful, response
+refusal, response harmful. One forward pass per item (the request alone, or request and response
+as a pair); the loss is masked where a task has no label. Labels from guard training records
+(dataset), from benchmark files (benchmarks + benchmark_dir), or, to distil a guard, from a folder
+of its predictions as `generate` writes them (teacher_predictions; their label probabilities are
+soft targets where present). Same run directory, resume, logging and `key=value` overrides as
+`train sft`; output_dir/final is a guard for classify, generate, evaluate and serve.
+"""
+
+
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("train", help="train a guard model (sft, dpo)")
+    parser = subparsers.add_parser(
+        "train", help="train a guard model (sft, dpo) or an encoder classifier"
+    )
     stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for stage, help_text, description in (
         ("sft", "reasoning SFT (full, LoRA or QLoRA)", _SFT_HELP),
         ("dpo", "hard-sample DPO on mined pairs (full, LoRA or QLoRA)", _DPO_HELP),
     ):
         _add_stage(stages, stage, help_text, description)
+    _add_classifier(stages)
+
+
+def _add_classifier(stages: Any) -> None:
+    parser = stages.add_parser(
+        "classifier",
+        help="an encoder classifier with one head per task (gold labels or a teacher's)",
+        description=_CLASSIFIER_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config and the labels and print the data plan (items, labels per "
+        "task, steps) without loading model weights",
+    )
+    parser.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="drop invalid records or prediction rows (counted in training_info.json) instead "
+        "of stopping",
+    )
+    parser.set_defaults(func=run_classifier_stage)
+
+
+def run_classifier_stage(args: argparse.Namespace) -> int:
+    from reasonguard.classifier.config import load_classifier_config
+
+    overrides = list(args.overrides) + (["skip_invalid=true"] if args.skip_invalid else [])
+    check_stage("classifier", args.config, overrides)
+    config = load_classifier_config(args.config, overrides)
+    if args.dry_run:
+        from reasonguard.classifier.plan import format_classifier_plan, plan_classifier
+
+        print(format_classifier_plan(plan_classifier(config)))
+        return 0
+    from reasonguard.classifier.train import run_classifier
+
+    run_classifier(config)
+    return 0
 
 
 def _add_stage(stages: Any, stage: str, help_text: str, description: str) -> None:
@@ -155,6 +213,7 @@ def check_stage(stage: str, config_path: str, overrides: list[str]) -> None:
     Raises:
         UserError: naming the command that trains the config.
     """
+    from reasonguard.classifier.config import ClassifierConfig
     from reasonguard.errors import UserError
     from reasonguard.train.config import (
         DPOConfig,
@@ -167,7 +226,19 @@ def check_stage(stage: str, config_path: str, overrides: list[str]) -> None:
     data = apply_overrides(read_yaml(config_path), overrides)
     sft_keys = set(field_names(SFTConfig))
     dpo_keys = [key for key in field_names(DPOConfig) if key not in sft_keys]
+    classifier_keys = set(field_names(ClassifierConfig))
     given = [key for key in dpo_keys if key in data]
+    if stage == "classifier":
+        _check_classifier_config(config_path, data, classifier_keys, set(dpo_keys))
+        return
+    only_classifier = [key for key in data if key in classifier_keys - sft_keys]
+    if only_classifier:
+        raise UserError(
+            f"{config_path} is a classifier config (it sets {', '.join(only_classifier)}, which "
+            f"only the encoder classifier has): train it with `reasonguard train classifier "
+            f"--config {config_path}`"
+        )
+    _check_causal_model(data.get("model_name_or_path"), stage)
     if stage == "sft" and given:
         raise UserError(
             f"{config_path} is a DPO config (it sets {', '.join(given)}, which only DPO has): "
@@ -181,6 +252,58 @@ def check_stage(stage: str, config_path: str, overrides: list[str]) -> None:
             "(instruction/input/output), not preference pairs (chosen/rejected). Train it with "
             f"`reasonguard train sft --config {config_path}`; DPO trains on the pair file that "
             "`reasonguard mine` writes, with a config that sets the DPO keys"
+        )
+
+
+def _check_classifier_config(
+    config_path: str, data: dict[str, Any], classifier_keys: set[str], dpo_keys: set[str]
+) -> None:
+    """Refuse an SFT or DPO config given to `train classifier`, naming its command."""
+    from reasonguard.errors import UserError
+
+    foreign = [key for key in data if key not in classifier_keys]
+    if not foreign:
+        return
+    from reasonguard.train.config import SFTConfig, field_names
+
+    guard_keys = set(field_names(SFTConfig)) | dpo_keys
+    if all(key in guard_keys for key in foreign):
+        command = "dpo" if any(key in dpo_keys for key in foreign) else "sft"
+        raise UserError(
+            f"{config_path} is a {command.upper()} config of a causal guard model (it sets "
+            f"{', '.join(foreign)}, which the encoder classifier has not): train it with "
+            f"`reasonguard train {command} --config {config_path}`"
+        )
+
+
+def _check_causal_model(name: Any, stage: str) -> None:
+    """Refuse a trained classifier or an encoder as the model of `train sft|dpo`.
+
+    Only local folders and the offline aliases are looked at (a hub id is judged when it loads).
+    """
+    from pathlib import Path
+
+    from reasonguard.classifier.kinds import folder_kind
+    from reasonguard.errors import UserError
+    from reasonguard.models import ALIASES, resolve_model
+
+    if not isinstance(name, str) or not (name in ALIASES or Path(name).expanduser().is_dir()):
+        return
+    if name in ALIASES and name != "minilm":
+        return  # the causal aliases: nothing to read (and nothing to build) here
+    kind = folder_kind(resolve_model(name))
+    if kind == "classifier":
+        raise UserError(
+            f"config key 'model_name_or_path': {name} is an encoder classifier (trained by "
+            f"`reasonguard train classifier`), not a causal language model; train {stage} "
+            "trains a reasoning guard from a causal LM (Llama, SmolLM2, ...). To train the "
+            "classifier further, name it in a classifier config: `reasonguard train classifier`"
+        )
+    if kind == "encoder":
+        raise UserError(
+            f"config key 'model_name_or_path': {name} is an encoder, not a causal language "
+            f"model: train {stage} teaches a model to write its reasoning, which an encoder "
+            "cannot. Encoders train as classifiers: `reasonguard train classifier`"
         )
 
 

@@ -118,7 +118,9 @@ class GuardTrainer(Trainer):
         self.recipe = recipe  # the run's config, decisions, warnings and counters
         self.train_rows = StepRows(train_rows, recipe.samples_per_step, recipe.config.seed)
         self.eval_rows = list(eval_rows)
-        self.head = self.model.get_output_embeddings()
+        # The LM head, run only at labelled positions (None for a model without one).
+        output_embeddings = getattr(self.model, "get_output_embeddings", None)
+        self.head = output_embeddings() if output_embeddings is not None else None
         self.micro_batch = recipe.micro_batch
         self.last_step_loss: float | None = None
         self.last_passes = 0  # forward/backward passes of the last step on this rank

@@ -132,7 +132,7 @@ class Recipe:
         """
         from transformers import set_seed
 
-        from reasonguard.plan.decisions import effective_config, format_decisions
+        from reasonguard.plan.decisions import format_decisions
         from reasonguard.train.callbacks import (
             RunMonitor,
             reporting_problems,
@@ -141,17 +141,11 @@ class Recipe:
         )
         from reasonguard.train.data import steps_per_epoch, total_steps
         from reasonguard.train.engine import quiet_libraries
-        from reasonguard.train.modeling import (
-            environment_problems,
-            load_model,
-            load_training_tokenizer,
-            parameter_counts,
-            use_bf16,
-        )
+        from reasonguard.train.modeling import parameter_counts, use_bf16
 
         c = self.config
         t0 = time.perf_counter()
-        problems = environment_problems(c) + self.sharding_problems()
+        problems = self.environment_problems()
         problems += reporting_problems(c.report_to)
         if problems:
             raise UserError("this machine cannot run this config: " + "; ".join(problems))
@@ -159,11 +153,12 @@ class Recipe:
         if self.finished_before:
             return
         quiet_libraries()
-        self.tokenizer = load_training_tokenizer(c)
+        self.tokenizer = self.load_tokenizer()
         self.data = self.prepare_data()
         self.max_length = self.data.max_length
         self.samples_per_step = c.rows_per_step(self.world_size)
-        self.pack_budget = c.pack_tokens or self.data.max_length
+        # A stage without packing (the classifier) has no pack_tokens key.
+        self.pack_budget = getattr(c, "pack_tokens", None) or self.data.max_length
         self.steps_per_epoch = steps_per_epoch(len(self.data.train), self.samples_per_step)
         self.total_steps = total_steps(
             len(self.data.train), self.samples_per_step, c.num_train_epochs, c.max_steps
@@ -182,8 +177,9 @@ class Recipe:
         self.write_status()
         self.bf16 = use_bf16(c)
         self.decisions = self.decide()
-        self.print("decisions:\n" + "\n".join(format_decisions(self.decisions)))
-        self.run_config = effective_config(c, self.decisions)
+        if self.decisions:
+            self.print("decisions:\n" + "\n".join(format_decisions(self.decisions)))
+        self.run_config = self.effective_config()
         self.state = self._fresh_state()
         if self.resume_from is not None:
             self._adopt_state(ckpt.saved_run_state(self.resume_from))
@@ -194,7 +190,7 @@ class Recipe:
         self.micro_batch = self.state["micro_batch_size"]
         args = self.training_arguments()  # before the weights load (ZeRO-3 zero.Init)
         set_seed(c.seed)  # new LoRA weights start the same in every run of this config
-        self.model = load_model(self.run_config, self.bf16)
+        self.model = self.load_model()
         self.trainable_parameters = parameter_counts(self.model)["trainable"]
         self.metrics = monitor.MetricsLog(self.run_dir, self.state["step"], self.is_main)
         self.plateau = monitor.PlateauWatch(
@@ -222,6 +218,31 @@ class Recipe:
             )
         self.after_setup()
         self.timings["setup_seconds"] = time.perf_counter() - t0
+
+    def environment_problems(self) -> list[str]:
+        """What stops this config on this machine (`modeling.environment_problems`, plus what
+        the launch's sharding cannot do); loads nothing."""
+        from reasonguard.train.modeling import environment_problems
+
+        return environment_problems(self.config) + self.sharding_problems()
+
+    def load_tokenizer(self) -> Any:
+        """The run's tokenizer (with the configured chat template)."""
+        from reasonguard.train.modeling import load_training_tokenizer
+
+        return load_training_tokenizer(self.config)
+
+    def effective_config(self) -> Any:
+        """The config with the run's decisions in place of `auto` (what the model loader reads)."""
+        from reasonguard.plan.decisions import effective_config
+
+        return effective_config(self.config, self.decisions)
+
+    def load_model(self) -> Any:
+        """The model to train (base plus adapters, or full weights), on its device."""
+        from reasonguard.train.modeling import load_model
+
+        return load_model(self.run_config, self.bf16)
 
     def sharding_problems(self) -> list[str]:
         """What this config cannot do when the launch shards the model (FSDP, DeepSpeed)."""
@@ -651,16 +672,9 @@ class Recipe:
 
     def training_info(self, outcome: str, message: str | None) -> dict[str, Any]:
         from reasonguard import __version__
-        from reasonguard.launch.allocenv import decision as allocator_decision
         from reasonguard.launch.runinfo import environment_info
-        from reasonguard.models import resolve_model
-        from reasonguard.train.modeling import parameter_counts, warmup_steps
 
         c, s = self.config, getattr(self, "state", {})
-        run_config = getattr(self, "run_config", None)
-        decisions = getattr(self, "decisions", None)
-        trainer = self.trainer
-        optimizer = getattr(trainer, "optimizer", None) if trainer is not None else None
         return {
             "stage": self.stage,
             "reasonguard_version": __version__,
@@ -671,36 +685,9 @@ class Recipe:
             if outcome == "finished"
             else None,
             "config": c.to_dict(),
-            "plan": {
-                "samples_per_step": self.samples_per_step,
-                "micro_batch_size": c.per_device_train_batch_size,
-                "micro_batch_size_used": getattr(trainer, "micro_batch", None),
-                "gradient_accumulation_steps": c.accumulation_for(self.world_size),
-                "steps_per_epoch": self.steps_per_epoch,
-                "total_steps": self.total_steps,
-                "warmup_steps": warmup_steps(c, self.total_steps),
-                "max_length": self.data.max_length,
-                "packing": c.packing,
-                "pack_tokens": self.pack_budget if c.packing else None,
-                "processes": self.world_size,
-                "distributed": _distributed(trainer, self.process),
-            },
+            "plan": self.plan_info(),
             "data": self.data.stats,
-            "model": {
-                "base": c.model_name_or_path,
-                "resolved": resolve_model(c.model_name_or_path),
-                "finetuning": c.finetuning,
-                "parameters": parameter_counts(self.model) if self.model is not None else None,
-                "bf16": getattr(self, "bf16", None),
-                "device": str(self.process.device),
-                "gradient_checkpointing": (
-                    run_config.gradient_checkpointing if run_config else c.gradient_checkpointing
-                ),
-                "optimizer": _optimizer_name(optimizer),
-                "cpu_allocator": allocator_decision(),
-                "decisions": {k: d.to_dict() for k, d in decisions.items()} if decisions else None,
-                "loss": self.loss_description(),
-            },
+            "model": self.model_info(),
             **environment_info(),
             "timings": {
                 "started_at": self.started_at,
@@ -722,6 +709,52 @@ class Recipe:
             "best_eval_loss": s.get("best_eval_loss"),
             "resumed_from": s.get("resumed_from", []),
             "warnings": self.warnings,
+        }
+
+    def plan_info(self) -> dict[str, Any]:
+        """The `plan` of training_info.json: steps, batch, length, packing, processes."""
+        from reasonguard.train.modeling import warmup_steps
+
+        c, trainer = self.config, self.trainer
+        return {
+            "samples_per_step": self.samples_per_step,
+            "micro_batch_size": c.per_device_train_batch_size,
+            "micro_batch_size_used": getattr(trainer, "micro_batch", None),
+            "gradient_accumulation_steps": c.accumulation_for(self.world_size),
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "warmup_steps": warmup_steps(c, self.total_steps),
+            "max_length": self.data.max_length,
+            "packing": c.packing,
+            "pack_tokens": self.pack_budget if c.packing else None,
+            "processes": self.world_size,
+            "distributed": _distributed(trainer, self.process),
+        }
+
+    def model_info(self) -> dict[str, Any]:
+        """The `model` of training_info.json: what was trained, how, with which decisions."""
+        from reasonguard.launch.allocenv import decision as allocator_decision
+        from reasonguard.models import resolve_model
+        from reasonguard.train.modeling import parameter_counts
+
+        c = self.config
+        run_config = getattr(self, "run_config", None)
+        decisions = getattr(self, "decisions", None)
+        optimizer = getattr(self.trainer, "optimizer", None) if self.trainer is not None else None
+        return {
+            "base": c.model_name_or_path,
+            "resolved": resolve_model(c.model_name_or_path),
+            "finetuning": c.finetuning,
+            "parameters": parameter_counts(self.model) if self.model is not None else None,
+            "bf16": getattr(self, "bf16", None),
+            "device": str(self.process.device),
+            "gradient_checkpointing": (
+                run_config.gradient_checkpointing if run_config else c.gradient_checkpointing
+            ),
+            "optimizer": _optimizer_name(optimizer),
+            "cpu_allocator": allocator_decision(),
+            "decisions": {k: d.to_dict() for k, d in decisions.items()} if decisions else None,
+            "loss": self.loss_description(),
         }
 
 
