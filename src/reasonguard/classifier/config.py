@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from reasonguard.errors import UserError
@@ -121,8 +121,10 @@ class ClassifierConfig:
     """The run directory (checkpoints, logs, status, final model)."""
     logging_steps: int = 10
     """Log train loss and learning rate and update status.json every N steps."""
-    report_to: Literal["tensorboard", "none"] = "tensorboard"
-    """Write TensorBoard event files under RUN_DIR/logs."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where Trainer reports metrics: any of its integrations (`tensorboard`, `wandb`, `mlflow`,
+    ..., a list or comma-separated), `all` for every installed one, or `none`. TensorBoard event
+    files go under RUN_DIR/logs."""
     eval_strategy: Literal["steps", "epoch", "no"] = "epoch"
     """When to compute the held-out eval loss (also once at the end of training)."""
     eval_steps: int = 500

@@ -278,9 +278,9 @@ class ClassifierRecipe(Recipe):
         }
 
     def model_info(self) -> dict[str, Any]:
+        from reasonguard.launch.runinfo import optimizer_name
         from reasonguard.models import resolve_model
         from reasonguard.train.modeling import parameter_counts
-        from reasonguard.launch.runinfo import optimizer_name
 
         c = self.config
         encoder = getattr(self, "encoder_config", None)
