@@ -56,7 +56,7 @@ def benchmark_items(config: Any) -> tuple[list[LabelledItem], dict[str, Any]]:
     Raises:
         UserError: an unknown or missing benchmark, or a row without a readable label.
     """
-    from reasonguard.infer.calibrate import items_from_benchmarks
+    from reasonguard.cascade.calibrate import items_from_benchmarks
 
     items: list[LabelledItem] = []
     used: dict[str, int] = {}

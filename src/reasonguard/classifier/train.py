@@ -261,6 +261,11 @@ class ClassifierRecipe(Recipe):
         tmp.rename(final)
         return final
 
+    def checkpoint_identity(self) -> None:
+        """A checkpoint holds the whole module's state dict for resuming, not a classifier
+        folder; `final/` is the servable one (`save`)."""
+        return None
+
     def plan_info(self) -> dict[str, Any]:
         from reasonguard.train.modeling import warmup_steps
 
