@@ -291,7 +291,10 @@ def _check_causal_model(name: Any, stage: str) -> None:
         return
     if name in ALIASES and name != "minilm":
         return  # the causal aliases: nothing to read (and nothing to build) here
-    kind = folder_kind(resolve_model(name))
+    folder = Path(name).expanduser()
+    # a local folder is judged by what it holds before resolve_model's model-folder checks, so
+    # a classifier folder gets this message rather than 'holds no model'
+    kind = folder_kind(folder if folder.is_dir() else resolve_model(name))
     if kind == "classifier":
         raise UserError(
             f"config key 'model_name_or_path': {name} is an encoder classifier (trained by "
