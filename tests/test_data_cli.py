@@ -59,12 +59,21 @@ def test_validate_stops_at_the_first_invalid_row(
 def test_validate_skip_invalid_lists_and_counts(
     bad_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["data", "validate", str(bad_file), "--skip-invalid"]) == 0
-    out = capsys.readouterr().out
-    assert "1 invalid rows skipped" in out
+    """Every invalid row listed, and the exit status still says the data is not clean (2),
+    unless --exit-zero asks for 0."""
+    assert main(["data", "validate", str(bad_file), "--skip-invalid"]) == 2
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "1 invalid rows:" in out
     assert f"{bad_file}:2: split 'train': field 'output'" in out
     total = next(line for line in out.splitlines() if line.strip().startswith("total"))
     assert total.split() == ["total", "3", "2", "1"]
+    assert "error: 1 of 3 rows invalid (listed above)" in captured.err
+    assert "--exit-zero" in captured.err and "Traceback" not in captured.err
+    assert main(["data", "validate", str(bad_file), "--exit-zero"]) == 0
+    out = capsys.readouterr().out
+    assert f"{bad_file}:2: split 'train'" in out  # --exit-zero lists them as --skip-invalid
+    assert "1 invalid rows; exit status 0 as asked (--exit-zero)" in out
 
 
 def test_unknown_split_and_missing_file_exit_2(
@@ -111,10 +120,17 @@ def test_stats_tables_and_json(
     assert stats["validation"]["num_invalid"] == 0
 
 
-def test_stats_warns_about_invalid_rows(bad_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["data", "stats", str(bad_file), "--tokenizer", "none"]) == 0
+def test_stats_fails_on_invalid_rows_unless_skipped(
+    bad_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["data", "stats", str(bad_file), "--tokenizer", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: invalid record: {bad_file}:2: split 'train'")
+    assert "--skip-invalid" in err and "Traceback" not in err
+    assert main(["data", "stats", str(bad_file), "--tokenizer", "none", "--skip-invalid"]) == 0
     captured = capsys.readouterr()
     assert "warning: 1 invalid rows left out" in captured.err
+    assert "1 invalid rows left out (--skip-invalid)" in captured.out
     assert "token lengths" not in captured.out
     total = next(line for line in captured.out.splitlines() if line.strip().startswith("total"))
     assert total.split()[:2] == ["total", "2"]

@@ -46,8 +46,9 @@ def test_json_and_record_errors_use_the_same_line_numbers(cli, tmp_path: Path) -
     code, _, err = cli("data", "validate", path)
     assert code == 2 and f"{path}:2: " in err and "invalid JSON" in err
     code, out, err = cli("data", "validate", path, "--skip-invalid")
-    assert code == 0, err
-    assert f"{path}:2: " in out and f"{path}:3: split 'train': field 'output'" in out
+    assert code == 2 and "1 of 3 rows" not in err and "2 of 3 rows invalid" in err
+    assert f"{path}:2: field 'record': invalid JSON" in out  # not blamed on a split
+    assert f"{path}:3: split 'train': field 'output'" in out
 
 
 def test_skip_invalid_skips_and_counts_a_malformed_json_line(cli, tmp_path: Path) -> None:
@@ -58,16 +59,40 @@ def test_skip_invalid_skips_and_counts_a_malformed_json_line(cli, tmp_path: Path
         [record(0, split=None), "not json", [1, 2], NO_ANSWERS, record(4, split=None)],
     )
     code, out, err = cli("data", "validate", folder, "--skip-invalid")
-    assert code == 0, err
-    assert "3 invalid rows skipped" in out
-    assert f"{path}:2: split 'AegisTrainR': field 'record': invalid JSON" in out
-    assert f"{path}:3: split 'AegisTrainR': field 'record': expected an object" in out
+    assert code == 2 and "3 of 5 rows invalid" in err
+    assert "3 invalid rows:" in out
+    assert f"{path}:2: field 'record': invalid JSON" in out
+    assert f"{path}:3: field 'record': expected an object" in out
     assert f"{path}:4: split 'AegisTrainR': field 'output': no answer block" in out
     total = next(line for line in out.splitlines() if line.strip().startswith("total"))
     assert total.split() == ["total", "5", "2", "3"]
-    # stats leaves them out with a warning instead of stopping at the bad line.
+    # stats stops at the first bad line, or with --skip-invalid leaves them out and says so.
     code, _, err = cli("data", "stats", folder, "--tokenizer", "none")
+    assert code == 2 and f"{path}:2: field 'record': invalid JSON" in err
+    code, _, err = cli("data", "stats", folder, "--tokenizer", "none", "--skip-invalid")
     assert code == 0 and "warning: 3 invalid rows left out" in err
+
+
+def test_a_line_that_is_not_json_is_not_blamed_on_a_split(cli, tmp_path: Path) -> None:
+    """One file with per-row splits: the bad line sits between rows of two splits."""
+    path = write_lines(
+        tmp_path / "data.jsonl", [record(0, split="a"), "not json", record(2, split="b")]
+    )
+    code, _, err = cli("data", "validate", path)
+    assert code == 2 and "Traceback" not in err
+    assert f"invalid record: {path}:2: field 'record': invalid JSON" in err
+    assert "split 'a'" not in err and "split 'b'" not in err
+
+
+def test_an_empty_config_is_refused(cli, tmp_path: Path) -> None:
+    """An empty (or comments-only) file would plan the whole hub dataset on every default."""
+    config = tmp_path / "empty.yaml"
+    for text in ("", "# nothing here\n", "{}\n"):
+        config.write_text(text)
+        for command in (["plan", "--config", config], ["train", "sft", "--config", config]):
+            code, out, err = cli(*command, "--dry-run") if command[0] == "train" else cli(*command)
+            assert code == 2, (text, command, out, err)
+            assert f"{config}: the config sets nothing" in err and "Traceback" not in err
 
 
 def test_other_formats_give_a_one_based_row_and_say_so(cli, tmp_path: Path) -> None:

@@ -33,11 +33,12 @@ def register(subparsers: Any) -> None:
         "validate", help="check fields, input layout and answer labels of every row"
     )
     _add_source_arguments(validate)
+    _add_skip_invalid(validate, "list and count")
     validate.add_argument(
-        "--skip-invalid",
+        "--exit-zero",
         action="store_true",
-        help="list and count invalid rows (a line that is not JSON included) instead of stopping "
-        "at the first one; rows are named FILE:LINE in JSON-lines files, else by 1-based row",
+        help="exit 0 even when rows are invalid (they are still listed and counted; implies "
+        "--skip-invalid); without it invalid rows make the exit status 2",
     )
     validate.set_defaults(func=run)
 
@@ -59,6 +60,7 @@ def register(subparsers: Any) -> None:
         help="count rows this length would truncate (default: the auto max length)",
     )
     stats.add_argument("--json", metavar="OUT", default=None, help="also write the stats here")
+    _add_skip_invalid(stats, "leave out and count")
     stats.set_defaults(func=run)
 
 
@@ -72,6 +74,15 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default {DEFAULT_DATASET})",
     )
     parser.add_argument("--splits", nargs="+", metavar="S", help="only these splits")
+
+
+def _add_skip_invalid(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help=f"{what} invalid rows (a line that is not JSON included) instead of stopping "
+        "at the first one; rows are named FILE:LINE in JSON-lines files, else by 1-based row",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -88,12 +99,23 @@ def run(args: argparse.Namespace) -> int:
     from reasonguard.data.validate import load_located, validate_records
 
     records, places = load_located(args.source, args.splits)
-    skip = args.data_action == "stats" or args.skip_invalid
+    exit_zero = args.data_action == "validate" and args.exit_zero
+    skip = args.skip_invalid or exit_zero
     valid, report = validate_records(records, skip_invalid=skip, source=args.source, places=places)
-    if args.data_action == "validate":
-        _print_validation(report)
+    if args.data_action == "stats":
+        return _run_stats(args, valid, report)
+    _print_validation(report)
+    if not report.num_invalid:
         return 0
-    return _run_stats(args, valid, report)
+    if exit_zero:
+        print(f"{report.num_invalid} invalid rows; exit status 0 as asked (--exit-zero)")
+        return 0
+    print(
+        f"error: {report.num_invalid} of {report.num_rows} rows invalid (listed above); fix "
+        "them, or pass --exit-zero to exit 0 anyway",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def _print_validation(report: Any) -> None:
@@ -105,7 +127,7 @@ def _print_validation(report: Any) -> None:
     if not report.num_invalid:
         print(f"all {report.num_rows} rows valid")
         return
-    print(f"\n{report.num_invalid} invalid rows skipped:")
+    print(f"\n{report.num_invalid} invalid rows:")
     for bad in report.invalid[:MAX_LISTED]:
         print(f"  {bad.describe()}")
     if report.num_invalid > MAX_LISTED:
@@ -115,10 +137,11 @@ def _print_validation(report: Any) -> None:
 def _run_stats(args: argparse.Namespace, valid: dict, report: Any) -> int:
     from reasonguard.data.stats import dataset_stats
 
-    if report.num_invalid:
+    if report.num_invalid:  # only with --skip-invalid: without it the first one stops here
         print(
             f"warning: {report.num_invalid} invalid rows left out of the statistics "
-            f"(run `reasonguard data validate {args.source} --skip-invalid` to list them)",
+            f"(--skip-invalid; `reasonguard data validate {args.source} --skip-invalid` lists "
+            "them)",
             file=sys.stderr,
         )
     tokenizer = None if args.tokenizer.lower() == "none" else _load_tokenizer(args.tokenizer)
@@ -154,6 +177,9 @@ def _load_tokenizer(name: str) -> Any:
 
 def _print_stats(stats: dict[str, Any]) -> None:
     print(f"source: {stats['source']}")
+    left_out = stats["validation"]["num_invalid"]
+    if left_out:
+        print(f"{left_out} invalid rows left out (--skip-invalid); the counts below are the rest")
     rows = [
         [split, n, stats["prompt_only_rows"][split], n - stats["prompt_only_rows"][split]]
         for split, n in stats["rows"].items()

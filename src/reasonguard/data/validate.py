@@ -78,7 +78,9 @@ class InvalidRow:
         return self.place or f"split {self.split!r} row {self.row + 1} (1-based)"
 
     def describe(self) -> str:
-        split = f"split {self.split!r}: " if self.place else ""
+        # A row that is not an object (a line that is not JSON) has no split of its own: its
+        # file:line says where it is, and naming the split counted for it would blame that split.
+        split = f"split {self.split!r}: " if self.place and self.field != "record" else ""
         return f"{self.location}: {split}field {self.field!r}: {self.message}"
 
 

@@ -340,7 +340,13 @@ def _override_error(item: str, error: UserError, source: str, overrides_from: st
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A YAML mapping from a file (`yaml.safe_load`); an empty file is an empty mapping."""
+    """A YAML mapping from a file (`yaml.safe_load`).
+
+    Raises:
+        UserError: unreadable file, invalid YAML, not a mapping, or a file that sets nothing
+            (empty or only comments): that would silently train every default, which is the
+            whole GuardReasonerTrain on the default model, not what anyone writes a file for.
+    """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -349,8 +355,11 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: invalid YAML: {exc}") from exc
-    if data is None:
-        return {}
+    if data is None or data == {}:
+        raise UserError(
+            f"{path}: the config sets nothing (the file is empty or only comments); name at "
+            "least model_name_or_path and dataset (the shipped configs/ are examples)"
+        )
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config must be a mapping of keys to values")
     return data
