@@ -38,7 +38,6 @@ NOT_YET_SPLIT = {
     "train/config.py",
     "train/recipe.py",
     "models.py",
-    "data/validate.py",
     "train/data.py",
 }
 

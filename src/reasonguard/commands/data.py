@@ -96,7 +96,8 @@ def _positive_int(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reasonguard.data.validate import load_located, validate_records
+    from reasonguard.data.located import load_located
+    from reasonguard.data.validate import validate_records
 
     records, places = load_located(args.source, args.splits)
     exit_zero = args.data_action == "validate" and args.exit_zero

@@ -1,1 +1,2 @@
-"""Guard training data: sources (hub / local files), validation, statistics and tokenization."""
+"""Guard training data: sources (hub / local files), records read with their places,
+validation, statistics and tokenization."""
