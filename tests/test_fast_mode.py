@@ -153,6 +153,7 @@ def test_choose_band_is_the_narrowest_within_budget() -> None:
     assert choose_band(TaskEvidence([], [], [], []), 0.5)["band"] == [0.0, 1.0]
 
 
+@pytest.mark.slow  # real SmolLM2 weights
 def test_smollm2_fast_verdicts_generate_nothing() -> None:
     guard = load_guard("smollm2", device="cpu", mode="fast")
 

@@ -136,6 +136,7 @@ def test_resume_after_a_partial_write(bench_dir: Path, tmp_path: Path) -> None:
     assert (broken / "AegisSafetyTest" / PRED).read_text() == expected
 
 
+@pytest.mark.slow  # a generation run in a child process, killed and rerun
 def test_resume_after_sigkill(bench_dir: Path, tmp_path: Path) -> None:
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     args = ["--benchmarks", "AegisSafetyTest", "--batch-size", "1", "--max-new-tokens", "40"]

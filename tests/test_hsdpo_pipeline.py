@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -201,38 +202,75 @@ def run_cli(path: Path, log: Path) -> subprocess.Popen:
         )
 
 
-def test_pipeline_killed_mid_way_resumes_without_redoing_finished_stages(
-    tmp_path, format_model
-) -> None:
-    model, data = format_model
-    path = write_pipeline(tmp_path, model, data)
-    out = tmp_path / "out"
-    first = run_cli(path, tmp_path / "first.log")
-    deadline = time.monotonic() + 480  # a loaded machine: each stage starts a Python process
-    while not (out / "generations" / "no-B").exists():  # the R-SFT stages are done
-        assert first.poll() is None, (tmp_path / "first.log").read_text()
-        assert time.monotonic() < deadline, "the pipeline did not reach generation in time"
-        time.sleep(0.05)
-    stage_processes = psutil.Process(first.pid).children(recursive=True)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    assert stage_processes, "the generation stage has no process of its own"
-    assert not still_running(stage_processes, timeout=30), "a stage outlived its pipeline"
-    assert not (out / "dpo").exists()
-    trained = {
-        name: (out / name / "training_info.json").stat().st_mtime_ns
-        for name in ("rsft-main", "rsft-no-A", "rsft-no-B")
-    }
+class PipelineRuns:
+    """One pipeline on the format model, run as a user would: started, SIGKILLed while its
+    generation stages run, restarted to its end, then run once more with everything done; every
+    `reasonguard` child process each run starts is noted. The tests below read this one run
+    (each run is a chain of child processes: minutes on a loaded machine)."""
 
-    second = run_cli(path, tmp_path / "second.log")
-    second.wait(timeout=600)
-    log = (tmp_path / "second.log").read_text()
-    assert second.returncode == 0, log
+    def __init__(self, tmp: Path, model: Path, data: Path) -> None:
+        self.data = data
+        self.path = write_pipeline(tmp, model, data)
+        self.out = tmp / "out"
+        self.logs = {name: tmp / f"{name}.log" for name in ("first", "second", "third")}
+        self.pids: dict[str, int] = {}
+        self.children: dict[str, dict[int, list[str]]] = {}
+
+        first = run_cli(self.path, self.logs["first"])
+        self.pids["first"] = first.pid
+        self.children["first"] = watch_children(
+            first,
+            self.logs["first"],
+            480,  # a loaded machine: each stage starts a Python process
+            until=lambda: (self.out / "generations" / "no-B").exists(),  # R-SFT stages done
+        )
+        assert first.poll() is None, self.logs["first"].read_text()
+        self.stage_processes = psutil.Process(first.pid).children(recursive=True)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        self.outlived = still_running(self.stage_processes, timeout=30)
+        self.dpo_after_kill = (self.out / "dpo").exists()
+        self.trained = self.training_times()
+
+        second = run_cli(self.path, self.logs["second"])
+        self.pids["second"] = second.pid
+        self.children["second"] = watch_children(second, self.logs["second"], 600)
+        self.second_code = second.returncode
+        self.trained_after_resume = self.training_times()
+
+        third = run_cli(self.path, self.logs["third"])
+        third.wait(timeout=120)
+        self.third_code = third.returncode
+
+    def training_times(self) -> dict[str, int]:
+        return {
+            name: (self.out / name / "training_info.json").stat().st_mtime_ns
+            for name in ("rsft-main", "rsft-no-A", "rsft-no-B")
+        }
+
+    def log(self, name: str) -> str:
+        return self.logs[name].read_text()
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(tmp_path_factory, format_model) -> PipelineRuns:
+    model, data = format_model
+    return PipelineRuns(tmp_path_factory.mktemp("pipeline"), model, data)
+
+
+def test_pipeline_killed_mid_way_resumes_without_redoing_finished_stages(
+    pipeline_runs: PipelineRuns,
+) -> None:
+    runs, out = pipeline_runs, pipeline_runs.out
+    assert runs.stage_processes, "the generation stage has no process of its own"
+    assert not runs.outlived, "a stage outlived its pipeline"
+    assert not runs.dpo_after_kill
+
+    log = runs.log("second")
+    assert runs.second_code == 0, log
     for name in ("R-SFT main model", "R-SFT without A", "R-SFT without B"):
         assert f"{name}: done before, skipped" in log
-    assert trained == {
-        name: (out / name / "training_info.json").stat().st_mtime_ns for name in trained
-    }
+    assert runs.trained == runs.trained_after_resume
     pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert pairs, "no hard samples mined"
     assert {p["source"] for p in pairs} <= {"W", "A", "B"}
@@ -244,10 +282,8 @@ def test_pipeline_killed_mid_way_resumes_without_redoing_finished_stages(
     assert info["stage"] == "dpo" and info["outcome"] == "finished"
     assert (out / "dpo" / "final" / "adapter_model.safetensors").is_file()
 
-    third = run_cli(path, tmp_path / "third.log")
-    third.wait(timeout=120)
-    log = (tmp_path / "third.log").read_text()
-    assert third.returncode == 0, log
+    log = runs.log("third")
+    assert runs.third_code == 0, log
     assert log.count("done before, skipped") == 8  # 3 R-SFT, 3 generation, mining, DPO
 
 
@@ -272,16 +308,19 @@ def _running(process: psutil.Process) -> bool:
         return False
 
 
-def run_cli_watching_children(
-    path: Path, log: Path, timeout: float
-) -> tuple[int, int, dict[int, list[str]]]:
-    """Run the real CLI to its end, noting every process it starts: (its exit code, its own
-    pid, `{pid: command line}` of its children running `reasonguard`)."""
-    proc = run_cli(path, log)
+def watch_children(
+    proc: subprocess.Popen,
+    log: Path,
+    timeout: float,
+    until: Callable[[], bool] = lambda: False,
+) -> dict[int, list[str]]:
+    """Note the processes the pipeline `proc` starts until it exits (or `until()` holds):
+    `{pid: command line}` of its children running `reasonguard`. A pipeline still running after
+    `timeout` seconds is killed and fails the test with its log."""
     children: dict[int, list[str]] = {}
     deadline = time.monotonic() + timeout
     try:
-        while proc.poll() is None:
+        while proc.poll() is None and not until():
             assert time.monotonic() < deadline, log.read_text()
             try:
                 for child in psutil.Process(proc.pid).children():
@@ -291,10 +330,10 @@ def run_cli_watching_children(
             except psutil.NoSuchProcess:  # the pipeline or a child ended while being listed
                 pass
             time.sleep(0.02)  # a stage lives for seconds: it loads torch and a model
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, proc.pid, children
+    except BaseException:
+        proc.kill()
+        raise
+    return children
 
 
 def test_stage_commands_carry_the_pipeline_settings(tmp_path) -> None:
@@ -339,40 +378,42 @@ def test_stage_commands_carry_the_pipeline_settings(tmp_path) -> None:
 
 
 def test_each_training_and_generation_stage_runs_in_a_process_of_its_own(
-    tmp_path, format_model
+    pipeline_runs: PipelineRuns,
 ) -> None:
-    model, data = format_model
-    path = write_pipeline(tmp_path, model, data, main_model=str(model))
-    out = tmp_path / "out"
-    code, pipeline, children = run_cli_watching_children(path, tmp_path / "run.log", 600)
-    log = (tmp_path / "run.log").read_text()
-    assert code == 0, log
-    commands = {pid: command[3:] for pid, command in children.items()}
-    expected = [
-        ["train", "sft", "--config", str(out / "configs" / "rsft-no-A.yaml")],
-        ["train", "sft", "--config", str(out / "configs" / "rsft-no-B.yaml")],
+    runs, out, data = pipeline_runs, pipeline_runs.out, pipeline_runs.data
+    plan = [
         *(
-            ["generate", "--model", str(model_dir), "--data", str(data), "--splits", split]
-            for model_dir, split in (
-                (model, "W"),
-                (out / "rsft-no-B" / "final", "A"),
-                (out / "rsft-no-A" / "final", "B"),
-            )
+            ["train", "sft", "--config", str(out / "configs" / f"{name}.yaml")]
+            for name in ("rsft-main", "rsft-no-A", "rsft-no-B")
+        ),
+        *(
+            ["generate", "--model", str(out / run_dir / "final"), "--data", str(data)]
+            + ["--splits", split]
+            for run_dir, split in (("rsft-main", "W"), ("rsft-no-B", "A"), ("rsft-no-A", "B"))
         ),
         ["train", "dpo", "--config", str(out / "configs" / "dpo.yaml")],
     ]
+    # The first run was killed once the second generation stage had started: it ran the three
+    # R-SFT stages and the main model's generation, then started the next generation (seen
+    # here unless it was killed before it was listed). The resumed run starts what was left,
+    # the killed stage again.
+    first = [command[3:] for command in runs.children["first"].values()]
+    second = [command[3:] for command in runs.children["second"].values()]
+    assert len(first) in (4, 5), first
+    expected = {"first": plan[: len(first)], "second": plan[4:]}
     # One fresh process per stage, in the plan's order (mining runs in the pipeline itself).
-    assert len(commands) == len(expected), commands
-    for command, start in zip(commands.values(), expected, strict=True):
-        assert command[: len(start)] == start, (command, start)
-        assert f"$ reasonguard {' '.join(start)}" in log  # each command is shown before it runs
+    for run, got in (("first", first), ("second", second)):
+        assert len(got) == len(expected[run]), (run, got)
+        for command, start in zip(got, expected[run], strict=True):
+            assert command[: len(start)] == start, (run, command, start)
+            assert f"$ reasonguard {' '.join(start)}" in runs.log(run)  # shown before it runs
     # The training runs record their own process: a child of the pipeline, not the pipeline.
-    for run_dir in ("rsft-no-A", "rsft-no-B", "dpo"):
+    commands = {**runs.children["first"], **runs.children["second"]}
+    for run_dir in ("rsft-main", "rsft-no-A", "rsft-no-B", "dpo"):
         pid = json.loads((out / run_dir / "status.json").read_text())["pid"]
-        assert pid != pipeline and pid in commands, (run_dir, pid, commands)
+        assert pid not in runs.pids.values() and pid in commands, (run_dir, pid, commands)
     for name in ("main", "no-A", "no-B"):
         assert list((out / "generations" / name).glob("*.jsonl"))
-    assert (out / "dpo" / "final" / "adapter_model.safetensors").is_file()
 
 
 def test_a_failing_stage_stops_the_pipeline_named_with_its_exit_code(tmp_path) -> None:

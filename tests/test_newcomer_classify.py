@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = ["--model", "tiny-llama", "--max-new-tokens", "4", "--device", "cpu"]
 
@@ -57,6 +59,7 @@ def test_fast_mode_says_it_does_not_reason(cli) -> None:
     assert "judging with tiny-llama (fast mode: no reasoning)..." in err.splitlines()
 
 
+@pytest.mark.slow  # the CLI in a child process
 def test_library_deprecation_warnings_stay_off_the_terminal() -> None:
     # A real command line, as the user runs it: warnings reach stderr only outside pytest.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}

@@ -125,6 +125,7 @@ def test_offline_mode_without_cached_dataset_fails_fast(cli, monkeypatch, tmp_pa
     _assert_offline_advice(err)
 
 
+@pytest.mark.slow  # the CLI in a child process
 def test_offline_mode_loads_a_model_from_the_hub_cache(tmp_path) -> None:
     """With HF_HUB_OFFLINE=1 a hub id already in the cache loads, without the network."""
     from reasonguard.models import resolve_model

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from reasonguard.launch.allocenv import GUARD, MALLOC_ENV, OPT_OUT, decision
 from test_train_support import REPO, tiny_config, write_yaml_config
 
@@ -36,6 +38,7 @@ def _one_step(tmp_path: Path, env: dict[str, str]) -> dict:
     return info["model"]["cpu_allocator"]
 
 
+@pytest.mark.slow  # a training run in a child process
 def test_cli_sets_the_allocator_variables_when_they_are_unset(tmp_path: Path) -> None:
     record = _one_step(tmp_path, _env())
     assert "re-executed" in record["action"]
@@ -43,6 +46,7 @@ def test_cli_sets_the_allocator_variables_when_they_are_unset(tmp_path: Path) ->
         assert record["env"][key] == value
 
 
+@pytest.mark.slow  # a training run in a child process
 def test_opt_out_keeps_the_process(tmp_path: Path) -> None:
     record = _one_step(tmp_path, _env(**{OPT_OUT: "1"}))
     assert record["action"] == f"disabled by {OPT_OUT}=1"

@@ -304,6 +304,7 @@ def test_bad_pairs_name_file_row_and_field(tmp_path, changes, message, cli) -> N
     assert "1 invalid rows skipped" in out and "7 train / 2 eval rows" in out
 
 
+@pytest.mark.slow  # a DPO run in a child process
 def test_dpo_cli_end_to_end_in_a_subprocess(tmp_path, rsft_adapter) -> None:
     import subprocess
     import sys
