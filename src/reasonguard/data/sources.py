@@ -35,6 +35,19 @@ SAMPLES_FILE = "samples/guard_samples.jsonl"
 
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 
+# Published facts about GuardReasonerTrain (its dataset card and the paper's Table 7), used by
+# `--dry-run` when the hub cannot be reached: rows per split, and the p95 token length with the
+# Llama 3 tokenizer.
+PUBLISHED_ROWS = {
+    "yueliu1999/GuardReasonerTrain": {
+        "WildGuardTrainR": 86_759,
+        "AegisTrainR": 10_798,
+        "BeaverTailsTrainR": 27_186,
+        "ToxicChatTrainR": 2_801,
+    }
+}
+PUBLISHED_P95_TOKENS = {"yueliu1999/GuardReasonerTrain": 930}
+
 
 def samples_path() -> Path:
     """Where the shipped sample file lives inside the installed package."""

@@ -168,8 +168,7 @@ def source_splits(sft: SFTConfig) -> list[str]:
     """The splits the R-SFT config trains on (loading the source when it names none)."""
     if sft.splits:
         return list(sft.splits)
-    from reasonguard.data.sources import load_source
-    from reasonguard.train.data import PUBLISHED_ROWS
+    from reasonguard.data.sources import PUBLISHED_ROWS, load_source
 
     if sft.dataset in PUBLISHED_ROWS and not Path(sft.dataset).exists():
         return list(PUBLISHED_ROWS[sft.dataset])  # no need to download it to name its splits

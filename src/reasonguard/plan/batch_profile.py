@@ -183,7 +183,7 @@ def row_tokens(c: Any, data: Any, data_plan: dict[str, Any], max_length: int) ->
     Raises:
         UserError: the rows were not tokenized and no published statistics exist for them.
     """
-    from reasonguard.train.data import PUBLISHED_P95_TOKENS
+    from reasonguard.data.sources import PUBLISHED_P95_TOKENS
 
     notes: list[str] = []
     if data is not None:

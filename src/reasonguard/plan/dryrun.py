@@ -18,13 +18,16 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from reasonguard.data.sources import SAMPLES, is_hub_dataset_id
+from reasonguard.data.sources import (
+    PUBLISHED_P95_TOKENS,
+    PUBLISHED_ROWS,
+    SAMPLES,
+    is_hub_dataset_id,
+)
 from reasonguard.errors import UserError
 from reasonguard.models import check_name, hub_reachable, looks_like_hub_id
 from reasonguard.train import checkpoint as ckpt
 from reasonguard.train.data import (
-    PUBLISHED_P95_TOKENS,
-    PUBLISHED_ROWS,
     load_records,
     prepare,
     split_train_eval,

@@ -26,18 +26,6 @@ from typing import Any
 from reasonguard.data.tokenize import IGNORE_INDEX, encode_records
 from reasonguard.errors import UserError
 
-# Published facts about GuardReasonerTrain (its dataset card and the paper's Table 7), used by `--dry-run` when the hub
-# cannot be reached: rows per split, and the p95 token length with the Llama 3 tokenizer.
-PUBLISHED_ROWS = {
-    "yueliu1999/GuardReasonerTrain": {
-        "WildGuardTrainR": 86_759,
-        "AegisTrainR": 10_798,
-        "BeaverTailsTrainR": 27_186,
-        "ToxicChatTrainR": 2_801,
-    }
-}
-PUBLISHED_P95_TOKENS = {"yueliu1999/GuardReasonerTrain": 930}
-
 ENCODE_CHUNK = 1024  # rows per tokenizer call
 
 
