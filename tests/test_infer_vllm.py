@@ -110,6 +110,16 @@ def test_engine_settings_on_the_cpu(vllm_guard) -> None:
     assert config.lora_config.max_lora_rank == 16  # rank 12 rounded up to a rank vLLM serves
     # Blocks short enough that prefix caching reuses the guard instruction (~115 tokens).
     assert config.cache_config.block_size == 32 and config.cache_config.enable_prefix_caching
+    # The context: 2048 prompt tokens (the adapter records no max_length) plus the guard's
+    # 32-token budget, not SmolLM2's 8,192.
+    assert config.model_config.max_model_len == 2048 + 32
+    # A prompt longer than that is refused before vLLM sees it, with the length that fits.
+    from reasonguard.errors import UserError
+
+    with pytest.raises(
+        UserError, match=r"does not fit .* context of 2080 tokens .* --max-model-len"
+    ):
+        vllm_guard.backend.generate(["word " * 2100], max_new_tokens=8)
 
 
 def test_greedy_outputs_equal_the_hf_backend(vllm_guard, hf_guard, bench: Path) -> None:
@@ -314,27 +324,40 @@ def test_evaluate_a_cascade_with_scores_on_vllm(bench: Path, tmp_path: Path) -> 
 
 def test_lora_rank_limits_round_up_to_what_vllm_serves() -> None:
     from reasonguard.errors import UserError
-    from reasonguard.infer.vllm import lora_rank_limit
+    from reasonguard.infer.vllm_engine import lora_rank_limit
 
     assert [lora_rank_limit(r) for r in (1, 4, 8, 12, 16, 100, 512)] == [1, 8, 8, 16, 16, 128, 512]
     with pytest.raises(UserError, match="at most 512"):
         lora_rank_limit(513)
 
 
-def test_backend_flags_that_belong_to_the_other_backend_are_refused(cli) -> None:
+def test_backend_flags_that_belong_to_the_other_backend_are_refused(cli, capsys) -> None:
     for args, message in (
         (["--backend", "vllm", "--device", "cpu"], "--device goes with --backend hf"),
         (["--backend", "vllm", "--no-load-in-4bit"], "--load-in-4bit goes with --backend hf"),
         (["--kv-cache-gib", "1"], "--kv-cache-gib goes with --backend vllm"),
+        (["--max-model-len", "4096"], "--max-model-len goes with --backend vllm"),
+        (["--gpu-memory-utilization", "0.8"], "--gpu-memory-utilization goes with --backend vllm"),
+        # Checked before any engine starts: a GPU setting on vLLM's CPU build, a context longer
+        # than the model's.
+        (
+            ["--backend", "vllm", "--gpu-memory-utilization", "0.8"],
+            "--gpu-memory-utilization is for vLLM on a GPU",
+        ),
+        (["--backend", "vllm", "--max-model-len", "999999"], "longer than the"),
     ):
         code, _, err = cli("classify", "--model", "tiny-llama", "--prompt", "hi", *args)
         assert code == 2 and message in err, err
+    with pytest.raises(SystemExit) as parse_error:  # refused while parsing
+        main(["classify", "--model", "tiny-llama", "--prompt", "hi", "--backend", "vllm",
+              "--gpu-memory-utilization", "1.5"])  # fmt: skip
+    assert parse_error.value.code == 2 and "at most 1, got 1.5" in capsys.readouterr().err
 
 
 def test_engine_options_serve_an_adapter_as_trained(tmp_path: Path, capsys) -> None:
     import shutil
 
-    from reasonguard.infer.vllm import engine_options
+    from reasonguard.infer.vllm_engine import engine_options
     from reasonguard.models import read_guard_config, resolve_model, write_guard_config
 
     adapter = make_lora_adapter(tmp_path / "qlora", rank=4)
@@ -344,7 +367,44 @@ def test_engine_options_serve_an_adapter_as_trained(tmp_path: Path, capsys) -> N
     assert options["model"] == resolve_model("smollm2") and options["enable_lora"] is True
     assert options["max_lora_rank"] == 8 and lora.lora_path == str(adapter)
     assert "quantization" not in options  # the CPU build has no bitsandbytes quantization
-    assert "trained on a 4-bit NF4 base (QLoRA)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "trained on a 4-bit NF4 base (QLoRA); vLLM's CPU build has no bitsandbytes" in err
+    assert "its base runs unquantized in float32" in err
     assert options["dtype"] == "float32" and options["enforce_eager"] is True
     assert engine_options(str(adapter), dtype="bfloat16")[0]["dtype"] == "bfloat16"
     shutil.rmtree(adapter)
+
+
+def test_the_context_is_the_trained_length_plus_the_budget(tmp_path: Path) -> None:
+    from reasonguard.infer.vllm_engine import engine_options
+    from reasonguard.models import resolve_model, write_guard_config
+
+    recorded = make_lora_adapter(tmp_path / "recorded", rank=4)
+    write_guard_config(
+        recorded, prompt_format="raw", base_model="smollm2", finetuning="lora", max_length=1536
+    )
+    assert engine_options(str(recorded), max_new_tokens=512)[0]["max_model_len"] == 1536 + 512
+    # No record (a hub model, a folder we did not train): 2048 prompt tokens; the default
+    # budget is 2048; never more than the model's own context (SmolLM2: 8,192).
+    smollm2 = resolve_model("smollm2")
+    assert engine_options(smollm2)[0]["max_model_len"] == 2048 + 2048
+    assert engine_options(smollm2, max_new_tokens=7000)[0]["max_model_len"] == 8192
+    assert engine_options(str(recorded), max_model_len=3000)[0]["max_model_len"] == 3000
+
+
+def test_a_qlora_base_is_quantized_only_where_bitsandbytes_can_load_it(monkeypatch) -> None:
+    from reasonguard.infer.vllm_engine import nf4_unavailable
+
+    assert nf4_unavailable(cpu=True) == "vLLM's CPU build has no bitsandbytes quantization"
+    # On a GPU, bitsandbytes missing is found before an engine starts (it would fail there).
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import` sees when it is absent
+    assert "bitsandbytes package is not installed (pip install bitsandbytes)" in nf4_unavailable(
+        cpu=False
+    )
+    monkeypatch.undo()
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+    built = "bitsandbytes" in QUANTIZATION_METHODS  # vLLM 0.32's CPU build has no such method
+    assert nf4_unavailable(cpu=False) == (
+        None if built else "this vLLM build has no bitsandbytes quantization"
+    )

@@ -114,3 +114,41 @@ def test_an_unknown_flag_of_a_nested_verb_shows_that_verbs_usage(capsys) -> None
     err = capsys.readouterr().err
     assert err.startswith("usage: reasonguard train sft ")
     assert "unrecognized arguments: --dryrun (did you mean --dry-run?)" in err
+
+
+def _verbs(parser, name: str = "reasonguard"):
+    """Every (sub)command parser under `parser`, with its full name."""
+    import argparse
+
+    yield name, parser
+    for action in parser._actions:  # argparse keeps its subcommands only here
+        if isinstance(action, argparse._SubParsersAction):
+            for verb, sub in action.choices.items():
+                yield from _verbs(sub, f"{name} {verb}")
+
+
+@pytest.mark.parametrize("verb", ["generate", "classify", "evaluate", "serve"])
+def test_the_vllm_engine_settings_are_flags_of_every_verb_that_starts_one(verb, capsys) -> None:
+    from reasonguard.cli import main
+
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--max-model-len TOKENS", "--gpu-memory-utilization F", "--kv-cache-gib GIB"):
+        assert flag in text
+
+
+def test_every_flag_a_help_text_names_exists(monkeypatch) -> None:
+    """A help text names only flags some verb has (`--kv-cache-gib` once named a
+    `--gpu-memory-utilization` that no verb had); `mine` may name `generate`'s."""
+    import re
+
+    from reasonguard.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "2000")  # no flag broken at its hyphen by the line wrap
+    verbs = dict(_verbs(build_parser()))
+    known = {s for parser in verbs.values() for a in parser._actions for s in a.option_strings}
+    for name, parser in verbs.items():
+        named = set(re.findall(r"(?<![\w-])--[a-z][\w-]*[a-z0-9]", parser.format_help()))
+        named = {flag for flag in named if "_" not in flag}  # other tools' (accelerate's)
+        assert named <= known, f"{name} --help names {sorted(named - known)}"

@@ -140,6 +140,8 @@ _GENERATION_ONLY = (
     "dtype",
     "load_in_4bit",
     "kv_cache_gib",
+    "gpu_memory_utilization",
+    "max_model_len",
 )
 
 

@@ -25,6 +25,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def memory_fraction(text: str) -> float:
+    """An argparse type: a fraction in (0, 1] (rejected while parsing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {value:g}")
+    return value
+
+
 def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
     """Options that load a model (shared with `classify`, `serve` and `evaluate --model`)."""
     p.add_argument(
@@ -69,7 +80,23 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
         type=float,
         metavar="GIB",
         help="vllm: KV-cache size (default on a CPU 2 GiB; on a GPU what "
-        "--gpu-memory-utilization leaves)",
+        "--gpu-memory-utilization leaves, and a given size replaces that setting)",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=memory_fraction,
+        metavar="F",
+        help="vllm on a GPU: the fraction of the GPU's memory the engine takes for weights, "
+        "activations and KV cache (default 0.9; lower it when something else shares the GPU)",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=positive_int,
+        metavar="TOKENS",
+        help="vllm: the engine's context, prompt plus new tokens (default: the max_length the "
+        "model was trained with, or 2048 for a model without a reasonguard.json, plus "
+        "--max-new-tokens; at most the model's own). A longer prompt is refused with the "
+        "length that fits it",
     )
     p.add_argument(
         "--trust-remote-code",
@@ -166,8 +193,13 @@ def backend_options(args: argparse.Namespace) -> dict:
         options.update(device=args.device, threads=args.threads)
         if getattr(args, "load_in_4bit", None) is not None:
             options["load_in_4bit"] = args.load_in_4bit
-        if getattr(args, "kv_cache_gib", None) is not None:
-            raise UserError("--kv-cache-gib goes with --backend vllm")
+        for flag, value in (
+            ("--kv-cache-gib", getattr(args, "kv_cache_gib", None)),
+            ("--gpu-memory-utilization", getattr(args, "gpu_memory_utilization", None)),
+            ("--max-model-len", getattr(args, "max_model_len", None)),
+        ):
+            if value is not None:
+                raise UserError(f"{flag} goes with --backend vllm")
     else:
         for flag, value in (
             ("--threads", args.threads),
@@ -177,8 +209,9 @@ def backend_options(args: argparse.Namespace) -> dict:
             if value is not None:
                 raise UserError(f"{flag} goes with --backend hf (vLLM places the model itself)")
         options["tensor_parallel_size"] = args.tensor_parallel_size
-        if getattr(args, "kv_cache_gib", None) is not None:
-            options["kv_cache_gib"] = args.kv_cache_gib
+        for key in ("kv_cache_gib", "gpu_memory_utilization", "max_model_len"):
+            if getattr(args, key, None) is not None:
+                options[key] = getattr(args, key)
     return options
 
 

@@ -568,7 +568,13 @@ def _work(spec: _Spec) -> None:
             if done >= total:
                 continue
             if backend is None:
-                backend = load_backend(spec.model, spec.backend, spec.prompt_format, **spec.options)
+                backend = load_backend(
+                    spec.model,
+                    spec.backend,
+                    spec.prompt_format,
+                    max_new_tokens=spec.decoding.max_new_tokens,
+                    **spec.options,
+                )
                 if backend.window_size() != spec.window:
                     raise RuntimeError(
                         f"window size {backend.window_size()} != planned {spec.window}: "

@@ -164,7 +164,11 @@ def run_jobs(
                 if done < total:
                     if loaded is None:
                         loaded = load_backend(
-                            model, backend, params["prompt_format"], **backend_options
+                            model,
+                            backend,
+                            params["prompt_format"],
+                            max_new_tokens=decoding.max_new_tokens,
+                            **backend_options,
                         )
                     generate_job(loaded, job, out, done, total, decoding, progress, scores)
                     say(f"{job.name}: {total} rows ({done} were already there) -> {out.path}")

@@ -313,5 +313,8 @@ def load_guard(
             f"{path_or_hub_id}: no calibrated cascade (cascade.json); run `reasonguard calibrate "
             f"--model {path_or_hub_id} --data DEV` first, or pass `bands`"
         )
-    loaded = load_backend(path_or_hub_id, backend, prompt_format, **kwargs)
+    # vLLM sizes its engine's context for the budget.
+    loaded = load_backend(
+        path_or_hub_id, backend, prompt_format, max_new_tokens=max_new_tokens, **kwargs
+    )
     return Guard(loaded, max_new_tokens, mode, bands)

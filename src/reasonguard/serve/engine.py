@@ -131,16 +131,19 @@ class AsyncGuard(Backend):
         Args:
             model: as for `load_guard`: alias, hub id, model or LoRA folder.
             prompt_format: for models without a guard record.
-            **options: `vllm.engine_options` keywords (`tensor_parallel_size`, `dtype`,
+            **options: `vllm_engine.engine_options` keywords (`tensor_parallel_size`, `dtype`,
                 `kv_cache_gib`, `max_model_len`, `gpu_memory_utilization`).
         """
-        from reasonguard.infer.vllm import _import_vllm, engine_options
+        from reasonguard.infer.vllm import _import_vllm
+        from reasonguard.infer.vllm_engine import engine_options
 
         _import_vllm()
         options.pop("batch_size", None)  # the engine's scheduler sizes its own batches
         path = resolve_model(model)
         fmt = resolve_prompt_format(path, prompt_format)
-        settings, lora = engine_options(path, trust_remote_code=trust_remote_code, **options)
+        settings, lora = engine_options(
+            path, trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens, **options
+        )
         return cls(
             model,
             path,
