@@ -13,7 +13,7 @@ CUDA GPU it runs, each in a fresh process under a time limit (`gpu_rows.py`), mo
    **exp19-packed**: the same with packing on; **lora-bf16**: bf16 LoRA, otherwise the same;
    **qlora-liger**: Experiment 19 with Liger-Kernel's fused linear cross-entropy (CUDA only).
 3. **hf-reasoning**, **hf-fast**: the HF backend on benchmark items, reasoning (a fixed token
-   budget) and fast mode. vLLM is not measured: its wheel cannot travel to the lent machine.
+   budget) and fast mode. vLLM is not measured: its wheel cannot travel to the GPU machine.
 
 Per training row: tokens/s from the run's `metrics.jsonl` (the first step left out), peak CUDA
 memory allocated and reserved (torch's counters in the row's process) and NVML's reading of the

@@ -11,12 +11,17 @@
 # --device is for a machine with no network: it installs the carried wheels with
 # `pip install --no-index --no-deps --target` into a temporary folder, puts that folder and src/
 # on PYTHONPATH, and writes gpu_check.json, gpu_check.md and gpu_check.log to $OUT (default
-# runs/gpu-check). Python: $PYTHON if set, else python3 on PATH.
+# runs/gpu-check). Python: $PYTHON if set; else, for --prepare, the project's .venv (what
+# `make setup` installs, whose package versions the check carries), and python3 on PATH otherwise.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
-python="${PYTHON:-$(command -v python3 || command -v python || true)}"
+python="${PYTHON:-}"
+if [[ -z "$python" && "${1:-}" == "--prepare" && -x "$repo/.venv/bin/python" ]]; then
+    python="$repo/.venv/bin/python"
+fi
+python="${python:-$(command -v python3 || command -v python || true)}"
 if [[ -z "$python" ]]; then
     echo "error: no Python found (set PYTHON=/path/to/python)" >&2
     exit 2

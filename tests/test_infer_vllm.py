@@ -217,7 +217,7 @@ def test_answer_scores_come_from_the_generation_and_equal_the_hf_backend(
     vllm_guard, hf_guard
 ) -> None:
     from reasonguard.format import render_answers, render_input
-    from reasonguard.infer.vllm_answers import generated_scores
+    from reasonguard.infer.vllm.answers import generated_scores
 
     vllm_backend, hf = vllm_guard.backend, hf_guard.backend
     # A prompt ending in answer blocks: the model writes another one (an untrained model does
@@ -324,7 +324,7 @@ def test_evaluate_a_cascade_with_scores_on_vllm(bench: Path, tmp_path: Path) -> 
 
 def test_lora_rank_limits_round_up_to_what_vllm_serves() -> None:
     from reasonguard.errors import UserError
-    from reasonguard.infer.vllm_engine import lora_rank_limit
+    from reasonguard.infer.vllm.engine import lora_rank_limit
 
     assert [lora_rank_limit(r) for r in (1, 4, 8, 12, 16, 100, 512)] == [1, 8, 8, 16, 16, 128, 512]
     with pytest.raises(UserError, match="at most 512"):
@@ -357,7 +357,7 @@ def test_backend_flags_that_belong_to_the_other_backend_are_refused(cli, capsys)
 def test_engine_options_serve_an_adapter_as_trained(tmp_path: Path, capsys) -> None:
     import shutil
 
-    from reasonguard.infer.vllm_engine import engine_options
+    from reasonguard.infer.vllm.engine import engine_options
     from reasonguard.models import read_guard_config, resolve_model, write_guard_config
 
     adapter = make_lora_adapter(tmp_path / "qlora", rank=4)
@@ -376,7 +376,7 @@ def test_engine_options_serve_an_adapter_as_trained(tmp_path: Path, capsys) -> N
 
 
 def test_the_context_is_the_trained_length_plus_the_budget(tmp_path: Path) -> None:
-    from reasonguard.infer.vllm_engine import engine_options
+    from reasonguard.infer.vllm.engine import engine_options
     from reasonguard.models import resolve_model, write_guard_config
 
     recorded = make_lora_adapter(tmp_path / "recorded", rank=4)
@@ -393,7 +393,7 @@ def test_the_context_is_the_trained_length_plus_the_budget(tmp_path: Path) -> No
 
 
 def test_a_qlora_base_is_quantized_only_where_bitsandbytes_can_load_it(monkeypatch) -> None:
-    from reasonguard.infer.vllm_engine import nf4_unavailable
+    from reasonguard.infer.vllm.engine import nf4_unavailable
 
     assert nf4_unavailable(cpu=True) == "vLLM's CPU build has no bitsandbytes quantization"
     # On a GPU, bitsandbytes missing is found before an engine starts (it would fail there).

@@ -86,7 +86,7 @@ PRIVATE_APIS: tuple[PrivateAPI, ...] = (
     PrivateAPI(
         "vllm",
         "LLM.llm_engine.engine_core.shutdown(timeout=)",
-        "infer/vllm.py, VLLMBackend.close: `vllm.LLM` has no public stop (`shutdown_vllm_engine` "
+        "infer/vllm/backend.py, VLLMBackend.close: `vllm.LLM` has no public stop (`shutdown_vllm_engine` "
         "below is the checked way)",
         "`LLM.llm_engine.engine_core` is the engine client, whose `shutdown` takes `timeout` "
         "(seconds to wait for the engine processes before killing them); `AsyncLLM.shutdown` "
@@ -98,7 +98,7 @@ PRIVATE_APIS: tuple[PrivateAPI, ...] = (
         "internal modules: vllm.config.lora.MaxLoRARanks, vllm.model_executor.layers."
         "quantization.QUANTIZATION_METHODS, vllm.platforms.current_platform, vllm.v1.engine."
         "async_llm.AsyncLLM, vllm.sampling_params.RequestOutputKind",
-        "infer/vllm.py (LoRA rank limit, bitsandbytes support, CPU or GPU) and "
+        "infer/vllm/backend.py (LoRA rank limit, bitsandbytes support, CPU or GPU) and "
         "serve/engine.py (the async engine)",
         "MaxLoRARanks is a Literal of the ranks vLLM serves; QUANTIZATION_METHODS a list of "
         "method names; current_platform.is_cpu() a bool; AsyncLLM.from_engine_args builds the "

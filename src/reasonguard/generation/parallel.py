@@ -162,7 +162,7 @@ def _placements(
     if backend == "vllm":
         import importlib.util
 
-        from reasonguard.infer.vllm import MISSING
+        from reasonguard.infer.vllm.backend import MISSING
 
         if importlib.util.find_spec("vllm") is None:
             raise UserError(MISSING)

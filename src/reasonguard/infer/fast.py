@@ -92,7 +92,7 @@ class AnswerSteps:
     the more likely label into that item's block before the next step.
 
     The HF backend feeds the steps on its KV cache (`fast_verdicts` below); vLLM sends each as
-    a one-token request on its prefix cache (`vllm_answers.py`). Both read the same contexts and
+    a one-token request on its prefix cache (`vllm/answers.py`). Both read the same contexts and
     choose the same way.
 
     Example:

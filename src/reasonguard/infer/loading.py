@@ -1,6 +1,6 @@
 """Loading a generation backend by name: `load_backend("smollm2", "hf")`.
 
-This module sits above both implementations (`hf.py`, `vllm.py`), which import only the
+This module sits above both implementations (`hf.py`, `vllm/backend.py`), which import only the
 interface in `backends.py`; neither imports torch, transformers or vLLM at module level, so
 importing this module stays cheap.
 
@@ -24,8 +24,8 @@ from reasonguard.infer.backends import (
 )
 from reasonguard.infer.hf import DEFAULT_BATCH_SIZE as HF_BATCH
 from reasonguard.infer.hf import HFBackend
-from reasonguard.infer.vllm import DEFAULT_BATCH_SIZE as VLLM_BATCH
-from reasonguard.infer.vllm import VLLMBackend
+from reasonguard.infer.vllm.backend import DEFAULT_BATCH_SIZE as VLLM_BATCH
+from reasonguard.infer.vllm.backend import VLLMBackend
 from reasonguard.models import resolve_model
 
 

@@ -13,7 +13,7 @@ exactly as `Guard.classify` reads them (`guard.reasoning_result`, `guard.fast_re
 mode a request can ask for works: `reasoning: "never"` is fast mode (each answer of the forced
 block a one-token request on the prefix cache), `auto` the cascade when the model folder has
 calibrated bands (`cascade.json`), and reasoned verdicts carry their label probabilities, read
-from the generation's own log-probs (`infer/vllm_answers.py`, as the offline vLLM backend).
+from the generation's own log-probs (`infer/vllm/answers.py`, as the offline vLLM backend).
 
 A request past its time limit, or whose client went away, cancels its items: cancelling the
 engine's output stream aborts the request inside vLLM, so its slot in the batch is freed at
@@ -52,7 +52,7 @@ from reasonguard.infer.guard import (
     validate_items,
 )
 from reasonguard.infer.scores import answer_token_ids
-from reasonguard.infer.vllm_answers import (
+from reasonguard.infer.vllm.answers import (
     LabelStep,
     fill_missing,
     generated_scores,
@@ -131,11 +131,11 @@ class AsyncGuard(Backend):
         Args:
             model: as for `load_guard`: alias, hub id, model or LoRA folder.
             prompt_format: for models without a guard record.
-            **options: `vllm_engine.engine_options` keywords (`tensor_parallel_size`, `dtype`,
+            **options: `vllm/engine.py`'s `engine_options` keywords (`tensor_parallel_size`, `dtype`,
                 `kv_cache_gib`, `max_model_len`, `gpu_memory_utilization`).
         """
-        from reasonguard.infer.vllm import _import_vllm
-        from reasonguard.infer.vllm_engine import engine_options
+        from reasonguard.infer.vllm.backend import _import_vllm
+        from reasonguard.infer.vllm.engine import engine_options
 
         _import_vllm()
         options.pop("batch_size", None)  # the engine's scheduler sizes its own batches
@@ -226,7 +226,7 @@ class AsyncGuard(Backend):
 
     async def _reason(self, prompt: str, response: str | None, scores: bool) -> GuardResult:
         """A reasoning verdict, with the label probabilities its generation kept."""
-        from reasonguard.infer.vllm import sampling_params, to_generation
+        from reasonguard.infer.vllm.backend import sampling_params, to_generation
 
         ids = self.encode([self.build_prompt(render_input(prompt, response))])[0]
         params = sampling_params(

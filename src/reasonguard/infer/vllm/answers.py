@@ -10,7 +10,7 @@ two-label softmax of the logits: a log-prob is the logit less one constant per p
   label tokens' log-probs at the one generated position (`allowed_token_ids` keeps the sampled
   token among them, so nothing else comes back). Each step's prompt extends the one before and
   every prompt starts with the guard instruction, so with prefix caching a step computes little
-  more than its new tokens (vLLM reuses whole KV blocks: `vllm_engine.engine_options` picks small ones
+  more than its new tokens (vLLM reuses whole KV blocks: `vllm/engine.py`'s `engine_options` picks small ones
   on a CPU).
 - A reasoning generation keeps the answer tokens' log-probs at every position
   (`scores.answer_token_ids`, `keep_answer_logprobs`); an answer is scored where the model wrote

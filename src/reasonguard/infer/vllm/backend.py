@@ -8,11 +8,11 @@ passed as token ids, so vLLM never adds a second BOS. A LoRA folder is served as
 LoRA request.
 
 Fast mode, the cascade and answer scores work as on the HF backend, read from vLLM's log-probs
-of the label tokens (`vllm_answers.py`): a fast-mode answer is a one-token request on the prefix
+of the label tokens (`vllm/answers.py`): a fast-mode answer is a one-token request on the prefix
 cache, and a reasoning verdict's scores come from the log-probs its own generation kept
 (`generate(..., with_scores=True)`).
 
-How the model is run (dtype, context, KV cache, LoRA, QLoRA) is `vllm_engine.engine_options`,
+How the model is run (dtype, context, KV cache, LoRA, QLoRA) is `vllm/engine.py`'s `engine_options`,
 shared with the server's async engine.
 
 Sampling is reproducible per prompt: prompt `i` of a call gets seed `seed + i`, whatever else is
@@ -32,7 +32,7 @@ from reasonguard.errors import UserError
 from reasonguard.infer.backends import Backend, BatchCallback, Generation, check_sampling
 from reasonguard.infer.fast import AnswerSteps, ForcedContexts
 from reasonguard.infer.scores import answer_token_ids
-from reasonguard.infer.vllm_answers import (
+from reasonguard.infer.vllm.answers import (
     LabelStep,
     fill_missing,
     generated_scores,
@@ -41,7 +41,7 @@ from reasonguard.infer.vllm_answers import (
     step_params,
     step_values,
 )
-from reasonguard.infer.vllm_engine import engine_options
+from reasonguard.infer.vllm.engine import engine_options
 from reasonguard.models import end_of_turn_ids, load_tokenizer, tokenizer_source
 
 DEFAULT_BATCH_SIZE = 256  # prompts handed to vLLM per call; its scheduler batches inside
@@ -96,7 +96,7 @@ def to_generation(output: Any, stop_ids: Sequence[int]) -> Generation:
 
 class VLLMBackend(Backend):
     """Generation with `vllm.LLM` (see the module docstring); fast mode and answer scores from
-    vLLM's log-probs (`vllm_answers.py`)."""
+    vLLM's log-probs (`vllm/answers.py`)."""
 
     supports_fast = True
 
