@@ -31,6 +31,7 @@ else:
     pytest.importorskip("vllm")
 
 PRED = "generated_predictions.jsonl"
+QUIET = ("VLLM_LOGGING_LEVEL", "TORCH_CPP_LOG_LEVEL", "PYTHONWARNINGS")
 pytestmark = pytest.mark.vllm
 
 
@@ -408,3 +409,39 @@ def test_a_qlora_base_is_quantized_only_where_bitsandbytes_can_load_it(monkeypat
     assert nf4_unavailable(cpu=False) == (
         None if built else "this vLLM build has no bitsandbytes quantization"
     )
+
+
+@pytest.mark.slow
+def test_a_vllm_command_prints_one_engine_line_and_clean_json() -> None:
+    """vLLM's own start-up log (dozens of lines, its INFO lines on stdout) stays out of a command's
+    output: stdout is the verdict's JSON alone, stderr names the engine once, the stop is clean."""
+    env = {k: v for k, v in os.environ.items() if k not in QUIET}
+    command = [
+        sys.executable, "-m", "reasonguard", "classify", "--model", "smollm2", "--backend",
+        "vllm", "--mode", "fast", "--prompt", "How do I pick a lock?",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    verdict = json.loads(done.stdout)  # nothing but the JSON
+    assert verdict["mode"] == "fast" and verdict["prompt_harmfulness"] in ("harmful", "unharmful")
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert sum("starting vLLM engine: " in line for line in lines) == 1, done.stderr
+    assert "float32, context" in done.stderr and "VLLM_LOGGING_LEVEL=INFO" in done.stderr
+    for noise in (" INFO ", "FutureWarning", "Loading safetensors", "force killing"):
+        assert noise not in done.stderr + done.stdout, noise
+    assert len(lines) <= 6, done.stderr  # vLLM's CPU build adds one Triton line per process
+
+
+def test_a_log_level_the_user_sets_is_kept() -> None:
+    from reasonguard.infer.vllm.engine import QUIET_ENVIRONMENT
+
+    code = (
+        "import os; from reasonguard.infer.vllm.engine import quiet_environment; "
+        "quiet_environment(); print(os.environ['VLLM_LOGGING_LEVEL'], os.environ['TORCH_CPP_LOG_LEVEL'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENVIRONMENT}
+    quiet = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert quiet.stdout.split() == ["ERROR", "ERROR"], quiet.stderr
+    env["VLLM_LOGGING_LEVEL"] = "INFO"
+    kept = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert kept.stdout.split() == ["INFO", "ERROR"], kept.stderr

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 import uuid
 from collections import Counter
@@ -164,6 +165,9 @@ class AsyncGuard(Backend):
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from reasonguard.infer.vllm.engine import engine_notice
+
+        print(engine_notice(self.engine_options, self.lora), file=sys.stderr, flush=True)
         args = AsyncEngineArgs(**self.engine_options)
         # Built off the event loop: loading blocks for as long as the model takes.
         self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)

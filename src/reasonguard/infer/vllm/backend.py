@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +42,7 @@ from reasonguard.infer.vllm.answers import (
     step_params,
     step_values,
 )
-from reasonguard.infer.vllm.engine import engine_options
+from reasonguard.infer.vllm.engine import engine_notice, engine_options, quiet_environment
 from reasonguard.models import end_of_turn_ids, load_tokenizer, tokenizer_source
 
 DEFAULT_BATCH_SIZE = 256  # prompts handed to vLLM per call; its scheduler batches inside
@@ -52,6 +53,7 @@ MISSING = (
 
 
 def _import_vllm() -> Any:
+    quiet_environment()  # before vLLM reads its log level
     try:
         import vllm
     except ImportError:
@@ -122,6 +124,7 @@ class VLLMBackend(Backend):
             path, trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens, **engine
         )
         self.max_model_len: int = options["max_model_len"]
+        print(engine_notice(options, self.lora), file=sys.stderr, flush=True)
         self.llm = vllm.LLM(**options)
         self._contexts = ForcedContexts(self.tokenizer)
         self._answer_ids = answer_token_ids(self.tokenizer)

@@ -18,6 +18,11 @@ trained, shared by the offline backend (`vllm.VLLMBackend`) and the server's asy
 - a QLoRA adapter (recorded in `reasonguard.json`): the base loads with vLLM's bitsandbytes
   quantization when this vLLM build has it and the `bitsandbytes` package is installed;
   otherwise a one-line notice says why and that the base runs unquantized.
+- what a user sees: one line per engine start (`engine_notice`). vLLM itself logs dozens of
+  INFO and WARNING lines per start, to stdout, where they mix with a command's JSON; its
+  processes read their log levels from the environment when they start, so `quiet_environment`
+  sets them (only those the user has not set) before vLLM is imported. `VLLM_LOGGING_LEVEL=INFO`
+  brings vLLM's own log back.
 
 vLLM is imported only inside functions, so this module loads without it.
 """
@@ -26,7 +31,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +48,32 @@ DEFAULT_MAX_NEW_TOKENS = 2048
 # `max_length: auto`, so a hub model is sized as ours are.
 DEFAULT_PROMPT_TOKENS = 2048
 CPU_BLOCK_SIZE = 32  # the smallest KV block vLLM's CPU attention takes (a multiple of 32)
+# What vLLM's processes read at start: its own log level, torch's C++ warnings (the CPU worker's
+# NUMA note), and a FutureWarning vLLM's kernel dispatcher raises on import with torch 2.13.
+QUIET_ENVIRONMENT = {
+    "VLLM_LOGGING_LEVEL": "ERROR",
+    "TORCH_CPP_LOG_LEVEL": "ERROR",
+    "PYTHONWARNINGS": "ignore::FutureWarning:vllm.triton_utils.dispatcher",
+}
+
+
+def quiet_environment() -> None:
+    """Quiet vLLM's start-up log in this process and the engine processes it spawns; a variable
+    the user has set is kept."""
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.triton_utils")
+
+
+def engine_notice(options: dict[str, Any], lora: Any) -> str:
+    """The one line a user sees when an engine starts."""
+    what = f"{options['model']}" + (f" with the LoRA adapter {lora.lora_path}" if lora else "")
+    quantized = ", 4-bit NF4" if options.get("quantization") == "bitsandbytes" else ""
+    return (
+        f"starting vLLM engine: {what} ({options['dtype']}{quantized}, context "
+        f"{options['max_model_len']:,} tokens, prefix caching); vLLM's own log: "
+        "VLLM_LOGGING_LEVEL=INFO"
+    )
 
 
 def on_cpu() -> bool:
@@ -173,6 +206,7 @@ def engine_options(
         "trust_remote_code": trust_remote_code,
         "max_model_len": context_length(folder, base, max_new_tokens, max_model_len),
         "seed": seed,
+        "use_tqdm_on_load": False,  # its weight-loading bars; `engine_notice` says what loads
     }
     if cpu:
         options["enforce_eager"] = True
