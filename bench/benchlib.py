@@ -74,6 +74,7 @@ def machine_facts() -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "machine": platform.machine(),
         "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "git_commit": git_commit(),
@@ -216,7 +217,10 @@ def run_limited(
             except subprocess.TimeoutExpired:
                 _signal_group(process.pid, signal.SIGKILL)
                 code = process.wait()
-        _signal_group(process.pid, signal.SIGKILL)
+        finally:
+            # Its own session keeps a Ctrl-C at the terminal from reaching the group: when this
+            # process is interrupted, the group goes too instead of running on unwatched.
+            _signal_group(process.pid, signal.SIGKILL)
     return {
         "exit_code": code,
         "seconds": round(time.perf_counter() - started, 2),
@@ -262,10 +266,15 @@ def corpus(shared: Path) -> list[dict[str, str]]:
 
 
 def pick_rows(
-    records: list[dict[str, Any]], count: int, tokenizer: Any, prompt_format: str, max_length: int
+    records: list[dict[str, Any]],
+    count: int,
+    tokenizer: Any,
+    prompt_format: str,
+    max_length: int,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """`count` records in a seeded order that `reasonguard train` keeps whole enough to learn
-    from: valid, and with at least one label token within `max_length`.
+    """`count` records in a seeded order (`seed`) that `reasonguard train` keeps whole enough to
+    learn from: valid, and with at least one label token within `max_length`.
 
     Raises:
         SystemExit: fewer usable records than `count`.
@@ -275,7 +284,7 @@ def pick_rows(
 
     valid, _ = validate_records({"bench": records}, skip_invalid=True, source="bench")
     order = list(valid["bench"])
-    random.Random(0).shuffle(order)
+    random.Random(seed).shuffle(order)
     picked: list[dict[str, Any]] = []
     for start in range(0, len(order), 64):
         chunk = order[start : start + 64]

@@ -11,7 +11,7 @@ base via bitsandbytes), it times, alternating A B A B like the CPU bench on the 
 - B, reasonguard's default: the step's rows packed best-fit into `--max-length` rows with
   per-sample attention, LM head and loss only at label positions, no checkpointing;
 
-both under bf16 autocast (the step functions are the CPU bench's, `train_throughput.step_a/b`).
+both under bf16 autocast (the step functions are the CPU bench's, `train_setups.step_a/b`).
 
 It reports real tokens/s of each, B/A, peak GPU memory per phase, and MFU: model FLOPs
 (`plan.flops_per_token` for the computed tokens + `plan.lm_head_flops` for the label tokens, the
@@ -136,9 +136,10 @@ def main() -> int:
         return 2
     sys.path.insert(0, str(REPO / "src"))
     sys.path.insert(0, str(REPO / "bench"))
+    from benchlib import corpus
     from reasonguard.models import LLAMA3_CHAT_TEMPLATE, load_tokenizer
     from reasonguard.train.data import encode
-    from train_throughput import corpus, set_checkpointing, step_a, step_b
+    from train_setups import set_checkpointing, step_a, step_b
 
     tokenizer = load_tokenizer("llama3-tokenizer")
     tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE

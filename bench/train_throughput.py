@@ -72,291 +72,41 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from benchlib import (
+    corpus,
+    machine_facts,
+    pick_rows,
+    read_jsonl,
+    run_limited,
+    torch_facts,
+    write_json,
+    write_jsonl,
+)
+from train_setups import (
+    A_MICRO_BATCH,
+    TokenCounter,
+    adamw,
+    step_a,
+    step_clock,
+    trl_accumulation,
+    trl_records,
+    trl_trainer,
+    window,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
 DEMO_CONFIG = "configs/demo-cpu.yaml"
 SETUPS = ("A", "T", "R")
-A_MICRO_BATCH = 2
 NO_LOGGING = 1_000_000  # logging_steps for the step measurement: no log event in the timed steps
-
-# Prediction folder -> benchmark file (same rows, same order).
-BENCHMARKS = {
-    "SimpleSafetyTests": "0_0_SimpleSafetyTests.json",
-    "AegisSafetyTest": "0_1_AegisSafetyTest.json",
-    "HarmBenchPrompt": "0_3_harmbench_prompt.json",
-    "HarmBenchResponse": "0_5_harmbench_response.json",
-    "XSTestReponseHarmful": "0_6_xstest_response_harmful.json",
-    "XSTestResponseRefusal": "0_7_xstest_response_refusal.json",
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Rows
-
-
-def corpus(shared: Path) -> list[dict[str, str]]:
-    """Benchmark inputs with the released 1B model's outputs, joined row by row."""
-    rows = []
-    for folder, bench_file in BENCHMARKS.items():
-        preds_path = shared / "data/predictions/GuardReasoner-1B" / folder
-        preds = [json.loads(line) for line in (preds_path / "generated_predictions.jsonl").open()]
-        inputs = json.loads((shared / "data/benchmarks" / bench_file).read_text())
-        if len(preds) != len(inputs):
-            sys.exit(f"{folder}: {len(preds)} predictions but {len(inputs)} benchmark rows")
-        for pred, row in zip(preds, inputs, strict=True):
-            rows.append(
-                {
-                    "instruction": row["instruction"],
-                    "input": row["input"],
-                    "output": pred["predict"],
-                }
-            )
-    return rows
-
-
-def pick_rows(
-    records: list[dict[str, Any]], count: int, tokenizer: Any, config: Any, seed: int
-) -> list[dict[str, Any]]:
-    """`count` valid records in a seeded order, each keeping a label within the max length (the
-    rows `reasonguard train` would keep: none is dropped by its validation or its encoding)."""
-    from reasonguard.data.validate import validate_records
-    from reasonguard.train.data import encode
-
-    valid, _ = validate_records({"bench": records}, skip_invalid=True, source="bench")
-    order = list(valid["bench"])
-    random.Random(seed).shuffle(order)
-    picked: list[dict[str, Any]] = []
-    for start in range(0, len(order), 64):
-        chunk = order[start : start + 64]
-        encoded = encode(
-            [("bench", i, r) for i, r in enumerate(chunk)],
-            tokenizer,
-            config.prompt_format,
-            config.max_length,
-        )
-        picked += [r for r, e in zip(chunk, encoded, strict=True) if e.num_labels > 0]
-        if len(picked) >= count:
-            return picked[:count]
-    sys.exit(f"only {len(picked)} usable rows, {count} needed")
-
-
-def trl_records(records: list[dict[str, Any]], tokenizer: Any, prompt_format: str) -> list[dict]:
-    """The same rows as TRL prompt/completion records, with reasonguard's prompt and completion
-    texts (the two strings `encode_records` tokenizes)."""
-    from reasonguard.format import INSTRUCTION, build_training_pair
-
-    out = []
-    for r in records:
-        prompt, completion = build_training_pair(
-            r["input"], r["output"], prompt_format, tokenizer, r.get("instruction") or INSTRUCTION
-        )
-        out.append({"prompt": prompt, "completion": completion})
-    return out
-
-
-def trl_accumulation(records: list[dict], tokenizer: Any, config: Any, steps: int) -> int:
-    """T's gradient accumulation (packs per optimizer step): TRL's own packing of the rows'
-    token ids, divided by the number of steps (rounded down, so T takes at least `steps`)."""
-    from datasets import Dataset, disable_progress_bars
-    from trl import pack_dataset
-
-    from reasonguard.train.data import encode
-
-    disable_progress_bars()
-
-    rows = encode(
-        [("bench", i, r) for i, r in enumerate(records)],
-        tokenizer,
-        config.prompt_format,
-        config.max_length,
-    )
-    dataset = Dataset.from_dict({"input_ids": [e.input_ids.tolist() for e in rows]})
-    packs = len(pack_dataset(dataset, config.max_length, "bfd"))
-    return max(1, packs // steps)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
-
-
-# --------------------------------------------------------------------------------------------
-# Step functions (A's step; B's step is also used by bench/train_gpu.py)
-
-
-def set_checkpointing(model, on: bool) -> None:
-    base = model.get_base_model()
-    if on:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        base.gradient_checkpointing_disable()
-
-
-def on_device(batch: dict, device: str | None) -> dict:
-    """The batch's tensors on `device` (unchanged for None: the CPU bench)."""
-    return batch if device is None else {k: v.to(device) for k, v in batch.items()}
-
-
-def autocast(device: str | None):
-    """bf16 autocast on CUDA (the GPU bench); nothing on CPU (fp32, as `train` runs there)."""
-    import contextlib
-
-    import torch
-
-    if device == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def step_a(
-    model,
-    rows,
-    pad: int,
-    device: str | None = None,
-    optimizer: Any = None,
-    mask_prompt: bool = False,
-) -> tuple[int, int]:
-    """The padded step: pairs in data order, padded, the full head and Hugging Face's loss over
-    every non-pad token (prompt included, or masked with `mask_prompt`), averaged per pair;
-    gradients clipped at 1.0, then `optimizer` steps when given. Returns (real, computed)."""
-    import torch
-
-    from reasonguard.train.data import collate
-
-    pairs = [rows[i : i + A_MICRO_BATCH] for i in range(0, len(rows), A_MICRO_BATCH)]
-    real = computed = 0
-    for pair in pairs:
-        batch = on_device(collate(pair, pad), device)
-        if mask_prompt:
-            labels = batch["labels"]
-        else:
-            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        with autocast(device):
-            out = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                labels=labels,
-                use_cache=False,
-            )
-        (out.loss / len(pairs)).backward()
-        real += int(batch["attention_mask"].sum())
-        computed += batch["input_ids"].numel()
-    del out
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-    if optimizer is not None:
-        optimizer.step()
-    model.zero_grad(set_to_none=True)
-    return real, computed
-
-
-def step_b(model, rows, budget: int, device: str | None = None) -> tuple[int, int]:
-    """A packed step: rows packed best-fit, labelled-only loss, per-token normalisation;
-    forward + backward + clipping, no update (the GPU bench's B)."""
-    import torch
-
-    from reasonguard.train.data import collate_packed, pack
-    from reasonguard.train.labelled_head import cross_entropy_sum, labelled_positions, run_head
-
-    n_labels = sum(r.num_labels for r in rows)
-    real = computed = 0
-    for group in pack(rows, budget):
-        batch = collate_packed(group)
-        batch["positions"], batch["mask"], batch["targets"] = labelled_positions(batch["labels"])
-        batch = on_device(batch, device)
-        head_fn = cross_entropy_sum(batch["mask"], batch["targets"])
-        with autocast(device):
-            loss = run_head(model, model.get_output_embeddings(), batch, head_fn)
-        (loss / n_labels).backward()
-        real += sum(len(r) for r in group)
-        computed += batch["input_ids"].numel()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-    model.zero_grad(set_to_none=True)
-    return real, computed
-
-
-def adamw(model: Any, config: Any) -> Any:
-    """torch AdamW over the trainable parameters, as `Trainer` builds it from the config (no
-    weight decay on 1-D parameters)."""
-    import torch
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_epsilon,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Counting and timing inside a Trainer
-
-
-class TokenCounter:
-    """Counts the tokens that enter the model's input embedding (every one is real in a packed,
-    padding-free batch)."""
-
-    def __init__(self, model: Any) -> None:
-        self.total = 0
-        model.get_input_embeddings().register_forward_pre_hook(self._count)
-
-    def _count(self, module: Any, args: tuple) -> None:
-        self.total += args[0].numel()
-
-
-def step_clock(counter: TokenCounter) -> Any:
-    """A `TrainerCallback` recording, per optimizer step, its seconds (from the end of the
-    previous step, or the start of training) and its tokens."""
-    from transformers import TrainerCallback
-
-    class StepClock(TrainerCallback):
-        def __init__(self) -> None:
-            self.steps: list[dict[str, float]] = []
-            self._last = 0.0
-            self._tokens = 0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self._last = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            now = time.perf_counter()
-            tokens = counter.total - self._tokens
-            self.steps.append({"seconds": now - self._last, "tokens": tokens, "computed": tokens})
-            self._last, self._tokens = now, counter.total
-
-    return StepClock()
-
-
-def window(steps: list[dict[str, float]], skip: int) -> dict[str, float | None]:
-    """Tokens, seconds and tokens/s of the steps after the first `skip`."""
-    kept = steps[skip:]
-    seconds = sum(s["seconds"] for s in kept)
-    tokens = sum(s["tokens"] for s in kept)
-    return {
-        "steps": len(kept),
-        "tokens": tokens,
-        "computed_tokens": sum(s["computed"] for s in kept),
-        "seconds": seconds,
-        "tokens_per_second": tokens / seconds if seconds > 0 else None,
-    }
+PROCESS_LIMIT_S = 4 * 3600  # a worker or command still running then is stopped (a hang)
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,66 +142,6 @@ def r_overrides(spec: dict[str, Any], rows_file: str, steps: int, out: str, logs
         f"output_dir={out}",
         "resume=never",
     ]
-
-
-def trl_trainer(spec: dict[str, Any], rows_file: str, accumulation: int, logs: int, out: str):
-    """TRL's SFTTrainer on the prompt/completion rows, with R's LoRA and optimisation settings."""
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-    from trl import SFTConfig, SFTTrainer
-
-    h = spec["hyper"]
-    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_path"])
-    tokenizer.pad_token = spec["pad_token"]
-    set_seed(h["seed"])
-    model = AutoModelForCausalLM.from_pretrained(
-        spec["model_path"], dtype=torch.float32, attn_implementation="sdpa"
-    )
-    args = SFTConfig(
-        output_dir=out,
-        max_length=spec["max_length"],
-        packing=True,
-        packing_strategy="bfd",
-        padding_free=True,
-        completion_only_loss=True,
-        per_device_train_batch_size=1,
-        gradient_accumulation_steps=accumulation,
-        num_train_epochs=1,
-        learning_rate=h["learning_rate"],
-        lr_scheduler_type=h["lr_scheduler_type"],
-        warmup_steps=h["warmup_steps"],
-        weight_decay=h["weight_decay"],
-        adam_beta1=h["adam_beta1"],
-        adam_beta2=h["adam_beta2"],
-        adam_epsilon=h["adam_epsilon"],
-        max_grad_norm=h["max_grad_norm"],
-        optim=h["optim"],
-        seed=h["seed"],
-        bf16=False,
-        gradient_checkpointing=False,
-        logging_steps=logs,
-        save_strategy="no",
-        report_to="none",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    lora = LoraConfig(
-        r=h["lora_r"],
-        lora_alpha=h["lora_alpha"],
-        lora_dropout=h["lora_dropout"],
-        target_modules=h["lora_target_modules"],
-        task_type="CAUSAL_LM",
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(read_jsonl(rows_file)),
-        processing_class=tokenizer,
-        peft_config=lora,
-    )
-    return trainer, model
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,19 +267,19 @@ def run_worker(name: str, spec_path: Path, work: Path) -> tuple[dict[str, Any], 
     log = work / f"{name}.log"
     command = [sys.executable, str(SCRIPT), "--worker", name, "--spec", str(spec_path)]
     command += ["--result", str(result)]
-    return _timed(command, log, os.environ, name), result
+    return _timed(command, log, dict(os.environ), name), result
 
 
-def _timed(command: list[str], log: Path, env: Any, name: str) -> float:
+def _timed(command: list[str], log: Path, env: dict[str, str], name: str) -> float:
+    """Run one process (`benchlib.run_limited`); its wall seconds, or exit with its log's end."""
     print(f"{name}: running ({log})", flush=True)
-    t0 = time.perf_counter()
-    with log.open("w") as handle:
-        code = subprocess.call(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - t0
-    if code != 0:
+    log.unlink(missing_ok=True)  # run_limited appends: the log holds this run only
+    done = run_limited(command, log, env, PROCESS_LIMIT_S)
+    if done["exit_code"] != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        sys.exit(f"{name} failed (exit {code}); the end of {log}:\n{tail}")
-    return seconds
+        why = "stopped at the time limit" if done["timed_out"] else f"exit {done['exit_code']}"
+        sys.exit(f"{name} failed ({why}); the end of {log}:\n{tail}")
+    return done["seconds"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,7 +314,7 @@ def command_r(
     log = work / f"{name.lower()}-command-{round_}.log"
     seconds = _timed(command, log, env, f"{name} command, round {round_ + 1}")
     info = json.loads((out / "training_info.json").read_text())
-    events = [e for e in _read_events(out / "metrics.jsonl") if "train_loss" in e]
+    events = [e for e in read_jsonl(out / "metrics.jsonl") if "train_loss" in e]
     steps, last_time, last_tokens = [], 0.0, 0
     for e in events:
         steps.append(
@@ -647,10 +337,6 @@ def command_r(
         "allocator": info["model"]["cpu_allocator"]["action"],
         "steps": steps,
     }
-
-
-def _read_events(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def command_t(spec_path: Path, work: Path) -> dict[str, Any]:
@@ -730,6 +416,8 @@ def command_summary(got: dict[str, Any]) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
+    """The machine and libraries (`benchlib`), the torch threads, and the commit, hardware and
+    allocator decision as reasonguard records them in training_info.json."""
     import torch
     import transformers
     import trl
@@ -738,24 +426,13 @@ def machine_info() -> dict[str, Any]:
     from reasonguard.launch.runinfo import environment_info
 
     env = environment_info()
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
     return {
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        **machine_facts(),
+        **torch_facts(),
         "transformers": transformers.__version__,
         "trl": trl.__version__,
         "torch_threads": torch.get_num_threads(),
-        "git_commit": env.get("git_commit"),
+        "git_commit": env.get("git_commit"),  # the full commit, marked +dirty with changes
         "hardware": env.get("hardware"),
         "allocator": decision()["action"],
     }
@@ -903,7 +580,10 @@ def write_spec(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], Pa
         records = [r for rows in load_source(args.dataset).values() for r in rows]
     step_count = args.rows_per_step * (args.warmup_steps + args.steps)
     command_count = 0 if args.skip_command else args.rows_per_step * args.command_steps
-    picked = pick_rows(records, max(step_count, command_count), tokenizer, config, args.seed)
+    count = max(step_count, command_count)
+    picked = pick_rows(
+        records, count, tokenizer, config.prompt_format, config.max_length, seed=args.seed
+    )
     step_rows, command_rows = picked[:step_count], picked[:command_count]
     spec: dict[str, Any] = {
         **base,
@@ -955,9 +635,7 @@ def write_spec(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], Pa
         spec["trl_command_accumulation"] = trl_accumulation(
             command_rows, tokenizer, config, args.command_steps
         )
-    path = work / "spec.json"
-    path.write_text(json.dumps(spec, indent=2) + "\n")
-    return spec, path
+    return spec, write_json(work / "spec.json", spec)
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -1006,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO / "src"))
     if args.worker:
         got = WORKERS[args.worker](json.loads(Path(args.spec).read_text()), Path(args.spec).parent)
-        Path(args.result).write_text(json.dumps(got) + "\n")
+        write_json(Path(args.result), got)
         return 0
 
     from reasonguard.launch.allocenv import GUARD, MALLOC_ENV, decision
@@ -1024,8 +702,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print_tables(result)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(Path(args.json), result)
     return 0
 
 
