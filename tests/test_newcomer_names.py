@@ -150,13 +150,13 @@ def test_offline_mode_loads_a_model_from_the_hub_cache(tmp_path) -> None:
 
 
 def test_probe_runs_once_per_process(online_mode, monkeypatch) -> None:
-    from reasonguard import models
+    from reasonguard import hub
 
-    first = models.hub_available()
-    assert list(models._HUB_PROBES.values()) == [first]
-    assert models.hub_available() is first
+    first = hub.hub_available()
+    assert list(hub._HUB_PROBES.values()) == [first]
+    assert hub.hub_available() is first
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert models.hub_available() is False  # offline mode: no probe, no network
+    assert hub.hub_available() is False  # offline mode: no probe, no network
 
 
 def test_aliases_and_existing_folders_are_not_checked_against_the_hub(tmp_path: Path) -> None:

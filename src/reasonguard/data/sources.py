@@ -26,7 +26,7 @@ from typing import Any
 
 from reasonguard.errors import UserError
 from reasonguard.format import INSTRUCTION
-from reasonguard.models import check_name, looks_like_hub_id
+from reasonguard.hub import check_name, looks_like_hub_id
 
 DEFAULT_DATASET = "yueliu1999/GuardReasonerTrain"
 SPLITS = ("WildGuardTrainR", "AegisTrainR", "BeaverTailsTrainR", "ToxicChatTrainR")

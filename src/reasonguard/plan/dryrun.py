@@ -25,7 +25,8 @@ from reasonguard.data.sources import (
     is_hub_dataset_id,
 )
 from reasonguard.errors import UserError
-from reasonguard.models import check_name, hub_reachable, looks_like_hub_id
+from reasonguard.hub import check_name, hub_reachable, looks_like_hub_id
+from reasonguard.models import ALIASES
 from reasonguard.train import checkpoint as ckpt
 from reasonguard.train.data import (
     load_records,
@@ -39,8 +40,6 @@ from reasonguard.train.modeling import environment_problems, load_training_token
 
 
 def _is_local(name: str) -> bool:
-    from reasonguard.models import ALIASES
-
     return name in ALIASES or name == "samples" or Path(name).expanduser().exists()
 
 
@@ -51,7 +50,7 @@ def _check_local_model(config: Any) -> None:
         name = getattr(config, key, None)
         if name and not _is_local(name) and not looks_like_hub_id(name):
             try:
-                check_name(name, kind="model")
+                check_name(name, kind="model", aliases=ALIASES)
             except UserError as exc:
                 raise UserError(f"config key {key!r}: {exc}") from None
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from reasonguard.errors import UserError
-from reasonguard.models import hub_reachable  # noqa: F401  (planning's probe lives with the models)
+from reasonguard.hub import hub_reachable
 
 GIB = 1024**3
 

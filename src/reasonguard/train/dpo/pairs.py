@@ -27,7 +27,8 @@ from typing import Any
 from reasonguard.data.sources import is_hub_dataset_id
 from reasonguard.data.validate import InvalidRow, ValidationReport, check_texts
 from reasonguard.errors import UserError
-from reasonguard.models import ALIASES, looks_like_hub_id
+from reasonguard.hub import looks_like_hub_id
+from reasonguard.models import ALIASES
 from reasonguard.train.data import Example, encode, p95, split_stats, split_train_eval
 
 
