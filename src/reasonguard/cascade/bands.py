@@ -30,7 +30,8 @@ from reasonguard.errors import UserError
 from reasonguard.format import POSITIVE_LABEL, TASK_FIELD, TASKS
 
 CASCADE_FILE = "cascade.json"
-MODES = ("reasoning", "fast", "cascade")
+# `classifier`: the verdict of an encoder classifier alone (`infer/classifier.py`).
+MODES = ("reasoning", "fast", "cascade", "classifier")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from reasonguard.commands.generate import (
     add_model_arguments,
     backend_options,
     cascade_bands,
+    resolve_mode,
 )
 
 
@@ -56,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give either --prompt TEXT [--response TEXT] or --input FILE")
     if args.input is not None and args.response is not None:
         raise UserError("--response goes with --prompt, not --input")
-    if args.no_scores and args.mode == "fast":
+    if args.no_scores and resolve_mode(args) in ("fast", "classifier"):
         raise UserError(
-            "--no-scores goes with --mode reasoning or cascade: fast mode's verdicts are the "
+            f"--no-scores goes with --mode reasoning or cascade: {args.mode} verdicts are the "
             "label probabilities, so there is no extra pass to skip"
         )
     # Everything that can be checked without the model is checked before it loads.
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         if args.input is None
         else _read(args.input)
     )
-    bands = cascade_bands(args.model, args.mode)
+    bands = cascade_bands(args.model, resolve_mode(args))
     options = backend_options(args)
 
     from reasonguard.cascade.bands import Bands
@@ -129,6 +130,8 @@ def _start_line(model: str, mode: str, max_new_tokens: int, count: int) -> str:
     budget = f"{max_new_tokens} new tokens{each}"
     if mode == "fast":
         return f"judging with {model}{items} (fast mode: no reasoning)..."
+    if mode == "classifier":
+        return f"judging with {model}{items} (encoder classifier: no reasoning)..."
     if mode == "cascade":
         return (
             f"judging with {model}{items} (cascade mode: fast verdicts, reasoning of up to "

@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
             for k in _GENERATION_ONLY
             if getattr(args, k) not in (None, False)
         ]
-        given += ["--mode"] if args.mode != "reasoning" else []
+        given += ["--mode"] if args.mode is not None else []
         if given:
             raise UserError(f"{', '.join(given)}: only with --model (generation options)")
     args.paper = [paper_row_name(name) for name in args.paper]  # unknown: fail before any work

@@ -106,16 +106,30 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
 
 
 def add_mode_argument(p: argparse.ArgumentParser) -> None:
-    """`--mode`: reasoning, fast or cascade (shared by `classify`, `generate`, `evaluate`)."""
+    """`--mode`: reasoning, fast, cascade or classifier (shared by `classify`, `generate`,
+    `evaluate`); None when not given (`resolve_mode`: the model's default)."""
     p.add_argument(
         "--mode",
-        choices=("reasoning", "fast", "cascade"),
-        default="reasoning",
+        choices=("reasoning", "fast", "cascade", "classifier"),
+        default=None,
         help="reasoning (default): the guard reasons, then answers; fast: no reasoning, the "
         "labels read from the answer block's probabilities (a few forward passes); "
         "cascade: fast, then reasoning for the items inside the uncertainty bands that "
-        "`reasonguard calibrate` saved with the model",
+        "`reasonguard calibrate` saved with the model; classifier (the default and only mode "
+        "of a folder from `reasonguard train classifier`): one encoder pass per item",
     )
+
+
+def resolve_mode(args: argparse.Namespace) -> str:
+    """`--mode`, or the model's default when it is not given: `classifier` for a classifier
+    folder, else `reasoning`. Sets `args.mode`."""
+    if args.mode is None:
+        from reasonguard.classifier.kinds import is_classifier
+        from reasonguard.models import resolve_model
+
+        model = getattr(args, "model", None)
+        args.mode = "classifier" if model and is_classifier(resolve_model(model)) else "reasoning"
+    return args.mode
 
 
 def cascade_bands(model: str, mode: str) -> dict | None:
@@ -250,6 +264,7 @@ def run_generation(args: argparse.Namespace, jobs: list, out: str) -> dict[str, 
     """Run `jobs` into `out` with the parsed model and generation options (resumable)."""
     from reasonguard.generation.run import Decoding, run_jobs
 
+    resolve_mode(args)
     if args.mode == "cascade":
         warn_calibration_overlap(args.model, jobs, args.limit)
     decoding = Decoding(

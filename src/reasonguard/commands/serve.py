@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
+    _check_classifier(args)
 
     import uvicorn
 
@@ -161,6 +162,23 @@ def run(args: argparse.Namespace) -> int:
         ws_max_size=2 * settings.max_body_bytes,
     )
     return 0
+
+
+def _check_classifier(args: argparse.Namespace) -> None:
+    """A classifier folder (`reasonguard train classifier`) is served by transformers, and it
+    has no reasoning to be asked for: refused here, before anything loads."""
+    from reasonguard.classifier.kinds import is_classifier
+    from reasonguard.errors import UserError
+    from reasonguard.models import resolve_model
+
+    if not is_classifier(resolve_model(args.model)):
+        return
+    if args.backend != "hf":
+        raise UserError(f"{args.model} is an encoder classifier: serve it with --backend hf")
+    if args.reasoning == "always":
+        raise UserError(
+            f"--reasoning always: {args.model} is an encoder classifier, it writes no reasoning"
+        )
 
 
 def is_loopback(host: str) -> bool:

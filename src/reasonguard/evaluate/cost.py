@@ -1,6 +1,7 @@
 """What generating a set of predictions cost (`CostTally`): items, generated tokens per item,
 wall seconds per item (from the timing file `generate` keeps beside the predictions), the share
-of items a cascade escalated to reasoning, and the run's mode (reasoning, fast or cascade).
+of items a cascade escalated to reasoning, and the run's mode (reasoning, fast, cascade, or
+classifier: an encoder classifier's rows, which generate no tokens either).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class CostTally:
     escalated: int = 0
     with_escalated: int = 0
     fast: int = 0
+    classifier: int = 0
 
     def add(self, row: dict[str, Any]) -> None:
         self.items += 1
@@ -34,6 +36,7 @@ class CostTally:
             self.with_escalated += 1
             self.escalated += row["escalated"]
         self.fast += row.get("mode") == "fast"
+        self.classifier += row.get("mode") == "classifier"
 
     def add_timing(self, pred_path: Path) -> None:
         """Seconds and rows from the timing file `generate` keeps for these predictions
@@ -58,6 +61,8 @@ class CostTally:
             return None
         if self.with_escalated:
             return "cascade"
+        if self.classifier == self.items:
+            return "classifier"
         return "fast" if self.fast == self.items else "reasoning"
 
     def to_dict(self) -> dict[str, Any]:

@@ -36,8 +36,9 @@ class Decoding:
         max_new_tokens: the token budget per continuation (the official 2048).
         seed: base sampling seed.
         mode: `reasoning` (generate, the paper's way), `fast` (the forced answer block's label
-            probabilities, no generation) or `cascade` (fast, then reasoning for the items
-            inside `bands`); fast and cascade are for benchmarks, greedy, one sample.
+            probabilities, no generation), `cascade` (fast, then reasoning for the items
+            inside `bands`) or `classifier` (an encoder classifier's verdicts); all but
+            reasoning are for benchmarks, greedy, one sample.
         bands: the cascade's uncertainty bands (`cascade.Bands.to_dict()`).
     """
 

@@ -60,6 +60,7 @@ from reasonguard.generation.parallel import run_data_parallel
 from reasonguard.generation.resume import JsonlAppender, RunState, fingerprint
 from reasonguard.generation.windows import check_resume, generate_job
 from reasonguard.infer.backends import Backend, check_sampling, resolve_prompt_format
+from reasonguard.infer.classifier import check_model_mode
 from reasonguard.infer.loading import load_backend
 from reasonguard.models import resolve_model
 
@@ -130,9 +131,16 @@ def run_jobs(
     check_mode_decoding(decoding, jobs)
     if data_parallel < 1:
         raise UserError(f"--data-parallel must be at least 1, got {data_parallel}")
+    path = resolve_model(model)
+    check_model_mode(str(model), path, decoding.mode)
+    if decoding.mode == "classifier":
+        _check_classifier_options(backend, prompt_format, data_parallel)
     params = {
         "model": str(model),
-        "prompt_format": resolve_prompt_format(resolve_model(model), prompt_format),
+        # A classifier reads the item, not a prompt: it has no prompt format.
+        "prompt_format": None
+        if decoding.mode == "classifier"
+        else resolve_prompt_format(path, prompt_format),
         "backend": backend,
         **decoding.params(),
     }
@@ -181,3 +189,16 @@ def run_jobs(
         if close is not None:  # a vLLM engine's processes stop now, not at interpreter exit
             close()
     return counts
+
+
+def _check_classifier_options(backend: str, prompt_format: str | None, data_parallel: int) -> None:
+    """Options of a generating model refused for a classifier, by name, before the run's
+    folder is touched."""
+    if backend != "hf":
+        raise UserError("an encoder classifier runs on transformers: use --backend hf")
+    if prompt_format is not None:
+        raise UserError("--prompt-format: an encoder classifier reads the item, not a prompt")
+    if data_parallel > 1:
+        # Shards start on multiples of a generating backend's window (`planned_window_size`),
+        # which a classifier's batches do not share.
+        raise UserError("--data-parallel: an encoder classifier runs in one process")

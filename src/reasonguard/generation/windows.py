@@ -172,7 +172,8 @@ def _fast_window(
     decoding: Decoding,
     scores: bool,
 ) -> int:
-    """Fast mode or the cascade over one window of a benchmark job; returns tokens generated.
+    """Fast mode, a classifier or the cascade over one window of a benchmark job; returns
+    tokens generated.
 
     The whole window is computed (as a reasoning window is, so a resumed window equals an
     uninterrupted one) and its rows from `done` on are written in order.
@@ -180,6 +181,7 @@ def _fast_window(
     from reasonguard.cascade.bands import Bands, escalate
 
     tasks = [score_tasks(r) for r in records]
+    fast_mode = "classifier" if decoding.mode == "classifier" else "fast"
     fast_prompts = [backend.build_fast_prompt(r["input"], instruction_of(r)) for r in records]
     verdicts = backend.fast_verdicts(fast_prompts, tasks)
     hard: list[int] = []
@@ -212,7 +214,7 @@ def _fast_window(
         else:
             fast = Generation(text=verdict.text, num_tokens=0, hit_token_limit=False)
             row = output_row(job, record, [fast], verdict.scores)
-        row["mode"] = "reasoning" if i in reasoned else "fast"
+        row["mode"] = "reasoning" if i in reasoned else fast_mode
         if decoding.mode == "cascade":
             row["escalated"] = i in reasoned
             row["fast_scores"] = verdict.scores

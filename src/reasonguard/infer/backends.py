@@ -77,6 +77,8 @@ class Backend:
 
     fast_mode_marker: str | None = None
     supports_fast = False  # implements `fast_verdicts`
+    # The `Guard.classify` modes it answers, its default first (a classifier: `classifier`).
+    modes: tuple[str, ...] = ("reasoning", "fast", "cascade")
     name: str
     path: str
     prompt_format: str

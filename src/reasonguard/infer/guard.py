@@ -31,6 +31,7 @@ from reasonguard.cascade.bands import MODES, Bands, escalate, read_bands
 from reasonguard.errors import UserError
 from reasonguard.format import TASK_FIELD, parse_output, render_input
 from reasonguard.infer.backends import Backend, Generation
+from reasonguard.infer.classifier import check_model_mode
 from reasonguard.infer.loading import load_backend
 from reasonguard.infer.scores import empty_scores
 from reasonguard.models import resolve_model
@@ -56,7 +57,7 @@ class GuardResult:
     scores: dict[str, dict[str, float] | None] = field(default_factory=empty_scores)
     output: str = ""  # the raw generation, for debugging and audits
     num_tokens: int = 0
-    mode: str = "reasoning"  # what produced the verdict: `reasoning` or `fast`
+    mode: str = "reasoning"  # what produced the verdict: `reasoning`, `fast` or `classifier`
 
     def label(self, task: str) -> str | None:
         """The verdict's label for a task name in `reasonguard.format.TASKS`."""
@@ -135,7 +136,8 @@ class Guard:
     Attributes:
         backend: the generation backend (its `prompt_format` is the model's).
         max_new_tokens: the default token budget of `classify`.
-        mode: the default mode of `classify` (`reasoning`, `fast` or `cascade`).
+        mode: the default mode of `classify` (`reasoning`, `fast` or `cascade`; `classifier`
+            for an encoder classifier, its only mode).
         bands: the cascade's uncertainty bands (the model's calibrated ones by default).
     """
 
@@ -143,17 +145,31 @@ class Guard:
         self,
         backend: Backend,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        mode: str = "reasoning",
+        mode: str | None = None,
         bands: Bands | None = None,
     ) -> None:
         self.backend = backend
         self.max_new_tokens = max_new_tokens
-        self.mode = check_mode(mode)
+        self.mode = self._check_mode(mode or backend.modes[0])
         self.bands = bands
+
+    def _check_mode(self, mode: str) -> str:
+        check_mode(mode)
+        if mode not in self.backend.modes:
+            raise UserError(
+                f"{self.backend.name}: mode {mode!r} is not one of this guard's modes "
+                f"({', '.join(self.backend.modes)})"
+            )
+        return mode
 
     @property
     def prompt_format(self) -> str:
         return self.backend.prompt_format
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes `classify` accepts (a classifier's: `classifier` alone)."""
+        return self.backend.modes
 
     @property
     def supports_fast(self) -> bool:
@@ -179,7 +195,8 @@ class Guard:
                 item). Fast mode always has them: they are its verdict.
             timeout_s: stop generating after this many seconds (HF backend); outputs cut short
                 are `truncated` (usually `is_parsing_error`) and get no scores.
-            mode: `reasoning`, `fast` or `cascade` (default: the guard's `mode`).
+            mode: `reasoning`, `fast` or `cascade`; a classifier's `classifier` (default: the
+                guard's `mode`, one of `modes`).
             bands: the cascade's bands (default: the guard's, from `reasonguard calibrate`).
 
         Returns:
@@ -189,7 +206,7 @@ class Guard:
             InvalidItemError: a malformed item (nothing is generated then).
             UserError: an unknown mode, or a cascade without bands.
         """
-        mode = check_mode(mode or self.mode)
+        mode = self._check_mode(mode or self.mode)
         pairs = validate_items(items)
         if not pairs:
             return []
@@ -202,8 +219,8 @@ class Guard:
                 f"{self.backend.name}: the cascade needs uncertainty bands; run "
                 "`reasonguard calibrate` on a labelled dev set first, or pass bands"
             )
-        fast = self._fast(pairs)
-        if mode == "fast":
+        fast = self._fast(pairs, "classifier" if mode == "classifier" else "fast")
+        if mode in ("fast", "classifier"):
             return fast
         chosen = bands or self.bands
         hard = [
@@ -217,10 +234,10 @@ class Guard:
                 fast[i] = result
         return fast
 
-    def _fast(self, pairs: list[tuple[str, str | None]]) -> list[GuardResult]:
+    def _fast(self, pairs: list[tuple[str, str | None]], mode: str = "fast") -> list[GuardResult]:
         prompts = [self.backend.build_fast_prompt(render_input(p, r)) for p, r in pairs]
         verdicts = self.backend.fast_verdicts(prompts, [asked_tasks(r) for _, r in pairs])
-        return [fast_result(v) for v in verdicts]
+        return [fast_result(v, mode) for v in verdicts]
 
     def _reason(
         self,
@@ -246,15 +263,15 @@ class Guard:
         ]
 
 
-def fast_result(verdict: Any) -> GuardResult:
+def fast_result(verdict: Any, mode: str = "fast") -> GuardResult:
     """The result of one fast verdict (`fast.FastVerdict`; also used by streaming and the
-    server's vLLM engine)."""
+    server's vLLM engine, and for a classifier's verdict, `mode="classifier"`)."""
     return GuardResult(
         **(parse_output(verdict.text).to_dict() | {"reason": ""}),
         scores=verdict.scores,
         output=verdict.text,
         num_tokens=0,
-        mode="fast",
+        mode=mode,
     )
 
 
@@ -276,7 +293,7 @@ def load_guard(
     prompt_format: str | None = None,
     device: str | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    mode: str = "reasoning",
+    mode: str | None = None,
     bands: Bands | None = None,
     **kwargs: Any,
 ) -> Guard:
@@ -284,15 +301,16 @@ def load_guard(
 
     Args:
         path_or_hub_id: a trained model folder (its recorded prompt format is used), a hub id,
-            or an offline alias (`smollm2`, `tiny-llama`).
+            an offline alias (`smollm2`, `tiny-llama`), or a classifier folder from
+            `reasonguard train classifier` (mode `classifier`: `infer/classifier.py`).
         backend: `hf` (CPU or GPU) or `vllm` (GPU, or an x86 CPU with vLLM's CPU build); both
             give scores and every mode.
         prompt_format: for models without a guard record; default `raw`.
         device: HF only; default CUDA when available.
         max_new_tokens: default token budget of `classify`.
-        mode: default mode of `classify`: `reasoning`, `fast` (no reasoning: the answer
-            block's label probabilities) or `cascade` (fast, then reasoning inside the
-            uncertainty bands).
+        mode: default mode of `classify`: `reasoning` (the default), `fast` (no reasoning: the
+            answer block's label probabilities) or `cascade` (fast, then reasoning inside the
+            uncertainty bands); a classifier's is `classifier`.
         bands: the cascade's bands; default: the model folder's `cascade.json` (written by
             `reasonguard calibrate`), if any.
         **kwargs: backend options (`batch_size`, `trust_remote_code`, `load_in_4bit`,
@@ -303,10 +321,12 @@ def load_guard(
     """
     if backend == "hf":
         kwargs["device"] = device
-    check_mode(mode)
+    path = resolve_model(path_or_hub_id)
+    if mode is not None:
+        check_mode(mode)
+        check_model_mode(path_or_hub_id, path, mode)  # before the weights load
     if bands is None:
         # Read before the weights load, so a cascade without bands fails in a moment.
-        path = resolve_model(path_or_hub_id)
         bands = read_bands(path) if Path(path).is_dir() else None
     if mode == "cascade" and bands is None:
         raise UserError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from reasonguard.classifier.kinds import is_classifier
 from reasonguard.errors import UserError
 from reasonguard.infer.backends import (
     BACKENDS,
@@ -57,8 +58,9 @@ def load_backend(
     """Load a model for generation.
 
     Args:
-        model: an offline alias (`smollm2`, `tiny-llama`), a hub id, a saved full model folder
-            or a LoRA output folder (adapter + tokenizer + `reasonguard.json`).
+        model: an offline alias (`smollm2`, `tiny-llama`), a hub id, a saved full model folder,
+            a LoRA output folder (adapter + tokenizer + `reasonguard.json`), or a classifier
+            folder from `reasonguard train classifier` (`classifier.ClassifierBackend`).
         backend: `hf` or `vllm`.
         prompt_format: for models without a guard record (hub ids); see `resolve_prompt_format`.
         device: HF only: `cpu`, `cuda`, `cuda:1`; default CUDA when available.
@@ -78,6 +80,8 @@ def load_backend(
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     path = resolve_model(model)
+    if is_classifier(path):
+        return _load_classifier(model, path, backend, prompt_format, device, batch_size, kwargs)
     fmt = resolve_prompt_format(path, prompt_format)
     loaded: Backend
     if backend == "vllm":
@@ -98,3 +102,32 @@ def load_backend(
         )
     loaded.fast_mode_marker = recorded_fast_marker(path)
     return loaded
+
+
+def _load_classifier(
+    model: str,
+    path: str,
+    backend: str,
+    prompt_format: str | None,
+    device: str | None,
+    batch_size: int | None,
+    options: dict[str, Any],
+) -> Backend:
+    """A classifier folder's backend; the options of a generating model are refused by name."""
+    from reasonguard.infer.classifier import ClassifierBackend
+
+    if backend != "hf":
+        raise UserError(
+            f"{model} is an encoder classifier: it runs on transformers (--backend hf), not "
+            f"{backend} (nothing is generated, so vLLM has nothing to add)"
+        )
+    if prompt_format is not None:
+        raise UserError(f"{model} is an encoder classifier: it has no --prompt-format")
+    unknown = sorted(k for k, v in options.items() if k != "threads" and v not in (None, False))
+    if unknown:
+        raise UserError(
+            f"{model} is an encoder classifier: {', '.join(unknown)} apply to generating models"
+        )
+    return ClassifierBackend(
+        model, path, device=device, batch_size=batch_size, threads=options.get("threads")
+    )

@@ -50,7 +50,7 @@ class StreamVerdict:
     """The verdict after one check of a stream.
 
     Attributes:
-        result: the fast verdict of the prompt and the response so far (`mode` is `fast`).
+        result: the fast verdict of the prompt and the response so far (`mode` is `fast`, or `classifier` for a classifier).
         chunks: chunks fed so far.
         response_chars: characters of the response so far.
         harm: P(the response is harmful), None while there is no response text.
@@ -133,7 +133,9 @@ class ResponseStream:
         response = self.response or None
         prompt = self.backend.build_fast_prompt(render_input(self.prompt, response))
         found = self._state.check(prompt, asked_tasks(response))
-        result = fast_result(found.verdict)
+        # A classifier's verdicts say so; a guard's are fast mode's.
+        mode = "classifier" if "classifier" in self.backend.modes else "fast"
+        result = fast_result(found.verdict, mode)
         probs = result.scores.get(TASK_FIELD["response"])
         harm = None if probs is None else probs.get(POSITIVE_LABEL["response"])
         self.stopped = self.stopped or (harm is not None and harm >= self.threshold)

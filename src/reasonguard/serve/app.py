@@ -168,9 +168,16 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
         return results
 
     fast_ok = getattr(guard, "supports_fast", True)
+    modes = tuple(getattr(guard, "modes", ()))
 
     def mode_for(reasoning: str | None) -> str:
         asked = reasoning or settings.reasoning
+        if modes == ("classifier",):  # an encoder classifier: one pass, nothing to reason with
+            if asked == "always":
+                raise HTTPException(
+                    400, "reasoning 'always' needs a reasoning guard; this one is a classifier"
+                )
+            return "classifier"
         if asked == "auto":
             cascade = fast_ok and getattr(guard, "bands", None) is not None
             return "cascade" if cascade else "reasoning"

@@ -181,7 +181,9 @@ class GuardVerdict(BaseModel):
     )
     output: str = Field(description="The raw generation.")
     num_tokens: int
-    mode: str = Field(default="reasoning", description="What gave the verdict: reasoning | fast")
+    mode: str = Field(
+        default="reasoning", description="What gave the verdict: reasoning | fast | classifier"
+    )
 
 
 class ClassifyResponse(BaseModel):
