@@ -2,14 +2,13 @@
 `final/`; a checkpoint is served as the run trained (its prompt format, its tokenizer).
 
 One real LoRA run of the tiny random Llama (chat format, a checkpoint every 2 steps) serves all
-tests; the CLI runs in a subprocess.
+tests; `reasonguard classify` runs in-process (`main` returns the exit code a user gets, and
+any exception that would print a traceback reaches the test instead).
 """
 
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from reasonguard import load_guard
 from reasonguard.format import render_input
 from reasonguard.models import GUARD_CONFIG_FILE, read_guard_config
 from reasonguard.train.sft import run_sft
-from test_train_support import cli_env, tiny_config
+from test_train_support import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -30,41 +29,38 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return result.run_dir
 
 
-def _classify(model: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "reasonguard", "classify", "--model", str(model), "--prompt", "hi"],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        cwd=cwd,
-        timeout=300,
-    )
+def _classify(cli, model: Path, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    monkeypatch.chdir(cwd)
+    code, _, err = cli("classify", "--model", model, "--prompt", "hi")
+    return code, err
 
 
-def test_the_run_folder_given_as_a_model_names_its_final_folder(run_dir: Path) -> None:
-    done = _classify(run_dir, run_dir.parent)
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
-    assert f"{run_dir} is a training run folder, not a model" in done.stderr
-    assert f"--model {run_dir / 'final'}" in done.stderr
+def test_the_run_folder_given_as_a_model_names_its_final_folder(
+    run_dir: Path, cli, monkeypatch
+) -> None:
+    code, err = _classify(cli, run_dir, run_dir.parent, monkeypatch)
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert f"{run_dir} is a training run folder, not a model" in err
+    assert f"--model {run_dir / 'final'}" in err
 
 
 def test_an_unfinished_run_folder_names_its_newest_checkpoint(
-    run_dir: Path, tmp_path: Path
+    run_dir: Path, tmp_path: Path, cli, monkeypatch
 ) -> None:
     unfinished = tmp_path / "unfinished"
     shutil.copytree(run_dir, unfinished, ignore=shutil.ignore_patterns("final"))
-    done = _classify(unfinished, tmp_path)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "without a final model yet" in done.stderr
-    assert str(unfinished / "checkpoint-4") in done.stderr
+    code, err = _classify(cli, unfinished, tmp_path, monkeypatch)
+    assert code == 2 and "Traceback" not in err
+    assert "without a final model yet" in err
+    assert str(unfinished / "checkpoint-4") in err
 
 
-def test_a_folder_with_no_model_says_so(tmp_path: Path) -> None:
+def test_a_folder_with_no_model_says_so(tmp_path: Path, cli, monkeypatch) -> None:
     (tmp_path / "notes").mkdir()
-    done = _classify(tmp_path / "notes", tmp_path)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "holds no model" in done.stderr and "config.json" in done.stderr
+    code, err = _classify(cli, tmp_path / "notes", tmp_path, monkeypatch)
+    assert code == 2 and "Traceback" not in err
+    assert "holds no model" in err and "config.json" in err
 
 
 def test_a_checkpoint_carries_the_runs_record_and_tokenizer(run_dir: Path) -> None:
