@@ -40,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ from gpu_rows import (  # noqa: E402
     Row,
     train_overrides,
 )
+from reasonguard.compat import unchecked  # noqa: E402
 
 ROWS_SCRIPT = Path(__file__).resolve().parent / "gpu_rows.py"
 DATA_NAME = "check-data.json.gz"
@@ -326,6 +328,10 @@ class Check:
             "optional_installed": {m: installed(m) for m in OPTIONAL},
         }
         self.say("versions: " + ", ".join(f"{k} {v}" for k, v in self.report["versions"].items()))
+        # Private APIs of these libraries that reasonguard leans on, at a release never checked.
+        self.report["private_apis_unchecked"] = unchecked()
+        for line in self.report["private_apis_unchecked"]:
+            self.say(f"not checked: {line}")
         if missing:
             for module, pip in missing.items():
                 self.say(f"missing (required): {module} (pip install {pip})")
@@ -343,15 +349,27 @@ class Check:
         peak = gpu_report.peak_bf16_tflops(built["machine"]["gpu_name"], self.args.peak_tflops)
         self.report["peak_bf16_tflops"] = peak
         for row in self.rows:
-            got = self.one_row(row, built, peak)
+            try:
+                got = self.one_row(row, built, peak)
+            except Exception as exc:  # this driver's own bug: keep the other rows' window
+                got = {"name": row.name, "kind": row.kind, "title": row.title}
+                got |= {"status": "failed", "error": self.own_failure(row.name, exc)}
             self.set_row(got)
             note = got.get("error") or got.get("reason") or gpu_report.rate(got)
             self.say(f"{row.name}: {got['status']} ({note})")
-        measured = self.report["rows"]
-        self.report["plan_constants"] = gpu_report.plan_constants(
-            measured, peak, built["machine"]["gpu_name"]
-        )
+        try:
+            self.report["plan_constants"] = gpu_report.plan_constants(
+                self.report["rows"], peak, built["machine"]["gpu_name"]
+            )
+        except Exception as exc:
+            self.report["plan_constants_error"] = self.own_failure("plan constants", exc)
         return self.finish(None)
+
+    def own_failure(self, what: str, exc: Exception) -> str:
+        """Log the traceback of the check's own code failing on `what`; the error in one line."""
+        with self.log.open("a") as handle:
+            handle.write(f"{what}: the check's own code failed\n{traceback.format_exc()}")
+        return f"the check's own code failed: {type(exc).__name__}: {exc}"[:300]
 
     def finish(self, error: str | None) -> int:
         """Record the outcome; 0 only when both key rows measured and nothing stopped the run."""

@@ -305,6 +305,9 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if report.get("error"):
         lines += [f"**error**: {report['error']}", ""]
+    unchecked = report.get("private_apis_unchecked") or []
+    if unchecked:
+        lines += ["Private APIs at releases never checked: " + "; ".join(unchecked), ""]
     lines += [
         "| row | status | speed | peak GiB (allocated / reserved / NVML) | MFU | MFU (plan) "
         "| note |",
@@ -324,4 +327,6 @@ def markdown(report: dict[str, Any]) -> str:
     constants = report.get("plan_constants")
     if constants:
         lines += ["", constants["advice"]]
+    if report.get("plan_constants_error"):
+        lines += ["", f"plan constants: {report['plan_constants_error']}"]
     return "\n".join(lines) + "\n"

@@ -281,6 +281,7 @@ def test_rehearsed_device_call_measures_every_row_it_can(rehearsed, rehearsal) -
         )
         assert alone.returncode != 0, module
     assert report["versions"]["transformers"] == importlib.metadata.version("transformers")
+    assert report["private_apis_unchecked"] == []  # the carried releases are the checked ones
     assert report["git_commit"]  # from the manifest: the copied tree has no git folder
 
     rows = {r["name"]: r for r in report["rows"]}
@@ -315,6 +316,42 @@ def test_rehearsed_device_call_measures_every_row_it_can(rehearsed, rehearsal) -
     assert "| exp19 | ok |" in table and "| vllm | skipped |" in table
     log = (out / "gpu_check.log").read_text()
     assert "Successfully installed" in log and "final model:" in log
+
+
+@pytest.mark.slow
+def test_rehearsed_rows_give_gpu_numbers_on_an_h200(rehearsed) -> None:
+    """What only a GPU run reaches, on the rehearsal's real rows: MFU over the H200's peak, the
+    block-diagonal attention a packed SDPA row gets on CUDA, the plan constants, the table."""
+    _, report, _ = rehearsed
+    rows = {r["name"]: r for r in report["rows"]}
+    profiles = report["build"]["profiles"]
+    peak = gpu_report.peak_bf16_tflops("NVIDIA H200")
+    model = gpu_rows.DRY_SIZES.model
+    on_gpu = {}
+    for name, packing in (("exp19", "padded"), ("exp19-packed", "packed"), ("lora-bf16", "padded")):
+        on_gpu[name] = gpu_report.mfu(model, rows[name], profiles[packing], peak, True)
+        got = on_gpu[name]
+        assert got["mfu"] == pytest.approx(got["model_tflops_per_second"] / 989.4, abs=1e-4)
+        assert got["mfu_plan"] == pytest.approx(got["plan_tflops_per_second"] / 989.4, abs=1e-4)
+    # Packed rows: per-sample attention on CPU, the whole row's square (a block-diagonal mask)
+    # under CUDA's SDPA, so the plan counts more work for the same tokens on the GPU.
+    packed = rows["exp19-packed"]
+    on_cpu = gpu_report.mfu(model, packed, profiles["packed"], peak, False)
+    assert on_gpu["exp19-packed"]["mfu_plan"] > on_cpu["mfu_plan"]
+
+    measured = [rows[n] | on_gpu.get(n, {}) for n in rows]
+    constants = gpu_report.plan_constants(measured, peak, "NVIDIA H200")
+    assert constants["measured"] == {
+        "qlora": on_gpu["exp19"]["mfu_plan"],
+        "lora": on_gpu["lora-bf16"]["mfu_plan"],
+    }
+    assert f"_MFU['qlora'] 0.23 -> {on_gpu['exp19']['mfu_plan']}" in constants["advice"]
+
+    gpu_row = measured[0] | {"peak_allocated_gib": 20.5, "peak_reserved_gib": 24.0}
+    table = gpu_report.markdown(report | {"rows": [gpu_row], "plan_constants": constants})
+    line = next(x for x in table.splitlines() if x.startswith("| exp19 |"))
+    assert "| 20.50 / 24.00 / - |" in line and f"| {on_gpu['exp19']['mfu']:.3f} |" in line
+    assert "Measured on NVIDIA H200" in table
 
 
 @pytest.mark.slow
