@@ -348,6 +348,13 @@ class Check:
         self.report["machine"]["nvml"] = installed("pynvml")
         peak = gpu_report.peak_bf16_tflops(built["machine"]["gpu_name"], self.args.peak_tflops)
         self.report["peak_bf16_tflops"] = peak
+        self.measure(built, peak)
+        return self.finish(None)
+
+    def measure(self, built: dict[str, Any], peak: dict[str, Any]) -> None:
+        """Every row in turn, then the plan constants. A bug of this driver's own code on one row
+        becomes that row's error (its traceback in the log) and the next rows still run: the
+        device call comes once, so one row must not cost the others their numbers."""
         for row in self.rows:
             try:
                 got = self.one_row(row, built, peak)
@@ -361,9 +368,8 @@ class Check:
             self.report["plan_constants"] = gpu_report.plan_constants(
                 self.report["rows"], peak, built["machine"]["gpu_name"]
             )
-        except Exception as exc:
+        except Exception as exc:  # the rows' numbers stand without it
             self.report["plan_constants_error"] = self.own_failure("plan constants", exc)
-        return self.finish(None)
 
     def own_failure(self, what: str, exc: Exception) -> str:
         """Log the traceback of the check's own code failing on `what`; the error in one line."""

