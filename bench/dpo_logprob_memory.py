@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchlib import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 LLAMA3_VOCAB = 128_256
 
@@ -86,8 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table(report))
     print(json.dumps(report, indent=2))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
 
 
 def child(args: argparse.Namespace, mode: str) -> dict[str, Any]:

@@ -35,13 +35,13 @@ Run (after `make demo`, on an otherwise idle machine):
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from benchlib import machine_facts, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = ("SimpleSafetyTests", "AegisSafetyTest", "HarmBenchResponse", "XSTestReponseHarmful")
@@ -323,17 +323,12 @@ def main(argv: list[str] | None = None) -> int:
         "bands": bands.to_dict(),
         "bands_from": "cascade.json" if calibrated else f"--band {args.band[0]} {args.band[1]}",
         "backends": runs,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_average_at_end": os.getloadavg()[0],
-        },
+        "machine": machine_facts() | {"load_average_at_end": os.getloadavg()[0]},
     }
     print(f"{len(items)} items, batch {args.batch_size}, bands {result['bands_from']}")
     print_tables(result)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(Path(args.json), result)
     return 0
 
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
+
+from benchlib import cpu_model
 
 # Rows round-robin from four benchmarks: short prompt-only items and long response items.
 BENCHMARKS = ("SimpleSafetyTests", "AegisSafetyTest", "HarmBenchResponse", "XSTestReponseHarmful")
@@ -177,7 +178,7 @@ def main() -> None:
         "model": args.model,
         "device": str(getattr(backend, "device", "cpu")),
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "load_1min_before": round(load_before, 2),
         "load_1min_after": round(os.getloadavg()[0], 2),

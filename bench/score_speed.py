@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import machine_facts
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The official scoring loop (GuardReasoner evaluate.py), reduced to the six files we have.
@@ -67,16 +69,8 @@ def time_command(cmd: list[str], runs: int, warmup: int) -> list[float]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.system()}"
+    facts = machine_facts()
+    return f"{facts['cpu']}, {facts['cpus']} CPUs, Python {facts['python']}, {platform.system()}"
 
 
 def main() -> int:

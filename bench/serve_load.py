@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from benchlib import cpu_model
 
 KEY_ENV, KEY = "RG_LOAD_TEST_KEY", "load-test-key"
 PROMPT_FILES = ("0_1_AegisSafetyTest.json", "0_0_SimpleSafetyTests.json")
@@ -154,7 +155,7 @@ def main() -> None:
             {
                 "model": args.model,
                 "max_new_tokens": args.max_new_tokens,
-                "cpu": platform.processor() or platform.machine(),
+                "cpu": cpu_model(),
                 "cpus": os.cpu_count(),
                 "results": results,
             }

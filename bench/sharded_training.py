@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 RUNS = {
     "one": [],
@@ -145,8 +147,7 @@ def main() -> int:
         "runs": results,
     }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(Path(args.json), report)
     return 0
 
 

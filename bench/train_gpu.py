@@ -136,7 +136,7 @@ def main() -> int:
         return 2
     sys.path.insert(0, str(REPO / "src"))
     sys.path.insert(0, str(REPO / "bench"))
-    from benchlib import corpus
+    from benchlib import corpus, write_json
     from reasonguard.models import LLAMA3_CHAT_TEMPLATE, load_tokenizer
     from reasonguard.train.data import encode
     from train_setups import set_checkpointing, step_a, step_b
@@ -221,8 +221,7 @@ def main() -> int:
     }
     print(json.dumps(report, indent=2))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(Path(args.json), report)
     return 0
 
 
