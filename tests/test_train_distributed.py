@@ -348,18 +348,26 @@ def rsft(tmp_path_factory) -> Path:
     ).final_dir
 
 
+# 11 pairs: 9 train / 2 eval; steps of 4, 4, 1 pairs (the last leaves rank 1 without a pair);
+# padded micro-batches (no packing), the reference log-probs split over the ranks.
+_DPO = {"rows": 11, "effective_batch_size": 4, "num_train_epochs": 2, "packing": False}
+
+
+@pytest.fixture(scope="module")
+def single_dpo(tmp_path_factory, rsft: Path) -> Path:
+    """The one-process DPO run every sharding's two processes are compared with."""
+    return run_dpo(dpo_config(tmp_path_factory.mktemp("dpo-one"), rsft, **_DPO)).run_dir
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "sharding", ["ddp", pytest.param("fsdp", marks=needs_gpu_for_fsdp), "zero3"]
 )
 def test_two_process_dpo_trains_the_weights_of_one(
-    tmp_path: Path, rsft: Path, sharding: str
+    tmp_path: Path, rsft: Path, single_dpo: Path, sharding: str
 ) -> None:
-    # 11 pairs: 9 train / 2 eval; steps of 4, 4, 1 pairs (the last leaves rank 1 without a
-    # pair); padded micro-batches (no packing), the reference log-probs split over the ranks.
-    settings = {"rows": 11, "effective_batch_size": 4, "num_train_epochs": 2, "packing": False}
-    one = run_dpo(dpo_config(tmp_path / "one", rsft, **settings)).run_dir
-    config = dpo_config(tmp_path / "two", rsft, **settings)
+    one = single_dpo
+    config = dpo_config(tmp_path / "two", rsft, **_DPO)
     path = write_yaml_config(tmp_path / "dpo.yaml", config)
     _run(_shortcut("dpo", path, sharding), sharding)
     two = Path(config.output_dir)
