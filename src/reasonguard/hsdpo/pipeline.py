@@ -302,6 +302,8 @@ class Pipeline:
         c = self.config
         options: dict[str, Any] = {
             "--out": self.out / "generations" / name,
+            # Mining compares reasoning samples: never a model's other default (fast, classifier).
+            "--mode": "reasoning",
             "--backend": c.backend,
             "--batch-size": c.batch_size,
             "--data-parallel": c.data_parallel,
