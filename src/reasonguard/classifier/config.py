@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from reasonguard.errors import UserError
-from reasonguard.train.config import _check_types, load_config
+from reasonguard.train.config import check_types, load_config
 
 SOURCES = ("dataset", "teacher_predictions", "benchmarks")
 
@@ -146,7 +146,7 @@ class ClassifierConfig:
     """Testing hook: make the loss of this optimizer step NaN, to exercise the NaN guard."""
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         _check_values(self)
 
     def to_dict(self) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import Any, Literal
 from reasonguard.errors import UserError
 from reasonguard.train.config import (
     SFTConfig,
-    _check_types,
+    check_types,
     config_with_overrides,
     load_config,
     read_yaml,
@@ -86,7 +86,7 @@ class HSDPOConfig:
     """Count and skip invalid generation rows when mining instead of stopping."""
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         for key in ("sft_config", "dpo_config"):
             if not getattr(self, key):
                 raise UserError(f"config key {key!r}: required (a path to a YAML config)")

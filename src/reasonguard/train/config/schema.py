@@ -1,32 +1,19 @@
-"""The SFT config: one dataclass, YAML keys 1:1 with its fields, `key=value` overrides.
+"""The R-SFT and DPO configs: every key, its default, its type and its allowed values.
 
-Field names follow Hugging Face `TrainingArguments` where one exists (`learning_rate`,
-`per_device_train_batch_size`, `save_total_limit`, ...). Every check that does not need a model
-runs here, when the config is loaded: an unknown or mistyped key, a wrong type or a value outside
-a field's allowed set raises `UserError` naming the key, so a typo never costs a model load.
-
-Example:
-    >>> from reasonguard.train.config import load_config
-    >>> config = load_config("configs/demo-cpu.yaml", ["learning_rate=1e-4", "lora_r=8"])
-    >>> config.learning_rate, config.lora_r  # doctest: +SKIP
-    (0.0001, 8)
+`SFTConfig` holds the R-SFT keys and the rules that tie one key to another (checked when a config
+is built); `DPOConfig` adds the HS-DPO keys and stage-2 defaults. Reading them from YAML with
+`key=value` overrides is `reasonguard.train.config.files`; the type checks every field goes
+through are `reasonguard.train.config.checks`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import os
-import types
-import typing
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from reasonguard.errors import UserError
+from reasonguard.train.config.checks import check_types
 
 DEFAULT_DATASET = "yueliu1999/GuardReasonerTrain"  # same value as data.sources.DEFAULT_DATASET
 LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -199,7 +186,7 @@ class SFTConfig:
     """Testing hook: make the loss of this optimizer step NaN, to exercise the NaN guard."""
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         _check_values(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -239,298 +226,6 @@ class SFTConfig:
 def field_names(cls: type = SFTConfig) -> list[str]:
     """The config keys of a config dataclass, in declaration order."""
     return [f.name for f in dataclasses.fields(cls)]
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-
-
-def load_config(
-    path: str | os.PathLike[str] | None,
-    overrides: Sequence[str] = (),
-    cls: type = SFTConfig,
-    overrides_from: str = "command-line override",
-) -> Any:
-    """Read a YAML config, apply `key=value` overrides and validate everything.
-
-    Args:
-        path: the YAML file; None starts from the defaults.
-        overrides: `key=value` strings; values are parsed as YAML scalars (`lr=5e-5` is a float,
-            `splits=[a,b]` a list, `max_length=null` None); dotted keys address nested mappings.
-        cls: the config dataclass (SFT by default; DPO brings its own).
-        overrides_from: what an error caused by an override calls it (see
-            `config_with_overrides`).
-
-    Returns:
-        A validated `cls` instance.
-
-    Raises:
-        UserError: unreadable file or YAML, unknown key (with a close match and the allowed keys),
-            wrong type, or a value outside the allowed set; named after the file, or after the
-            override that causes it.
-    """
-    data: dict[str, Any] = {}
-    if path is not None:
-        data = read_yaml(path)
-    source = str(path) if path is not None else "config"
-    return config_with_overrides(data, overrides, cls, source, overrides_from)
-
-
-def config_with_overrides(
-    data: Mapping[str, Any],
-    overrides: Sequence[str],
-    cls: type = SFTConfig,
-    source: str = "config",
-    overrides_from: str = "command-line override",
-) -> Any:
-    """Build a validated config from a mapping plus `key=value` overrides, and blame an error on
-    whoever caused it: the file (`source`), or the override.
-
-    When the mapping is valid on its own, the overrides are applied one at a time and the first
-    one that makes the config invalid is named (`command-line override learning_rate=fast: config
-    key 'learning_rate': expected a number, got 'fast'`). When the mapping is invalid on its own,
-    the error is the file's, unless the key it names was set by an override.
-
-    Raises:
-        UserError: see `load_config`.
-    """
-    combined = apply_overrides(data, overrides)  # a malformed override fails here, by itself
-    try:
-        return config_from_dict(combined, cls, source)
-    except UserError as exc:
-        if not overrides:
-            raise
-        error = exc
-    # The override that sets the key the error names is to blame. Only when none does are the
-    # overrides replayed one at a time, since a prefix of them can be inconsistent on its own
-    # (eval_split_ratio=0 before eval_strategy=no) where the whole list is not.
-    key = _named_key(str(error).removeprefix(f"{source}: "))
-    for item in reversed(overrides):
-        if key is not None and _override_key(item) == key:
-            raise _override_error(item, error, source, overrides_from) from None
-    try:
-        config_from_dict(data, cls, source)
-    except UserError:
-        raise error from None
-    for i, item in enumerate(overrides):
-        try:
-            config_from_dict(apply_overrides(data, overrides[: i + 1]), cls, source)
-        except UserError as exc:
-            raise _override_error(item, exc, source, overrides_from) from None
-    raise error
-
-
-def _override_key(item: str) -> str:
-    """The top-level config key an override sets (`lora.r=8` sets `lora`)."""
-    return item.partition("=")[0].strip().split(".")[0]
-
-
-def _named_key(message: str) -> str | None:
-    """The config key an error message is about (`config key 'K': ...`), if it names one."""
-    for prefix in ("config key '", "unknown config key '"):
-        if message.startswith(prefix):
-            return message[len(prefix) :].partition("'")[0]
-    return None
-
-
-def _override_error(item: str, error: UserError, source: str, overrides_from: str) -> UserError:
-    """`<overrides_from> key=value: <what is wrong>`, the file's name left out."""
-    message = str(error).removeprefix(f"{source}: ")
-    return UserError(f"{overrides_from} {item.strip()}: {message}")
-
-
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A YAML mapping from a file (`yaml.safe_load`).
-
-    Raises:
-        UserError: unreadable file, invalid YAML, not a mapping, or a file that sets nothing
-            (empty or only comments): that would silently train every default, which is the
-            whole GuardReasonerTrain on the default model, not what anyone writes a file for.
-    """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"cannot read config {path}: {exc.strerror or exc}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML: {exc}") from exc
-    if data is None or data == {}:
-        raise UserError(
-            f"{path}: the config sets nothing (the file is empty or only comments); name at "
-            "least model_name_or_path and dataset (the shipped configs/ are examples)"
-        )
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a config must be a mapping of keys to values")
-    return data
-
-
-def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """A copy of `data` with `key=value` overrides applied (the input is not modified).
-
-    Raises:
-        UserError: an override without `=` or with an empty key, or a value that is not YAML.
-    """
-    result = _deep_copy(data)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UserError(f"override {item!r} must look like key=value (e.g. learning_rate=1e-4)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise UserError(f"override {item!r}: the value is not valid YAML: {exc}") from exc
-        target = result
-        parts = key.split(".")
-        for part in parts[:-1]:
-            nested = target.get(part)
-            if not isinstance(nested, dict):
-                nested = {}
-                target[part] = nested
-            target = nested
-        target[parts[-1]] = value
-    return result
-
-
-def config_from_dict(data: Mapping[str, Any], cls: type = SFTConfig, source: str = "config") -> Any:
-    """Build a validated config from a mapping (unknown keys rejected before anything else);
-    errors are prefixed with `source`."""
-    allowed = field_names(cls)
-    for key in data:
-        if key not in allowed:
-            raise UserError(f"{source}: {_unknown_key_message(str(key), allowed)}")
-    try:
-        return cls(**data)
-    except UserError as exc:
-        raise UserError(f"{source}: {exc}") from None
-
-
-def save_config(config: Any, path: str | os.PathLike[str], header: str = "") -> Path:
-    """Write a config as YAML (every field, in declaration order), loadable by `load_config`."""
-    out = Path(path)
-    text = yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
-    out.write_text((header.rstrip("\n") + "\n" if header else "") + text, encoding="utf-8")
-    return out
-
-
-def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
-
-
-def _unknown_key_message(key: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(key.replace(".", "_"), allowed, n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown config key {key!r}{hint}; allowed keys: {', '.join(allowed)}"
-
-
-# --------------------------------------------------------------------------------------------
-# Type and value checks
-
-
-def _check_types(config: Any) -> None:
-    hints = typing.get_type_hints(type(config))
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        ok, converted = _coerce(value, hints[f.name])
-        if not ok:
-            raise UserError(_type_message(f.name, value, hints[f.name]))
-        setattr(config, f.name, converted)
-
-
-def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
-    """(is valid, value converted to the annotated type) for the annotation kinds we use."""
-    origin = typing.get_origin(annotation)
-    if origin in (types.UnionType, typing.Union):
-        members = typing.get_args(annotation)
-        # Exact matches first, so `int | float` keeps an int an int.
-        for member in members:
-            if _is_exact(value, member):
-                return True, value
-        for member in members:
-            ok, converted = _coerce(value, member)
-            if ok:
-                return True, converted
-        return False, value
-    if origin is Literal:
-        allowed = typing.get_args(annotation)
-        if value is False and "no" in allowed:
-            return True, "no"  # YAML 1.1 reads a bare `no` (or `off`, `false`) as False
-        return value in allowed and type(value) is type(allowed[0]), value
-    if origin is list:
-        (item_type,) = typing.get_args(annotation)
-        if isinstance(value, str) and item_type is str:
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            return False, value
-        items = [_coerce(item, item_type) for item in value]
-        if not all(ok for ok, _ in items):
-            return False, value
-        return True, [item for _, item in items]
-    if annotation is type(None):
-        return value is None, value
-    if annotation is bool:
-        return isinstance(value, bool), value
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if annotation is float:
-        if isinstance(value, bool):
-            return False, value
-        if isinstance(value, int | float):
-            return True, float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `5e-5` (no dot) as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return False, value
-    if annotation is str:
-        return isinstance(value, str), value
-    raise TypeError(f"unsupported config annotation {annotation!r}")
-
-
-def _is_exact(value: Any, annotation: Any) -> bool:
-    if typing.get_origin(annotation) is not None:
-        return False
-    if annotation is type(None):
-        return value is None
-    return type(value) is annotation
-
-
-def _type_name(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    if origin in (types.UnionType, typing.Union):
-        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(annotation))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
-    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number"}.get(
-        annotation, "a string"
-    )
-
-
-def _type_message(name: str, value: Any, annotation: Any) -> str:
-    literals = _literal_values(annotation)
-    if literals and isinstance(value, str):
-        members = typing.get_args(annotation) if typing.get_origin(annotation) else ()
-        booleans = ["true/false"] if bool in members else []
-        return (
-            f"config key {name!r}: {value!r} is not allowed; allowed values: "
-            f"{', '.join(booleans + [str(v) for v in literals])}"
-        )
-    return f"config key {name!r}: expected {_type_name(annotation)}, got {value!r}"
-
-
-def _literal_values(annotation: Any) -> list[Any]:
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        return list(typing.get_args(annotation))
-    if origin in (types.UnionType, typing.Union):
-        return [v for a in typing.get_args(annotation) for v in _literal_values(a)]
-    return []
 
 
 def _check_values(c: SFTConfig) -> None:
