@@ -25,12 +25,12 @@
 The training files are benchmark test sets used as training data: these numbers measure
 cross-benchmark transfer, not the GuardReasoner paper's protocol (training on GuardReasonerTrain).
 
-Defaults (the full size): 800 rows per source (3,200 items, 5% held out for the eval loss),
+Defaults (the full size): 700 rows per source (2,800 items, 5% held out for the eval loss),
 1 epoch, `max_length` 256, 64 items per optimizer step (micro-batches of 16), learning rate
-1e-4: 48 optimizer steps over about 340,000 tokens. At the speed a short probe measured for this
-model on a busy 2-core CPU (450 tokens/s, plus 2.3 s per optimizer step) that is about 14 minutes
-of training; an idle machine is faster. `--quick` (40 rows per source, `max_length` 48, the first
-30 rows of each held-out file) is a smoke test.
+1e-4: 42 optimizer steps over about 313,000 tokens (224,000 of them real, the rest padding). At
+the speed a short probe measured for this model on a busy 2-core CPU (450 tokens/s, plus 2.3 s
+per optimizer step) that is about 13 minutes of training; an idle machine is faster. `--quick`
+(40 rows per source, `max_length` 48, the first 30 rows of each held-out file) is a smoke test.
 
 Run (on an otherwise idle machine):
     .venv/bin/python bench/classifier_transfer.py --benchmark-dir data/benchmarks \\
@@ -63,7 +63,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark-dir", default="data/benchmarks", help="the benchmark files")
     p.add_argument("--predictions", default="data/predictions/GuardReasoner-1B", help="released")
     p.add_argument("--work-dir", default="runs/bench-classifier-transfer", help="(replaced)")
-    p.add_argument("--train-rows", type=int, default=800, help="rows per training source")
+    p.add_argument("--train-rows", type=int, default=700, help="rows per training source")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-length", type=int, default=256, help="tokens per item")
     p.add_argument("--learning-rate", type=float, default=1e-4)
