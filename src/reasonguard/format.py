@@ -1,8 +1,7 @@
 """The guard format: the single source of truth for prompts, targets, labels and answer parsing.
 
-Every other module (data, training, generation, evaluation, serving) builds prompts and reads
-answers through this file, so a model is always prompted the way it was trained and scored the
-way it answered.
+Data, training, generation, evaluation and serving build prompts and read answers here, so a
+model is always prompted the way it was trained and scored the way it answered.
 
 Example:
     >>> from reasonguard.format import render_input, parse_output
@@ -16,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -136,11 +134,7 @@ def answer_only_target(output: str) -> str | None:
     Returns None when the output has no parseable answer block (such a row keeps its reasoning).
     """
     verdict = parse_output(output)
-    if verdict.is_parsing_error:
-        return None
-    return render_answers(
-        verdict.prompt_harmfulness, verdict.response_refusal, verdict.response_harmfulness
-    )
+    return None if verdict.is_parsing_error else render_answers(*map(verdict.label, ANSWER_ORDER))
 
 
 def forced_answer_context(task: str, chosen: dict[str, str | None]) -> str:
@@ -272,9 +266,7 @@ class Verdict:
 # `Key: value` with the value up to the end of the line. The key must start a line (after
 # optional markdown decoration), so "the AI assistant's response: ..." inside prose does not count.
 _ANSWER_LINE_RE = {
-    task: re.compile(
-        rf"^[ \t>*#-]*{key}[ \t*]*:[ \t*]*(?P<value>[^\n]*)$", re.IGNORECASE | re.MULTILINE
-    )
+    task: re.compile(rf"^[ \t>*#-]*{key}[ \t*]*:[ \t*]*(?P<value>[^\n]*)$", re.I | re.M)
     for task, key in TASK_KEY.items()
 }
 _ANSWERS_RE = re.compile(r"(?:^|\n)[ \t*#-]*Answers?[ \t*]*:", re.IGNORECASE)
@@ -386,5 +378,23 @@ def parse_labels(output: str) -> dict[str, str | None]:
     return {task: verdict.label(task) for task in TASKS}
 
 
-def verdicts_to_dicts(verdicts: Sequence[Verdict]) -> list[dict[str, Any]]:
-    return [v.to_dict() for v in verdicts]
+RESPONSE_TASKS = ("refusal", "response")  # the tasks with no label when there is no response
+
+
+def response_label_mismatch(input_text: str, output: str) -> tuple[str, ...]:
+    """The response tasks whose label disagrees with the input: labelled with no response (the
+    released GuardReasonerTrain has such rows), or None with one. ValueError as `split_input`."""
+    has_response = split_input(input_text)[1] is not None
+    verdict = parse_output(output)
+    return tuple(t for t in RESPONSE_TASKS if (verdict.label(t) is not None) != has_response)
+
+
+def without_response_labels(output: str) -> str:
+    """`output` with the `Completion:` and `Response:` answers `parse_output` reads set to None;
+    every other character (the reasoning included) is kept."""
+    for task in RESPONSE_TASKS:
+        for match in reversed(list(_ANSWER_LINE_RE[task].finditer(output))):
+            if _normalise_value(match.group("value"), task)[1]:
+                output = output[: match.start("value")] + NO_RESPONSE + output[match.end("value") :]
+                break
+    return output

@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data_action == "stats":
         return _run_stats(args, valid, report)
     _print_validation(report)
+    _print_label_mismatches(report.label_mismatches)
     if not report.num_invalid:
         return 0
     if exit_zero:
@@ -152,7 +153,7 @@ def _run_stats(args: argparse.Namespace, valid: dict, report: Any) -> int:
     if stats["tokens"] is not None:
         stats["tokens"]["tokenizer"] = args.tokenizer  # the name given, not a cache path
     stats = {"source": args.source, **stats, "validation": report.to_dict()}
-    _print_stats(stats)
+    _print_stats(stats, report.label_mismatches)
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +177,39 @@ def _load_tokenizer(name: str) -> Any:
         raise UserError(f"cannot load tokenizer {name!r}: {exc}") from exc
 
 
-def _print_stats(stats: dict[str, Any]) -> None:
+def _print_label_mismatches(mismatches: list[Any]) -> None:
+    """The rows whose response labels disagree with their response, by kind, with places."""
+    from reasonguard.data.response_labels import KINDS, LABELS_WITHOUT_RESPONSE, WHAT
+
+    if not mismatches:
+        print("response labels agree with the responses in every row")
+        return
+    for kind in KINDS:
+        rows = [m for m in mismatches if m.kind == kind]
+        if not rows:
+            continue
+        print(f"\n{len(rows)} {'row has' if len(rows) == 1 else 'rows have'} {WHAT[kind]}:")
+        for mismatch in rows[:MAX_LISTED]:
+            print(f"  {mismatch.describe()}")
+        if len(rows) > MAX_LISTED:
+            print(f"  ... and {len(rows) - MAX_LISTED} more")
+        if kind == LABELS_WITHOUT_RESPONSE:
+            print(
+                "training keeps these labels, as published; the training config key "
+                "labels_without_response: none sets them to None"
+            )
+        else:
+            print("(reported only: a response without its label has no label to restore)")
+
+
+def _print_response_labels(counts: dict[str, dict[str, int]]) -> None:
+    print("\nresponse labels against responses")
+    header = ["task", "with response", "labelled", "labelled, no response", "response, no label"]
+    keys = ["rows_with_response", "labelled", "labelled_without_response", "response_without_label"]
+    _print_table(header, [[task, *(n[k] for k in keys)] for task, n in counts.items()])
+
+
+def _print_stats(stats: dict[str, Any], mismatches: list[Any]) -> None:
     print(f"source: {stats['source']}")
     left_out = stats["validation"]["num_invalid"]
     if left_out:
@@ -188,6 +221,8 @@ def _print_stats(stats: dict[str, Any]) -> None:
     prompt_only = sum(stats["prompt_only_rows"].values())
     rows.append(["total", stats["total_rows"], prompt_only, stats["total_rows"] - prompt_only])
     _print_table(["split", "rows", "prompt only", "with response"], rows)
+    _print_response_labels(stats["response_labels"])
+    _print_label_mismatches(mismatches)
 
     for task in TASKS:
         labels = list(stats["labels"]["total"][task])

@@ -20,7 +20,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from reasonguard.data.tokenize import encode_records
-from reasonguard.format import NO_RESPONSE, TASK_LABELS, TASKS, parse_output, split_input
+from reasonguard.format import (
+    NO_RESPONSE,
+    RESPONSE_TASKS,
+    TASK_LABELS,
+    TASKS,
+    parse_output,
+    response_label_mismatch,
+    split_input,
+)
 
 PERCENTILES = (50, 95, 99)
 INVALID = "invalid"  # label bucket for outputs whose answer block does not parse
@@ -60,7 +68,10 @@ def dataset_stats(
 
     Returns:
         A JSON-ready dict: `rows` and `prompt_only_rows` per split, `total_rows`, `labels`
-        (`total` and `by_split`, each `{task: {label: count}}`, `None` meaning no label), and
+        (`total` and `by_split`, each `{task: {label: count}}`, `None` meaning no label),
+        `response_labels` (per response task: `rows_with_response`, `labelled`, and the rows
+        where they disagree, `labelled_without_response` and `response_without_label`, so that
+        labelled = rows_with_response - response_without_label + labelled_without_response), and
         `tokens` (None without a tokenizer): `sequence` / `prompt` / `completion` summaries
         (mean, p50, p95, p99, max, total), `auto_max_length`, `max_length` and its
         `max_length_source` (`given` or `auto`), `truncated_rows`, `truncated_fraction` and
@@ -81,6 +92,7 @@ def dataset_stats(
             for split, records in records_by_split.items()
         },
         "labels": {"total": total, "by_split": by_split},
+        "response_labels": _response_label_counts(records_by_split, total),
         "tokens": None,
     }
     if tokenizer is not None:
@@ -169,6 +181,28 @@ def _label_counts(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, i
             label = INVALID if verdict.is_parsing_error else verdict.label(task) or NO_RESPONSE
             counts[task][label] = counts[task].get(label, 0) + 1
     return counts
+
+
+def _response_label_counts(
+    records_by_split: Mapping[str, Sequence[Mapping[str, Any]]],
+    total: dict[str, dict[str, int]],
+) -> dict[str, dict[str, int]]:
+    records = [r for rows in records_by_split.values() for r in rows]
+    with_response = sum(_response(r) is not None for r in records)
+    out = {
+        task: {
+            "rows_with_response": with_response,
+            "labelled": sum(total[task].get(label, 0) for label in TASK_LABELS[task]),
+            "labelled_without_response": 0,
+            "response_without_label": 0,
+        }
+        for task in RESPONSE_TASKS
+    }
+    for record in records:
+        key = "labelled_without_response" if _response(record) is None else "response_without_label"
+        for task in response_label_mismatch(record["input"], record["output"]):
+            out[task][key] += 1
+    return out
 
 
 def _response(record: Mapping[str, Any]) -> str | None:

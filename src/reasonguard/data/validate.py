@@ -18,6 +18,9 @@ Rules, per record:
 
 The first invalid row raises a `UserError` naming the source, split, row and field; with
 `skip_invalid=True` invalid rows are dropped and counted in the report instead, never silently.
+Valid rows whose response labels disagree with their response (labels with no response, or a
+response with a None label: `data.response_labels`) stay valid and are listed in the report's
+`label_mismatches`, with their places.
 
 Example:
     >>> from reasonguard.data.sources import load_source
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reasonguard.data.located import Unreadable, places_of
+from reasonguard.data.response_labels import LabelMismatch, find_mismatch, summary
 from reasonguard.errors import UserError
 from reasonguard.format import (
     INSTRUCTION,
@@ -90,6 +94,7 @@ class ValidationReport:
     rows: dict[str, int]
     invalid: list[InvalidRow] = field(default_factory=list)
     source: str = ""
+    label_mismatches: list[LabelMismatch] = field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
@@ -124,6 +129,7 @@ class ValidationReport:
             "invalid_examples": [
                 {**vars(bad), "location": bad.location} for bad in self.invalid[:max_examples]
             ],
+            "response_labels": summary(self.label_mismatches, max_examples),
         }
 
 
@@ -153,6 +159,16 @@ def validate_records(
     """
     valid: dict[str, list[dict]] = {}
     report = ValidationReport(rows={}, source=source)
+    known = places
+
+    def place_of(split: str, row: int) -> str | None:
+        nonlocal known
+        if known is None:  # worked out only once a row needs naming
+            known = places_of(source, records_by_split)
+        where = known.get(split)
+        fits = where is not None and len(where) == len(records_by_split[split])
+        return where[row] if fits else None
+
     for split, records in records_by_split.items():
         report.rows[split] = len(records)
         kept = valid.setdefault(split, [])
@@ -160,11 +176,13 @@ def validate_records(
             problem = check_record(record)
             if problem is None:
                 kept.append(_with_instruction(record))
+                mismatch = find_mismatch(record)
+                if mismatch is not None:
+                    report.label_mismatches.append(
+                        LabelMismatch(split, row, *mismatch, place=place_of(split, row))
+                    )
                 continue
-            if places is None:
-                places = places_of(source, records_by_split)
-            where = places.get(split)
-            place = where[row] if where is not None and len(where) == len(records) else None
+            place = place_of(split, row)
             bad = InvalidRow(split, row, *problem, place=place)
             if not skip_invalid:
                 prefix = f"{source}: " if source and place is None else ""

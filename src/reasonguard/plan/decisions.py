@@ -231,6 +231,26 @@ def allocator_decision() -> Decision:
     return Decision(bool(values), found["action"] + (f" ({values})" if values else ""))
 
 
+def labels_without_response_decision(setting: str, rows: int) -> Decision:
+    """What the run trains on its `rows` rows with response labels but no response.
+
+    Examples:
+        >>> labels_without_response_decision("none", 4).reason
+        'set in the config: the Completion/Response labels of 4 rows with no response are None'
+    """
+    if setting == "none":
+        return Decision(
+            "none",
+            f"set in the config: the Completion/Response labels of {rows} rows with no "
+            "response are None",
+        )
+    return Decision(
+        "keep",
+        f"{rows} rows with no response keep their Completion/Response labels, as published "
+        "(labels_without_response: none sets them to None)",
+    )
+
+
 def device_memory_bytes() -> float | None:
     """Total memory of the current CUDA device, or None on CPU."""
     from reasonguard.train.modeling import cuda_available

@@ -157,6 +157,12 @@ def plan_sft(
     # Decided from the config and this machine, before any weights load: shown even when the
     # machine cannot run the config (its problems are listed beside them).
     plan["decisions"] = _decisions(c, data, plan["max_length"], stage)
+    labels = plan.get("data", {}).get("validation", {}).get("labels_without_response")
+    if stage == "sft" and labels:  # what the run does with rows that label a missing response
+        from reasonguard.plan.decisions import labels_without_response_decision
+
+        decided = labels_without_response_decision(labels["setting"], labels["rows"])
+        plan["decisions"]["labels_without_response"] = decided.to_dict()
     return plan
 
 

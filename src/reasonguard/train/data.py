@@ -241,15 +241,14 @@ def load_records(config: Any) -> tuple[list[tuple[str, int, dict]], dict[str, An
     Raises:
         UserError: unreadable source, unknown split, or an invalid row without `skip_invalid`.
     """
+    from reasonguard.data.response_labels import apply_setting
     from reasonguard.data.sources import load_source
     from reasonguard.data.validate import validate_records
 
     loaded = load_source(config.dataset, config.splits)
-    clean, report = validate_records(
-        loaded, skip_invalid=config.skip_invalid, source=config.dataset
-    )
+    clean, report = validate_records(loaded, config.skip_invalid, source=config.dataset)
     # Keep each row's index in its split as loaded (so held-out rows can be named): the valid
-    # rows come back in order with the invalid ones dropped, so match them back by position.
+    # rows come back in order with the invalid ones dropped; match them back by position.
     bad = {(r.split, r.row) for r in report.invalid}
     by_split: dict[str, list[tuple[str, int, dict]]] = {}
     for split, rows in loaded.items():
@@ -258,8 +257,10 @@ def load_records(config: Any) -> tuple[list[tuple[str, int, dict]], dict[str, An
             (split, row, next(kept)) for row in range(len(rows)) if (split, row) not in bad
         ]
     limited = limit_rows(by_split, config.max_samples)
+    setting = getattr(config, "labels_without_response", "keep")  # the classifier has no such key
     triples = [t for rows in limited.values() for t in rows]
-    summary = report.to_dict()
+    triples, labels = apply_setting(triples, report.label_mismatches, setting)
+    summary = {**report.to_dict(), "labels_without_response": labels}
     summary["used_rows"] = {split: len(rows) for split, rows in limited.items()}
     return triples, summary
 

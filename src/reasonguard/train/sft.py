@@ -126,6 +126,22 @@ class SFTRecipe(Recipe):
         """Load, validate, split and encode the run's rows (`data.train` / `data.eval`)."""
         return prepare(self.config, self.tokenizer)
 
+    def decide(self) -> dict[str, Any]:
+        """The machine's decisions, and what the run does with rows that label a response they
+        do not have (`labels_without_response`; see `data.response_labels`)."""
+        from reasonguard.plan.decisions import labels_without_response_decision
+
+        decisions = super().decide()
+        labels = self.data.stats["validation"]["labels_without_response"]
+        decisions["labels_without_response"] = labels_without_response_decision(
+            labels["setting"], labels["rows"]
+        )
+        return decisions
+
+    def guard_record(self, finetuning: str, base_model: str) -> dict[str, Any]:
+        record = super().guard_record(finetuning, base_model)
+        return {**record, "labels_without_response": self.config.labels_without_response}
+
 
 def run_sft(config: SFTConfig) -> TrainResult:
     """Train, save and record one R-SFT run (resuming it when `resume: auto` finds a checkpoint).

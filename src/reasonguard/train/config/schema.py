@@ -74,6 +74,13 @@ class SFTConfig:
     """Use at most this many rows per split (the first ones, after validation); all when null."""
     skip_invalid: bool = False
     """Drop invalid rows (counted in training_info.json) instead of stopping at the first one."""
+    labels_without_response: Literal["keep", "none"] = "keep"
+    """Rows whose input has no response (`AI assistant:\nNone`) yet whose answer block labels one
+    (`Completion: refusal`, `Response: unharmful`; the released GuardReasonerTrain has such rows):
+    `keep` (the default) trains them as published, as the GuardReasoner paper did; `none` sets
+    their `Completion:` and `Response:` answers to None (the reasoning text is kept). Counted in
+    training_info.json (`data.validation.labels_without_response`) and the run's decisions;
+    `reasonguard data validate` lists the rows."""
     max_length: int | Literal["auto"] = "auto"
     """Cut sequences to this many tokens; `auto`: p95 of the token lengths clamped to
     [1024, 2048] (the rule of Experiment 19's script)."""
@@ -349,6 +356,11 @@ class DPOConfig(SFTConfig):
             raise UserError(
                 "config key 'reasoning_dropout': an R-SFT setting (train sft); DPO pairs are "
                 "trained as mined. A dual-mode R-SFT model keeps its fast mode through DPO."
+            )
+        if self.labels_without_response != "keep":
+            raise UserError(
+                "config key 'labels_without_response': an R-SFT setting (train sft); DPO pairs "
+                "are trained as mined"
             )
         if self.finetuning == "qlora" and self.init_adapter == "merge":
             raise UserError(
