@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-wait-ms); with --backend vllm by vLLM's async engine, where each item joins the "
         "running batch as it arrives (continuous batching). Endpoints: POST /v1/moderations, POST /v1/classify, GET /v1/models, "
         "WebSocket /v1/stream (streaming moderation of a growing response, hf), "
-        "GET /health (with batching counters and open streams), GET /docs.",
+        "GET /health (with batching counters and open streams), GET /openapi.json (the OpenAPI "
+        "schema), GET /docs (a plain page linking it; no Swagger UI, which needs a CDN).",
     )
     add_model_arguments(p)
     net = p.add_argument_group("network")
@@ -101,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
+    check_port(args.host, args.port)  # before the model loads: a busy port costs nothing
     _check_classifier(args)
 
     import uvicorn
@@ -179,6 +181,36 @@ def _check_classifier(args: argparse.Namespace) -> None:
         raise UserError(
             f"--reasoning always: {args.model} is an encoder classifier, it writes no reasoning"
         )
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind `host:port` as uvicorn will (SO_REUSEADDR, IPv6 for a host with a colon) and let it
+    go again, so a port another server holds is refused before anything loads.
+
+    Raises:
+        UserError: the address cannot be bound (in use, not an address of this machine, or a
+            privileged port), naming host:port and the system's reason.
+    """
+    import errno
+    import socket
+
+    from reasonguard.errors import UserError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            hint = (
+                "another server (a second `reasonguard serve`?) is listening there; stop it, "
+                "or choose another --port"
+                if exc.errno == errno.EADDRINUSE
+                else "check --host and --port"
+            )
+            raise UserError(f"cannot listen on {address}: {reason}; {hint}") from None
 
 
 def is_loopback(host: str) -> bool:

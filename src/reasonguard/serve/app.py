@@ -14,11 +14,15 @@ continuous batching across requests), which queues and batches by itself; and se
 
 Errors use OpenAI's `{"error": {"message", "type", "code"}}` shape: 401 missing or wrong API key
 (`/v1/*` only, checked before the body is read), 413 too many items / characters / bytes,
-422 malformed body, 503 queue full, 504 not answered within `timeout_s`, 500 the model failed on
+415 a body not sent as JSON (a form, say), 422 malformed body, 503 queue full, 504 not answered within `timeout_s`, 500 the model failed on
 an input (other requests are unaffected). A batch's generation stops once every request in it is
 past its time limit (`Guard.classify(timeout_s=...)`), so a 504 does not leave the model busy.
-The API-key and body-size middleware are `serve.middleware`'s, the 422 messages
+The API-key and body-size middleware are `serve.middleware`'s, the 415 and 422 messages
 `serve.validation`'s.
+
+`GET /docs` is a plain page that links the OpenAPI schema (`/openapi.json`) and lists the
+endpoints. FastAPI's own Swagger UI page loads its scripts and styles from a CDN, so it renders
+blank on a machine without internet access; it is turned off rather than served half-working.
 
 Example:
     >>> app = create_app(guard, ServeSettings(model_name="smollm2", api_key="s3cret"))
@@ -38,7 +42,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from reasonguard import __version__
@@ -70,7 +74,7 @@ from reasonguard.serve.schemas import (
     verdict,
 )
 from reasonguard.serve.streams import add_stream_route
-from reasonguard.serve.validation import validation_details
+from reasonguard.serve.validation import content_type_problem, validation_details
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +213,8 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
         description="Reasoning guardrail server: OpenAI-compatible moderation and native "
         "prompt/response classification.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's Swagger UI needs a CDN; `/docs` below works offline
+        redoc_url=None,
     )
     app.state.batcher = batcher
     app.state.settings = settings
@@ -227,6 +233,9 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        wrong_type = content_type_problem(exc.body, request.headers.get("content-type"))
+        if wrong_type is not None:
+            return error_response(415, wrong_type, "unsupported_media_type")
         # Only where and what, never the offending input: it may be huge, private, or not
         # encodable (a lone surrogate would turn this 422 into a 500).
         details = validation_details(exc.errors(), exc.body)
@@ -297,6 +306,11 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
         card = {"id": settings.model_name, "object": "model", "created": started}
         return {"object": "list", "data": [{**card, "owned_by": "reasonguard"}]}
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        """Where the OpenAPI schema is, and the endpoints, in plain HTML (no scripts)."""
+        return HTMLResponse(docs_page(app.openapi()))
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Liveness and batcher counters (no API key needed, for load balancers)."""
@@ -310,3 +324,24 @@ def create_app(guard: Classifier, settings: ServeSettings) -> FastAPI:
         }
 
     return app
+
+
+def docs_page(schema: Mapping[str, Any]) -> str:
+    """The `/docs` page: a link to `/openapi.json` and one line per endpoint of `schema`."""
+    from html import escape
+
+    rows = []
+    for path, methods in schema.get("paths", {}).items():
+        for method, operation in methods.items():
+            summary = operation.get("description") or operation.get("summary") or ""
+            rows.append(f"<li><code>{method.upper()} {escape(path)}</code>: {escape(summary)}</li>")
+    rows.append("<li><code>WS /v1/stream</code>: streaming moderation of a growing response</li>")
+    title = escape(str(schema.get("info", {}).get("title", "reasonguard")))
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title} API</title></head>"
+        f"<body><h1>{title} API</h1><p>The OpenAPI schema of this server is at "
+        "<a href='/openapi.json'>/openapi.json</a>: load it into any OpenAPI viewer or client "
+        "generator. (This server serves no Swagger UI page: that page loads its scripts from a "
+        "CDN and stays blank offline.)</p>"
+        f"<h2>Endpoints</h2><ul>{''.join(rows)}</ul></body></html>\n"
+    )

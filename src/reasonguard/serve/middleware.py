@@ -27,6 +27,7 @@ ERROR_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "request_too_large",
+    415: "unsupported_media_type",
     500: "model_error",
     503: "overloaded",
     504: "timeout",
@@ -34,7 +35,7 @@ ERROR_CODES = {
 ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": code.replace("_", " ")}
     for status, code in ERROR_CODES.items()
-    if status in (401, 413, 503, 504)
+    if status in (401, 413, 415, 503, 504)
 }
 
 

@@ -1,4 +1,5 @@
-"""The server's 422 messages: pydantic's validation errors of a request body said in the
+"""The server's 415 and 422 messages: a body whose `Content-Type` is not JSON
+(`content_type_problem`), and pydantic's validation errors of a request body said in the
 user's terms (`validation_details`): the field path without pydantic's union-member names, one
 error per field (the form the value was meant as), and what the field accepts, never the
 offending input itself (it may be huge, private, or not encodable).
@@ -16,6 +17,27 @@ def validation_details(errors: Sequence[Mapping[str, Any]], body: Any) -> list[d
         {"loc": _location(e.get("loc", ())), "msg": _message(e, body), "type": e.get("type")}
         for e in _one_form(errors)
     ]
+
+
+# What a client most often sends instead of JSON, in words (`curl -d` sends a form by default).
+_BODY_KINDS = {
+    "application/x-www-form-urlencoded": "a form body",
+    "multipart/form-data": "a multipart form body",
+}
+
+
+def content_type_problem(body: Any, content_type: str | None) -> str | None:
+    """The message for a body that was not read as JSON because its `Content-Type` is not
+    JSON, or None. FastAPI parses a body as JSON only when the header is absent or names JSON;
+    any other body reaches validation as raw bytes."""
+    if not isinstance(body, bytes | bytearray) or not body:
+        return None
+    kind = (content_type or "").split(";")[0].strip().lower()
+    what = _BODY_KINDS.get(kind, "a body")
+    return (
+        f"the request body must be JSON sent with 'Content-Type: application/json'; got {what} "
+        f"('Content-Type: {kind}'). With curl, add -H 'Content-Type: application/json'"
+    )
 
 
 def _location(loc: Sequence[Any]) -> list[Any]:
