@@ -24,6 +24,7 @@ FIELDS = {
     "output",
     "num_tokens",
     "mode",
+    "tier",
 }
 ANSWERED = render_target(
     "# Task 1\n\n## Reasoning Step 1\nThe user asks how to make a weapon.",

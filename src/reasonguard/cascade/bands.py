@@ -106,17 +106,35 @@ def read_calibration(model_path: str | os.PathLike[str]) -> dict[str, Any] | Non
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("bands"), dict):
-        raise UserError(f"{path}: expected an object with 'bands'")
+    if not isinstance(data, dict) or not (
+        isinstance(data.get("bands"), dict) or isinstance(data.get("tier_bands"), dict)
+    ):
+        raise UserError(f"{path}: expected an object with 'bands' (or 'tier_bands')")
     return data
 
 
-def read_bands(model_path: str | os.PathLike[str]) -> Bands | None:
-    """The calibrated bands saved beside a model, or None when it has none."""
+def read_bands(model_path: str | os.PathLike[str], tier: str = "fast") -> Bands | None:
+    """The calibrated bands saved beside a model, or None when it has none.
+
+    Args:
+        tier: whose bands: `fast` (the two-tier cascade's `bands`), or `classifier`, the first
+            tier of a three-tier cascade (`tier_bands`, written by `calibrate --classifier`).
+
+    Raises:
+        UserError: an unreadable file or bands.
+    """
     data = read_calibration(model_path)
     if data is None:
         return None
-    return Bands.from_dict(data["bands"], str(Path(model_path) / CASCADE_FILE))
+    where = str(Path(model_path) / CASCADE_FILE)
+    if tier == "fast":
+        return None if data.get("bands") is None else Bands.from_dict(data["bands"], where)
+    found = (data.get("tier_bands") or {}).get(tier)
+    if found is None:
+        return None
+    if not isinstance(found, dict):
+        raise UserError(f"{where}: tier_bands.{tier}: expected an object of bands")
+    return Bands.from_dict(found, f"{where}: tier_bands.{tier}")
 
 
 def write_calibration(folder: str | os.PathLike[str], record: Mapping[str, Any]) -> Path:
@@ -175,9 +193,16 @@ def _spread(bounds: list[float]) -> list[float]:
     return sorted({bounds[round(i * step)] for i in range(MAX_BOUNDS)})
 
 
-def choose_band(evidence: TaskEvidence, max_f1_drop: float) -> dict[str, Any]:
+def choose_band(
+    evidence: TaskEvidence, max_f1_drop: float, reference_f1: float | None = None
+) -> dict[str, Any]:
     """The band escalating the fewest items whose cascade F1 is at least reasoning's F1 minus
     `max_f1_drop` (points); ties go to the narrower band.
+
+    In a cascade of more tiers (`cascade.fit`), `evidence.reasoning` holds the verdicts of the
+    tiers above (what an escalated item gets), `evidence.fast` this tier's, and `reference_f1`
+    the F1 the budget is counted from (the top tier's alone; default: that of
+    `evidence.reasoning`).
 
     Candidate bounds are the fast scores themselves (each band is closed; at most
     `MAX_BOUNDS` per side, evenly spaced in rank, on large dev sets), plus the empty band; bands
@@ -189,7 +214,7 @@ def choose_band(evidence: TaskEvidence, max_f1_drop: float) -> dict[str, Any]:
     reasoning_f1 = f1_score(evidence.truth, evidence.reasoning)
     if n == 0:
         return {"band": [0.0, 1.0], "items": 0, "reasoning_f1": None, "fast_f1": None}
-    floor = reasoning_f1 - max_f1_drop
+    floor = (reasoning_f1 if reference_f1 is None else reference_f1) - max_f1_drop
     scored = sorted({p for p in evidence.p_fast if p is not None})
     lows = _spread([p for p in scored if p <= 0.5] + [0.5])
     highs = _spread([0.5] + [p for p in scored if p >= 0.5])

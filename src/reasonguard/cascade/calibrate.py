@@ -152,10 +152,19 @@ def measure(
 
 
 def split_dev(
-    items: Sequence[DevItem], held_out_share: float, seed: int
+    items: Sequence[DevItem], held_out_share: float, seed: int, per_source: bool = False
 ) -> tuple[list[int], list[int]]:
-    """The (calibration, held-out) positions of `items` (see `holdout.stratified_split`)."""
-    strata = [tuple(item.truth[t] for t in TASKS) for item in items]
+    """The (calibration, held-out) positions of `items` (see `holdout.stratified_split`).
+
+    Args:
+        per_source: stratify by the item's source file (its `place` without the row) as well
+            as its labels, so every file gives its share to each part.
+    """
+    strata: list[tuple] = [tuple(item.truth[t] for t in TASKS) for item in items]
+    if per_source:
+        strata = [
+            (item.place.rsplit(" row ", 1)[0], *s) for item, s in zip(items, strata, strict=True)
+        ]
     keys = [item_hash(item.prompt, item.response) for item in items]
     return stratified_split(strata, held_out_share, seed, keys)
 

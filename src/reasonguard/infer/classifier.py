@@ -69,6 +69,47 @@ def check_model_mode(model: str, path: str, mode: str | None) -> None:
         )
 
 
+def check_classifier_tier(
+    model: str, path: str, classifier: str, mode: str, bands: Any = None
+) -> Any:
+    """Check, before anything loads, a classifier put in front of the guard `model`
+    (`load_guard(model, classifier=...)`, `--classifier`), and return the classifier tier's
+    bands: `bands` if given, else the ones `reasonguard calibrate --classifier` saved in the
+    model's `cascade.json` (None when the mode needs none).
+
+    Raises:
+        UserError: the classifier folder is not one, the guard is a classifier itself, or the
+            three-tier cascade has no calibrated classifier bands.
+    """
+    from pathlib import Path
+
+    from reasonguard.cascade.bands import CASCADE_FILE, read_bands
+    from reasonguard.classifier.kinds import is_classifier
+
+    if not Path(classifier).is_dir():
+        raise UserError(f"--classifier {classifier}: no such folder")
+    if not is_classifier(classifier):
+        raise UserError(
+            f"--classifier {classifier}: not a classifier folder (its reasonguard.json does not "
+            "say kind encoder-classifier); give the final/ folder of `reasonguard train "
+            "classifier`"
+        )
+    if is_classifier(path):
+        raise UserError(
+            f"{model} is an encoder classifier itself: --classifier goes in front of an LLM "
+            "guard (--model a reasoning guard)"
+        )
+    if bands is not None or mode != "cascade":
+        return bands
+    found = read_bands(path, "classifier") if Path(path).is_dir() else None
+    if found is None:
+        raise UserError(
+            f"{model}: no three-tier calibration in its {CASCADE_FILE} (no classifier bands); run "
+            f"`reasonguard calibrate --model {model} --classifier {classifier} --data DEV` first"
+        )
+    return found
+
+
 def _negative(task: str) -> str:
     return next(label for label in TASK_LABELS[task] if label != POSITIVE_LABEL[task])
 

@@ -9,7 +9,11 @@ no answer line or no response to judge.
 Three modes: `reasoning` (the guard reasons, then answers: the paper's way), `fast` (the answer
 block is forced right after the prompt and the labels read from its probabilities, no reasoning:
 `fast.py`), and `cascade` (fast first, reasoning for the items inside the calibrated uncertainty
-band: `cascade.py`). Each result says which mode produced its verdict.
+band: `reasonguard.cascade`). With an encoder classifier in front
+(`load_guard(model, classifier=folder)`), `cascade` has three tiers: the classifier, then fast
+mode, then reasoning (`cascade/tiers.py`), and mode `classifier` is the classifier alone. Each
+result says which mode produced its verdict (`mode`) and which tier answered (`tier`:
+`classifier`, `fast` or `reasoning`).
 
 Example:
     >>> from reasonguard import load_guard
@@ -28,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from reasonguard.cascade.bands import MODES, Bands, escalate, read_bands
+from reasonguard.cascade.tiers import Cascade, Tier
 from reasonguard.errors import UserError
 from reasonguard.format import TASK_FIELD, parse_output, render_input
 from reasonguard.infer.backends import Backend, Generation
-from reasonguard.infer.classifier import check_model_mode
+from reasonguard.infer.classifier import check_classifier_tier, check_model_mode
 from reasonguard.infer.loading import load_backend
 from reasonguard.infer.scores import empty_scores
 from reasonguard.models import resolve_model
@@ -58,6 +63,7 @@ class GuardResult:
     output: str = ""  # the raw generation, for debugging and audits
     num_tokens: int = 0
     mode: str = "reasoning"  # what produced the verdict: `reasoning`, `fast` or `classifier`
+    tier: str = "reasoning"  # the cascade tier that answered (one mode alone: that mode)
 
     def label(self, task: str) -> str | None:
         """The verdict's label for a task name in `reasonguard.format.TASKS`."""
@@ -137,8 +143,11 @@ class Guard:
         backend: the generation backend (its `prompt_format` is the model's).
         max_new_tokens: the default token budget of `classify`.
         mode: the default mode of `classify` (`reasoning`, `fast` or `cascade`; `classifier`
-            for an encoder classifier, its only mode).
+            for an encoder classifier, its only mode; `cascade` with a classifier in front).
         bands: the cascade's uncertainty bands (the model's calibrated ones by default).
+        classifier: the classifier guard in front (the first tier of `cascade`), or None.
+        classifier_bands: the classifier tier's bands (from `reasonguard calibrate
+            --classifier`).
     """
 
     def __init__(
@@ -147,18 +156,22 @@ class Guard:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         mode: str | None = None,
         bands: Bands | None = None,
+        classifier: Guard | None = None,
+        classifier_bands: Bands | None = None,
     ) -> None:
         self.backend = backend
         self.max_new_tokens = max_new_tokens
-        self.mode = self._check_mode(mode or backend.modes[0])
+        self.classifier = classifier
+        self.classifier_bands = classifier_bands
+        self.mode = self._check_mode(mode or ("cascade" if classifier else backend.modes[0]))
         self.bands = bands
 
     def _check_mode(self, mode: str) -> str:
         check_mode(mode)
-        if mode not in self.backend.modes:
+        if mode not in self.modes:
             raise UserError(
                 f"{self.backend.name}: mode {mode!r} is not one of this guard's modes "
-                f"({', '.join(self.backend.modes)})"
+                f"({', '.join(self.modes)})"
             )
         return mode
 
@@ -168,8 +181,22 @@ class Guard:
 
     @property
     def modes(self) -> tuple[str, ...]:
-        """The modes `classify` accepts (a classifier's: `classifier` alone)."""
-        return self.backend.modes
+        """The modes `classify` accepts (a classifier's: `classifier` alone; with a classifier
+        in front, `classifier` too)."""
+        return self.backend.modes + (("classifier",) if self.classifier is not None else ())
+
+    def tiers(self, bands: Bands | None = None) -> Cascade:
+        """The three-tier cascade of a guard with a classifier in front: classifier, fast,
+        reasoning (`bands`: the fast tier's, default the guard's)."""
+        if self.classifier is None:
+            raise UserError(f"{self.backend.name}: no classifier in front of this guard")
+        return Cascade(
+            [
+                Tier("classifier", self.classifier, bands=self.classifier_bands),
+                Tier("fast", self, bands=bands or self.bands),
+                Tier("reasoning", self),
+            ]
+        )
 
     @property
     def supports_fast(self) -> bool:
@@ -214,6 +241,10 @@ class Guard:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if mode == "reasoning":
             return self._reason(pairs, max_new_tokens, scores, timeout_s)
+        if self.classifier is not None and mode in ("classifier", "cascade"):
+            if mode == "classifier":
+                return self.classifier.classify(items)
+            return self.tiers(bands).classify(items, scores, max_new_tokens, timeout_s)
         if mode == "cascade" and (bands or self.bands) is None:
             raise UserError(
                 f"{self.backend.name}: the cascade needs uncertainty bands; run "
@@ -272,6 +303,7 @@ def fast_result(verdict: Any, mode: str = "fast") -> GuardResult:
         output=verdict.text,
         num_tokens=0,
         mode=mode,
+        tier=mode,
     )
 
 
@@ -295,6 +327,8 @@ def load_guard(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     mode: str | None = None,
     bands: Bands | None = None,
+    classifier: str | None = None,
+    classifier_bands: Bands | None = None,
     **kwargs: Any,
 ) -> Guard:
     """Load a guard model.
@@ -313,6 +347,11 @@ def load_guard(
             uncertainty bands); a classifier's is `classifier`.
         bands: the cascade's bands; default: the model folder's `cascade.json` (written by
             `reasonguard calibrate`), if any.
+        classifier: a classifier folder from `reasonguard train classifier`, put in front of
+            the guard: mode `cascade` (then the default) is classifier, fast, reasoning, with
+            the classifier tier's bands from the `cascade.json` that `reasonguard calibrate
+            --classifier` wrote; mode `classifier` the classifier alone.
+        classifier_bands: the classifier tier's bands, instead of the calibrated ones.
         **kwargs: backend options (`batch_size`, `trust_remote_code`, `load_in_4bit`,
             `tensor_parallel_size`, ...).
 
@@ -324,17 +363,25 @@ def load_guard(
     path = resolve_model(path_or_hub_id)
     if mode is not None:
         check_mode(mode)
-        check_model_mode(path_or_hub_id, path, mode)  # before the weights load
+        if classifier is None or mode != "classifier":
+            check_model_mode(path_or_hub_id, path, mode)  # before the weights load
     if bands is None:
         # Read before the weights load, so a cascade without bands fails in a moment.
         bands = read_bands(path) if Path(path).is_dir() else None
-    if mode == "cascade" and bands is None:
+    if classifier is not None:
+        classifier_bands = check_classifier_tier(
+            path_or_hub_id, path, classifier, mode or "cascade", classifier_bands
+        )
+    if (mode or ("cascade" if classifier else None)) == "cascade" and bands is None:
         raise UserError(
             f"{path_or_hub_id}: no calibrated cascade (cascade.json); run `reasonguard calibrate "
             f"--model {path_or_hub_id} --data DEV` first, or pass `bands`"
         )
+    first = None
+    if classifier is not None:
+        first = load_guard(classifier, device=device, threads=kwargs.get("threads"))
     # vLLM sizes its engine's context for the budget.
     loaded = load_backend(
         path_or_hub_id, backend, prompt_format, max_new_tokens=max_new_tokens, **kwargs
     )
-    return Guard(loaded, max_new_tokens, mode, bands)
+    return Guard(loaded, max_new_tokens, mode, bands, first, classifier_bands)

@@ -184,6 +184,11 @@ class GuardVerdict(BaseModel):
     mode: str = Field(
         default="reasoning", description="What gave the verdict: reasoning | fast | classifier"
     )
+    tier: str = Field(
+        default="reasoning",
+        description="The cascade tier that answered: classifier | fast | reasoning (one mode "
+        "alone: that mode)",
+    )
 
 
 class ClassifyResponse(BaseModel):
