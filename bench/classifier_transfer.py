@@ -142,6 +142,7 @@ def train(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {"config": str(config_path), "sources": picked, "seconds": round(seconds, 1),
             "steps": result.steps, "train_items": data["train_items"],
             "train_tokens_per_epoch": data["train_tokens_per_epoch"], "labels": data["labels"],
+            "train_loop_seconds": info["timings"]["train_seconds_all_sessions"],
             "final_train_loss": result.train_loss, "final_eval_loss": result.eval_loss,
             "heads": record["heads"], "final_dir": str(result.final_dir)}  # fmt: skip
 
