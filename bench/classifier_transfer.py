@@ -13,14 +13,15 @@
 3. **Latency**: `load_guard` on the trained folder, one `classify` call per item for
    `--latency-items` items of the six files (p50, p95; warm-up calls excluded); batched items/s
    as `generate` recorded them in step 2 (batches of 32, model loading excluded).
-4. **Cascade** "classifier, then GuardReasoner-1B's released verdicts": each file is split in
-   halves (seeded, stratified on the true labels: `--split-seed`). Per task, `choose_band` picks
-   on the calibration halves of that task's files the band escalating fewest items with an F1
-   within `--max-f1-drop` of GuardReasoner-1B's; each item is asked its benchmark's task. On
-   the other halves an item in the band takes GuardReasoner-1B's output, any other keeps the
-   classifier's, and the evaluator scores the cascade, GuardReasoner-1B alone and the
-   classifier alone there. An untrained head's task (refusal) gets the band [0, 1], no choice:
-   all its items go to GuardReasoner-1B.
+4. **Cascade** "classifier, then GuardReasoner-1B's released verdicts", on the library's cascade
+   of tiers with both tiers replayed (`cascade.replay.ReplayGuard` over the two predictions
+   folders). The six files are split in halves (`calibrate.split_dev`, seeded, stratified on the
+   labels and the file: `--split-seed`); `fit.choose_tier_bands` picks on the calibration halves
+   the classifier's band per trained task, the one escalating fewest items with an F1 within
+   `--max-f1-drop` of GuardReasoner-1B's; an untrained head's task (refusal) gets [0, 1], all its
+   items go up. On the other halves (`tiers.answering_tiers`, each item asked its benchmark's
+   task) an escalated item takes GuardReasoner-1B's output, any other keeps the classifier's, and
+   the evaluator scores the cascade, GuardReasoner-1B alone and the classifier alone there.
 
 The training files are benchmark test sets used as training data: these numbers measure
 cross-benchmark transfer, not the GuardReasoner paper's protocol (training on GuardReasonerTrain).
@@ -241,58 +242,47 @@ def latency(final_dir: str, args, held: dict, batched: dict[str, Any]) -> dict[s
 # 4. The cascade: bands chosen on one half of each file, scored on the other
 
 
-def evidence(held: dict, positions: dict[str, list[int]], task: str, protocol: Any) -> Any:
-    """What the band choice reads for `task` at `positions`: the truth, both tiers' labels (as
-    the evaluator reads them) and the classifier's P(positive)."""
-    from reasonguard.cascade.bands import TaskEvidence, positive_probability
-    from reasonguard.format import POSITIVE_LABEL
-
-    def positive(row: dict[str, Any]) -> bool:
-        return protocol.read(row["predict"], (task,))[0][task] == POSITIVE_LABEL[task]
-
-    found = TaskEvidence(truth=[], reasoning=[], fast=[], p_fast=[])
-    for name, part in positions.items():
-        for k in part:
-            truth, clf = held[name]["items"][k].truth[task], held[name]["classifier"][k]
-            if truth is None:  # another task's file, or no label
-                continue
-            found.truth.append(truth == POSITIVE_LABEL[task])
-            found.reasoning.append(positive(held[name]["gr1b"][k]))
-            found.fast.append(positive(clf))
-            found.p_fast.append(positive_probability(clf["scores"], task))
-    return found
-
-
 def cascade(work: Path, args: argparse.Namespace, held: dict, heads: dict[str, str]) -> dict:
-    from reasonguard.cascade.bands import Bands, choose_band, escalate
+    """Choose the classifier's bands on one half of each file and score the cascade on the
+    other, with the library's cascade of tiers over replayed predictions (both tiers' outputs
+    exist already: `cascade.replay`)."""
+    from reasonguard.cascade.bands import Bands
     from reasonguard.cascade.calibrate import split_dev
+    from reasonguard.cascade.fit import choose_tier_bands
+    from reasonguard.cascade.replay import ReplayGuard
+    from reasonguard.cascade.tiers import answering_tiers
     from reasonguard.evaluate.evaluator import evaluate_predictions
-    from reasonguard.evaluate.protocols import PROTOCOLS
     from reasonguard.evaluate.registry import BENCHMARKS
     from reasonguard.format import TASKS
 
-    split = {name: split_dev(held[name]["items"], 0.5, args.split_seed) for name in HELD_OUT}
-    calibration = {name: split[name][0] for name in HELD_OUT}
-    scored = {name: split[name][1] for name in HELD_OUT}
-    ranges, choice = {}, {}
-    for task in TASKS:
-        if task in untrained(heads):  # a random head: all the task's items go up
-            ranges[task] = (0.0, 1.0)
-            choice[task] = {"band": [0.0, 1.0], "chosen_by": "none: the head is untrained"}
-            continue
-        evidence_ = evidence(held, calibration, task, PROTOCOLS[args.protocol])
-        choice[task] = {**choose_band(evidence_, args.max_f1_drop), "chosen_by": "calibration"}
-        if choice[task]["band"] is not None:
-            ranges[task] = tuple(choice[task]["band"])
-    bands = Bands(ranges)
-
-    def up(name: str, k: int) -> bool:  # each item is asked its benchmark's task
-        return escalate(held[name]["classifier"][k]["scores"], BENCHMARKS[name].tasks, bands)
+    # Every item of the six files in one list: (file, row) of each, verdicts of both tiers.
+    where = [(name, k) for name in HELD_OUT for k in range(len(held[name]["records"]))]
+    items = [held[name]["items"][k] for name, k in where]
+    replays = {"classifier": ReplayGuard(work / "classifier-predictions"),
+               "reasoning": ReplayGuard(args.predictions, HELD_OUT, args.benchmark_dir)}  # fmt: skip
+    results = {tier: {name: guard.benchmark_results(name) for name in HELD_OUT}
+               for tier, guard in replays.items()}  # fmt: skip
+    verdicts = {tier: [results[tier][name][k] for name, k in where] for tier in results}
+    # Halves: seeded, stratified on the labels and the file (an item two files share stays on
+    # one side). The classifier's bands: the library's choice for the trained heads' tasks,
+    # [0, 1] (everything goes up) for an untrained head's.
+    calibration, scored_positions = split_dev(items, 0.5, args.split_seed, per_source=True)
+    trained = [task for task in TASKS if task not in untrained(heads)]
+    chosen, choice = choose_tier_bands(items, verdicts, calibration, args.max_f1_drop, trained)
+    bands = Bands({**chosen["classifier"].ranges, **dict.fromkeys(untrained(heads), (0.0, 1.0))})
+    asked = [BENCHMARKS[name].tasks for name, _ in where]  # each item: its benchmark's task
+    answered = answering_tiers([verdicts["classifier"], verdicts["reasoning"]], [bands], asked)
+    up = {where[i]: answered[i] == 1 for i in range(len(where))}
+    rows_of: dict[str, dict[str, list[int]]] = {"calibration": {}, "scored": {}}
+    for side, positions in (("calibration", calibration), ("scored", scored_positions)):
+        for i in positions:
+            rows_of[side].setdefault(where[i][0], []).append(where[i][1])
+    scored = rows_of["scored"]
 
     # The scored halves as benchmark files, and each predictor's rows for them; one evaluator.
     halves = work / "scored-halves"
     tiers = {
-        "cascade": lambda name, k: held[name]["gr1b" if up(name, k) else "classifier"][k],
+        "cascade": lambda name, k: held[name]["gr1b" if up[name, k] else "classifier"][k],
         "gr1b": lambda name, k: held[name]["gr1b"][k],
         "classifier": lambda name, k: held[name]["classifier"][k],
     }
@@ -309,21 +299,23 @@ def cascade(work: Path, args: argparse.Namespace, held: dict, heads: dict[str, s
     f1 = {tier: by_benchmark(m) for tier, m in metrics.items()}
     table = []
     for name in HELD_OUT:
-        escalated = sum(up(name, k) for k in scored[name])
+        escalated = sum(up[name, k] for k in scored[name])
         table.append({
             "benchmark": name, "task": BENCHMARKS[name].tasks[0],
-            "calibration_rows": calibration[name], "scored_rows": scored[name],
+            "calibration_rows": rows_of["calibration"][name], "scored_rows": scored[name],
             "scored": f1["cascade"][name]["n"], "escalated": escalated,
             "escalated_share": round(escalated / len(scored[name]), 4),
             **{f"{tier}_f1": round(f1[tier][name]["f1"], 2) for tier in tiers},
         })  # fmt: skip
-    total, escalated = sum(map(len, scored.values())), sum(r["escalated"] for r in table)
+    total, escalated = len(scored_positions), sum(r["escalated"] for r in table)
     overall = {tier: round(m["overall_f1"], 2) for tier, m in metrics.items()}
-    split_rule = {"method": "seeded stratified split of each file", "seed": args.split_seed}
-    return {"bands": bands.to_dict(), "band_choice": choice, "max_f1_drop": args.max_f1_drop,
-            "split": split_rule, "benchmarks": table, "scored_items": total,
-            "escalated": escalated, "escalated_share": round(escalated / total, 4),
-            "overall_f1": overall,
+    for task in untrained(heads):
+        choice["classifier"][task] = {"band": [0.0, 1.0], "chosen_by": "none: untrained head"}
+    split_rule = {"method": "seeded stratified split, per file", "seed": args.split_seed}
+    return {"bands": bands.to_dict(), "band_choice": choice["classifier"],
+            "max_f1_drop": args.max_f1_drop, "split": split_rule, "benchmarks": table,
+            "scored_items": total, "escalated": escalated,
+            "escalated_share": round(escalated / total, 4), "overall_f1": overall,
             "f1_below_gr1b": round(overall["gr1b"] - overall["cascade"], 2)}  # fmt: skip
 
 

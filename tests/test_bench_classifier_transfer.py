@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from reasonguard.cascade.calibrate import items_from_benchmarks
+from reasonguard.cascade.holdout import item_hash
 from reasonguard.evaluate.evaluator import evaluate_predictions
 from reasonguard.evaluate.registry import BENCHMARKS
 
@@ -96,16 +97,20 @@ def test_cascade_is_scored_only_on_the_half_it_was_not_calibrated_on(bench: dict
     halves = work / "scored-halves"
     released_dir = shared / "data/predictions/GuardReasoner-1B"
     assert [r["benchmark"] for r in c["benchmarks"]] == list(HELD_OUT)
+    calibrated_items, scored_items = set(), set()
     for r in c["benchmarks"]:
         name, calibration, scored = r["benchmark"], r["calibration_rows"], r["scored_rows"]
         assert not set(calibration) & set(scored)
         assert sorted(calibration + scored) == list(range(ROWS))
-        assert len(scored) == ROWS // 2
-        # Stratified: each half holds its share of the positives (within one row).
+        assert abs(len(scored) - ROWS / 2) <= 1
         items = items_from_benchmarks([name], shared / "data/benchmarks")[:ROWS]
-        task = r["task"]
-        positive = [k for k in range(ROWS) if items[k].truth[task] in ("harmful", "refusal")]
-        assert abs(len(set(positive) & set(scored)) - len(positive) / 2) <= 1
+        calibrated_items |= {item_hash(items[k].prompt, items[k].response) for k in calibration}
+        scored_items |= {item_hash(items[k].prompt, items[k].response) for k in scored}
+        if name != "XSTestResponseRefusal":  # its items are XSTestReponseHarmful's (same side)
+            # Stratified: each half holds its share of the positives (within one row).
+            task = r["task"]
+            positive = [k for k in range(ROWS) if items[k].truth[task] in ("harmful", "refusal")]
+            assert abs(len(set(positive) & set(scored)) - len(positive) / 2) <= 1
         # What was scored is the scored half: its benchmark rows and GuardReasoner-1B's rows.
         bench_rows = json.loads(
             (shared / "data/benchmarks" / BENCHMARKS[name].filename).read_text()
@@ -129,6 +134,8 @@ def test_cascade_is_scored_only_on_the_half_it_was_not_calibrated_on(bench: dict
             row = next(r for r in c["benchmarks"] if r["benchmark"] == scored["benchmark"])
             assert row[f"{tier}_f1"] == round(scored["f1"], 2)
         assert c["overall_f1"][tier] == round(metrics["overall_f1"], 2)
+    # No item (two files share some) is both calibrated on and scored.
+    assert not calibrated_items & scored_items
     # The bands were chosen on the calibration halves only: as many items as those halves hold.
     for task in ("prompt", "response"):
         calibrated = sum(len(r["calibration_rows"]) for r in c["benchmarks"] if r["task"] == task)
