@@ -1,4 +1,4 @@
-# reasonguard: `make setup` (idempotent), `make test`, `make demo`.
+# reasonguard: `make setup` (idempotent), `make test`, `make demo`, `make demo-tiers`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +9,7 @@ OFFLINE := $(VENV)/offline-packages
 # glibc allocator settings that avoid page-fault storms in CPU training (see BENCHMARKS.md).
 CPU_ENV := MALLOC_MMAP_THRESHOLD_=10000000000 MALLOC_TRIM_THRESHOLD_=10000000000 MALLOC_TOP_PAD_=1000000000
 
-.PHONY: setup setup-base test test-fast demo lint clean
+.PHONY: setup setup-base test test-fast demo demo-tiers lint clean
 
 # Everything: the package, the test tools, DeepSpeed and bitsandbytes (what `make test` needs).
 setup: $(STAMP)
@@ -60,6 +60,10 @@ test-fast: setup
 
 demo: setup-base
 	$(CPU_ENV) $(BIN)/reasonguard demo
+
+# The three-tier cascade (classifier, fast mode, reasoning) on the demo's trained guard.
+demo-tiers: setup-base
+	$(CPU_ENV) $(BIN)/reasonguard demo --tiers
 
 lint: setup
 	$(BIN)/ruff check src tests bench

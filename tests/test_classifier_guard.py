@@ -185,11 +185,12 @@ def test_generate_evaluate_and_compare_take_classifier_rows(
     charts = tmp_path / "charts"
     code, report, err = cli("compare", out, "--out", charts)
     assert code == 0, err
-    # the cost table: Run | Mode | Overall F1 | Tokens / item | Seconds / item | Escalated
+    # the cost table: Run | Mode | Overall F1 | Tokens / item | Seconds / item | Escalated |
+    # Answered by tier
     cost_rows = [
         [c.strip() for c in line.strip("|").split("|")]
         for line in report.splitlines()
-        if line.startswith("| ") and line.count("|") == 7
+        if line.startswith("| ") and line.count("|") == 8
     ]
     assert ["classifier", "0.0"] in [row[1:2] + row[3:4] for row in cost_rows], report
     assert (charts / "f1_vs_tokens.png").is_file()

@@ -327,3 +327,50 @@ def calibrate_tiers(
             },
         },
     }
+
+
+def render_summary(record: dict[str, Any]) -> str:
+    """The printed table of a cascade of tiers: per task each lower tier's band, then on the
+    held-out items the F1 of the top tier, of each tier alone and of the cascade, and the drop;
+    then the share of held-out items each tier answered (`reasonguard calibrate --classifier`
+    prints it)."""
+    split, held = record["split"], record["held_out"]
+    cal = record["calibration"]
+    names = record["tiers"]
+    lower, top = names[:-1], names[-1]
+    lines = [
+        f"{len(names)}-tier cascade ({', then '.join(names)}): bands chosen on {cal['items']} dev "
+        f"items, reported on {held['items']} held out ({split['method']}, held-out share "
+        f"{split['held_out_share']}, seed {split['seed']}); F1 budget {record['max_f1_drop']} "
+        f"points below {top}",
+        "| task | "
+        + " | ".join(f"{n} band" for n in lower)
+        + " | items (calibration / held out) | "
+        + " | ".join(f"{n} F1" for n in names)
+        + " | cascade F1 | F1 drop |",
+        "|---|" + "---|" * len(lower) + "---:|" + "---:|" * len(names) + "---:|---:|",
+    ]
+    for task, got in held["tasks"].items():
+        bands = [record["tier_bands"][n][task] for n in lower]
+        f1 = got.get("f1") or {}
+        lines.append(
+            f"| {task} | "
+            + " | ".join("none" if b is None else f"[{b[0]:.3f}, {b[1]:.3f}]" for b in bands)
+            + f" | {cal['tasks'][task]['items']} / {got['items']} | "
+            + " | ".join(_num(f1.get(n)) for n in names)
+            + f" | {_num(got.get('cascade_f1'))} | {_num(got.get('f1_drop'))} |"
+        )
+    shares = ", ".join(f"{n} {100 * (held['answered_share'][n] or 0):.0f}%" for n in names)
+    tokens = record["tokens_per_item"]
+    cost = (
+        ""
+        if tokens.get(top) is None
+        else f"; generated tokens per item: {top} {tokens[top]:.1f}, cascade "
+        f"{tokens['cascade']:.1f}"
+    )
+    lines.append(f"held-out items answered by each tier: {shares}{cost}")
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"

@@ -3,8 +3,13 @@
 The bands are chosen on 70% of the dev items and reported on the other 30% (a seeded
 stratified split by true labels); `cascade.json` records both and which items each part held.
 
+With `--classifier`, the cascade has three tiers (the classifier, fast mode, reasoning) and the
+bands of both lower tiers are chosen (`cascade/fit.py`).
+
 Example:
     reasonguard calibrate --model runs/exp19/final --data dev.jsonl --max-f1-drop 0.5
+    reasonguard calibrate --model runs/exp19/final --classifier runs/classifier/final \\
+        --data dev.jsonl
     reasonguard calibrate --model runs/exp19/final --data dev.jsonl --held-out-share 0.25 \\
         --seed 1 --out runs/exp19/cascade
 """
@@ -14,7 +19,11 @@ from __future__ import annotations
 import argparse
 
 from reasonguard.cascade.holdout import DEFAULT_HELD_OUT_SHARE, DEFAULT_SEED
-from reasonguard.commands.generate import add_model_arguments, backend_options
+from reasonguard.commands.generate import (
+    add_classifier_argument,
+    add_model_arguments,
+    backend_options,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,11 +37,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "drop and share escalated on the held-out part. Writes cascade.json (the bands, both "
         "parts' numbers and their items' hashes) into the model folder (or --out), where every "
         "later `--mode cascade` reads it. Calibrate on dev data held out from training, not on "
-        "a benchmark you then report.",
+        "a benchmark you then report. With --classifier, the cascade has three tiers: the "
+        "classifier, fast mode, reasoning; all three run on every dev item, and the bands of the "
+        "fast tier (within half the F1 budget) and then of the classifier tier (within all of "
+        "it) are chosen, both counted from full reasoning's F1.",
         epilog="example: reasonguard calibrate --model runs/exp19/final --data dev.jsonl "
         "--max-f1-drop 0.5",
     )
     add_model_arguments(p)
+    add_classifier_argument(p)
     dev = p.add_mutually_exclusive_group(required=True)
     dev.add_argument(
         "--data",
@@ -117,6 +130,12 @@ def run(args: argparse.Namespace) -> int:
 
     from reasonguard.infer.guard import load_guard
 
+    if args.classifier is not None:
+        from reasonguard.infer.classifier import check_classifier_tier
+        from reasonguard.models import resolve_model
+
+        # no bands yet: they are what is chosen
+        check_classifier_tier(args.model, resolve_model(args.model), args.classifier, "fast")
     guard = load_guard(
         args.model,
         backend=args.backend,
@@ -124,17 +143,35 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         **backend_options(args),
     )
-    record = calibrate(
-        guard,
-        items,
-        args.max_f1_drop,
-        log=lambda text: print(text, file=sys.stderr),
-        held_out_share=args.held_out_share,
-        seed=args.seed,
-    )
-    record = {"model": args.model, "dev": dev, **record}
+    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    if args.classifier is None:
+        record = calibrate(
+            guard,
+            items,
+            args.max_f1_drop,
+            log=log,
+            held_out_share=args.held_out_share,
+            seed=args.seed,
+        )
+        record = {"model": args.model, "dev": dev, **record}
+    else:
+        from reasonguard.cascade.fit import calibrate_tiers, render_summary
+        from reasonguard.cascade.tiers import Tier
+
+        classifier = load_guard(args.classifier, device=args.device, threads=args.threads)
+        tiers = [Tier("classifier", classifier), Tier("fast", guard), Tier("reasoning", guard)]
+        record = calibrate_tiers(
+            tiers,
+            items,
+            args.max_f1_drop,
+            held_out_share=args.held_out_share,
+            seed=args.seed,
+            max_new_tokens=args.max_new_tokens,
+            log=log,
+        )
+        record = {"model": args.model, "classifier": args.classifier, "dev": dev, **record}
     path = write_calibration(out, record)
-    print(summary(record))
+    print(summary(record) if args.classifier is None else render_summary(record))
     print(f"wrote {path}", file=sys.stderr)
     if model_dir.is_dir() and out.resolve() != model_dir.resolve():
         print(

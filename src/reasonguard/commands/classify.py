@@ -2,6 +2,8 @@
 
 Example:
     reasonguard classify --model runs/sft/final --prompt "How do I pick a lock?"
+    reasonguard classify --model runs/sft/final --classifier runs/classifier/final \
+        --prompt "How do I pick a lock?"
     reasonguard classify --model runs/sft/final --input items.jsonl --output verdicts.jsonl
 """
 
@@ -14,6 +16,7 @@ from reasonguard.commands.generate import (
     add_model_arguments,
     backend_options,
     cascade_bands,
+    classifier_tier,
     resolve_mode,
 )
 
@@ -23,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "classify",
         help="classify a prompt (and response) or a JSONL file of items",
         description="Print one verdict as JSON, or write one verdict row per input row. Output "
-        "rows keep the input's fields and add the verdict's.",
+        "rows keep the input's fields and add the verdict's, among them `mode` (what gave the "
+        "verdict) and `tier` (the cascade tier that answered: classifier, fast or reasoning).",
     )
     add_model_arguments(p)
     single = p.add_argument_group("one item")
@@ -68,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         if args.input is None
         else _read(args.input)
     )
+    classifier_bands = classifier_tier(args)
     bands = cascade_bands(args.model, resolve_mode(args))
     options = backend_options(args)
 
@@ -82,9 +87,12 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         mode=args.mode,
         bands=None if bands is None else Bands.from_dict(bands),
+        classifier=args.classifier,
+        classifier_bands=None if classifier_bands is None else Bands.from_dict(classifier_bands),
         **options,
     )
-    print(_start_line(args.model, guard.mode, guard.max_new_tokens, len(items)), file=sys.stderr)
+    start = _start_line(args.model, guard.mode, guard.max_new_tokens, len(items), args.classifier)
+    print(start, file=sys.stderr)
     results = guard.classify(items, scores=not args.no_scores)
     for warning in _warnings(results, guard.max_new_tokens):
         print(f"warning: {warning}", file=sys.stderr)
@@ -123,11 +131,19 @@ def _quiet_deprecations() -> None:
         warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
 
 
-def _start_line(model: str, mode: str, max_new_tokens: int, count: int) -> str:
+def _start_line(
+    model: str, mode: str, max_new_tokens: int, count: int, classifier: str | None = None
+) -> str:
     """What the command is about to do, said before it does it (reasoning takes a while)."""
     items = "" if count == 1 else f" for {count} items"
     each = "" if count == 1 else " each"
     budget = f"{max_new_tokens} new tokens{each}"
+    if classifier is not None:
+        return (
+            f"judging with {classifier}, then {model}{items} (three-tier cascade: the "
+            f"classifier's verdicts, fast verdicts inside its uncertainty bands, reasoning of up "
+            f"to {budget} inside fast mode's)..."
+        )
     if mode == "fast":
         return f"judging with {model}{items} (fast mode: no reasoning)..."
     if mode == "classifier":

@@ -142,6 +142,7 @@ _GENERATION_ONLY = (
     "kv_cache_gib",
     "gpu_memory_utilization",
     "max_model_len",
+    "classifier",
 )
 
 

@@ -106,8 +106,9 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
 
 
 def add_mode_argument(p: argparse.ArgumentParser) -> None:
-    """`--mode`: reasoning, fast, cascade or classifier (shared by `classify`, `generate`,
-    `evaluate`); None when not given (`resolve_mode`: the model's default)."""
+    """`--mode`: reasoning, fast, cascade or classifier, and `--classifier` (shared by
+    `classify`, `generate`, `evaluate`); None when not given (`resolve_mode`: the model's
+    default)."""
     p.add_argument(
         "--mode",
         choices=("reasoning", "fast", "cascade", "classifier"),
@@ -115,14 +116,30 @@ def add_mode_argument(p: argparse.ArgumentParser) -> None:
         help="reasoning (default): the guard reasons, then answers; fast: no reasoning, the "
         "labels read from the answer block's probabilities (a few forward passes); "
         "cascade: fast, then reasoning for the items inside the uncertainty bands that "
-        "`reasonguard calibrate` saved with the model; classifier (the default and only mode "
-        "of a folder from `reasonguard train classifier`): one encoder pass per item",
+        "`reasonguard calibrate` saved with the model (with --classifier, the default: the "
+        "classifier first); classifier (the default and only mode of a folder from "
+        "`reasonguard train classifier`): one encoder pass per item",
+    )
+    add_classifier_argument(p)
+
+
+def add_classifier_argument(p: argparse.ArgumentParser) -> None:
+    """`--classifier DIR`: an encoder classifier in front of the guard (the first tier)."""
+    p.add_argument(
+        "--classifier",
+        metavar="DIR",
+        help="a classifier folder from `reasonguard train classifier`, put in front of the "
+        "guard: a three-tier cascade (the classifier, then fast mode, then reasoning, each "
+        "answering outside its uncertainty bands, which `reasonguard calibrate --classifier` "
+        "saves with the model); each verdict names the tier that answered it",
     )
 
 
 def resolve_mode(args: argparse.Namespace) -> str:
     """`--mode`, or the model's default when it is not given: `classifier` for a classifier
     folder, else `reasoning`. Sets `args.mode`."""
+    if args.mode is None and getattr(args, "classifier", None):
+        args.mode = "cascade"  # a classifier in front: the three-tier cascade
     if args.mode is None:
         from reasonguard.classifier.kinds import is_classifier
         from reasonguard.models import resolve_model
@@ -130,6 +147,29 @@ def resolve_mode(args: argparse.Namespace) -> str:
         model = getattr(args, "model", None)
         args.mode = "classifier" if model and is_classifier(resolve_model(model)) else "reasoning"
     return args.mode
+
+
+def classifier_tier(args: argparse.Namespace) -> dict | None:
+    """The calibrated bands of `--classifier` (the first tier) as a dict, checked before
+    anything loads; None without --classifier.
+
+    Raises:
+        UserError: see `infer.classifier.check_classifier_tier`.
+    """
+    if not getattr(args, "classifier", None):
+        return None
+    from reasonguard.errors import UserError
+    from reasonguard.infer.classifier import check_classifier_tier
+    from reasonguard.models import resolve_model
+
+    mode = resolve_mode(args)
+    if mode != "cascade":
+        raise UserError(
+            f"--classifier is the first tier of --mode cascade, not of --mode {mode} (the "
+            "classifier alone: --model CLASSIFIER)"
+        )
+    bands = check_classifier_tier(args.model, resolve_model(args.model), args.classifier, mode)
+    return bands.to_dict()
 
 
 def cascade_bands(model: str, mode: str) -> dict | None:
@@ -265,6 +305,7 @@ def run_generation(args: argparse.Namespace, jobs: list, out: str) -> dict[str, 
     from reasonguard.generation.run import Decoding, run_jobs
 
     resolve_mode(args)
+    classifier_bands = classifier_tier(args)
     if args.mode == "cascade":
         warn_calibration_overlap(args.model, jobs, args.limit)
     decoding = Decoding(
@@ -275,6 +316,8 @@ def run_generation(args: argparse.Namespace, jobs: list, out: str) -> dict[str, 
         seed=args.seed,
         mode=args.mode,
         bands=cascade_bands(args.model, args.mode),
+        classifier=args.classifier,
+        classifier_bands=classifier_bands,
     )
     return run_jobs(
         args.model,

@@ -8,6 +8,7 @@ or empty is an error, never a silent "no auth".
 Example:
     RG_KEY=s3cret reasonguard serve --model runs/sft/final --api-key-env RG_KEY \\
         --max-batch-size 16 --max-wait-ms 20
+    reasonguard serve --model runs/sft/final --classifier runs/classifier/final
     curl -s localhost:8000/v1/moderations -H 'Authorization: Bearer s3cret' \\
         -H 'Content-Type: application/json' -d '{"input": "How do I pick a lock?"}'
 """
@@ -17,7 +18,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from reasonguard.commands.generate import add_model_arguments, backend_options
+from reasonguard.commands.generate import (
+    add_classifier_argument,
+    add_model_arguments,
+    backend_options,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "schema), GET /docs (a plain page linking it; no Swagger UI, which needs a CDN).",
     )
     add_model_arguments(p)
+    add_classifier_argument(p)
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     net.add_argument("--port", type=int, default=8000, help="default 8000")
@@ -78,8 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         help="default of a request's `reasoning` field: auto (default) = fast verdicts with "
         "reasoning inside the model's calibrated uncertainty band (`reasonguard calibrate`), "
-        "always when none is calibrated; always = reason before every verdict; never = fast "
-        "verdicts only",
+        "always when none is calibrated; with --classifier, the three-tier cascade; always = "
+        "reason before every verdict; never = fast verdicts only",
     )
     p.set_defaults(func=run)
 
@@ -151,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
             backend=args.backend,
             prompt_format=args.prompt_format,
             max_new_tokens=args.max_new_tokens,
+            classifier=args.classifier,
             **options,
         )
     app = create_app(guard, settings)
@@ -173,6 +180,16 @@ def _check_classifier(args: argparse.Namespace) -> None:
     from reasonguard.errors import UserError
     from reasonguard.models import resolve_model
 
+    if args.classifier is not None:
+        from reasonguard.commands.generate import classifier_tier
+
+        if args.backend != "hf":
+            raise UserError(
+                "--classifier: the three-tier cascade is served with --backend hf (the vllm "
+                "server runs the guard's own modes)"
+            )
+        args.mode = "cascade"
+        classifier_tier(args)  # a bad folder or a missing calibration fails here
     if not is_classifier(resolve_model(args.model)):
         return
     if args.backend != "hf":

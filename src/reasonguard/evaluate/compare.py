@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from reasonguard.errors import UserError
+from reasonguard.evaluate.cost import tier_text
 from reasonguard.evaluate.metrics import weighted_average
 from reasonguard.evaluate.paper import paper_row, paper_row_name
 from reasonguard.evaluate.registry import BENCHMARKS, TASK_ORDER, TASK_TITLES
@@ -203,7 +204,8 @@ def render_comparison(
 
 def cost_points(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """Per run with a recorded cost (`evaluate` writes it): name, mode, overall F1, generated
-    tokens, seconds and the share escalated per item; the points of the F1-vs-tokens chart."""
+    tokens, seconds and the share escalated per item, and the share each tier answered; the
+    points of the F1-vs-tokens chart."""
     points = []
     for run in runs:
         cost = (run.metrics or {}).get("cost") or {}
@@ -217,6 +219,7 @@ def cost_points(runs: Sequence[Run]) -> list[dict[str, Any]]:
                 "tokens_per_item": cost["tokens_per_item"],
                 "seconds_per_item": cost.get("seconds_per_item"),
                 "escalated_share": cost.get("escalated_share"),
+                "tier_shares": cost.get("tier_shares") or {},
             }
         )
     return points
@@ -231,10 +234,12 @@ def _cost_table(points: Sequence[dict[str, Any]]) -> str:
             f"{p['tokens_per_item']:.1f}",
             "-" if p["seconds_per_item"] is None else f"{p['seconds_per_item']:.3f}",
             "-" if p["escalated_share"] is None else f"{100 * p['escalated_share']:.0f}%",
+            tier_text(p),
         ]
         for p in points
     ]
     header = ["Run", "Mode", "Overall F1", "Tokens / item", "Seconds / item", "Escalated"]
+    header += ["Answered by tier"]
     return markdown_table(header, rows)
 
 

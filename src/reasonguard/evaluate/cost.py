@@ -1,13 +1,15 @@
 """What generating a set of predictions cost (`CostTally`): items, generated tokens per item,
 wall seconds per item (from the timing file `generate` keeps beside the predictions), the share
-of items a cascade escalated to reasoning, and the run's mode (reasoning, fast, cascade, or
-classifier: an encoder classifier's rows, which generate no tokens either).
+of items a cascade escalated to reasoning, the run's mode (reasoning, fast, cascade, or
+classifier: an encoder classifier's rows, which generate no tokens either), and the share of
+items each tier answered (`tier_shares`: from each row's `tier`, or its `mode` in rows written
+before rows named their tier; a cascade with a classifier in front has three tiers).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ class CostTally:
     with_escalated: int = 0
     fast: int = 0
     classifier: int = 0
+    tiers: dict[str, int] = field(default_factory=dict)
 
     def add(self, row: dict[str, Any]) -> None:
         self.items += 1
@@ -37,6 +40,9 @@ class CostTally:
             self.escalated += row["escalated"]
         self.fast += row.get("mode") == "fast"
         self.classifier += row.get("mode") == "classifier"
+        tier = row.get("tier", row.get("mode", "reasoning"))
+        if isinstance(tier, str):
+            self.tiers[tier] = self.tiers.get(tier, 0) + 1
 
     def add_timing(self, pred_path: Path) -> None:
         """Seconds and rows from the timing file `generate` keeps for these predictions
@@ -53,7 +59,17 @@ class CostTally:
             self.with_seconds += rows
 
     def merge(self, other: CostTally) -> CostTally:
-        return CostTally(*(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__))
+        merged = CostTally(
+            *(
+                getattr(self, f) + getattr(other, f)
+                for f in self.__dataclass_fields__
+                if f != "tiers"
+            )
+        )
+        for counts in (self.tiers, other.tiers):
+            for tier, n in counts.items():
+                merged.tiers[tier] = merged.tiers.get(tier, 0) + n
+        return merged
 
     @property
     def mode(self) -> str | None:
@@ -75,4 +91,21 @@ class CostTally:
             "escalated_share": (
                 self.escalated / self.with_escalated if self.with_escalated else None
             ),
+            "tier_shares": {tier: self.tiers[tier] / self.items for tier in _ordered(self.tiers)},
         }
+
+
+TIER_ORDER = ("classifier", "fast", "reasoning")
+
+
+def _ordered(tiers: dict[str, int]) -> list[str]:
+    """Tier names cheapest first (known ones), then any other in name order."""
+    return [t for t in TIER_ORDER if t in tiers] + sorted(t for t in tiers if t not in TIER_ORDER)
+
+
+def tier_text(cost: dict[str, Any]) -> str:
+    """`classifier 60% / fast 30% / reasoning 10%`, or `-` for a run of one tier."""
+    shares = cost.get("tier_shares") or {}
+    if len(shares) < 2:
+        return "-"
+    return " / ".join(f"{tier} {100 * share:.0f}%" for tier, share in shares.items())

@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 from reasonguard.errors import UserError
+from reasonguard.evaluate.cost import tier_text
 
 
 def _pyplot():
@@ -32,8 +33,9 @@ def cost_chart(points: Sequence[Mapping], path: str | os.PathLike[str]) -> None:
     """Overall F1 against generated tokens per item (log scale), one labelled point per run.
 
     Args:
-        points: dicts with `name`, `mode`, `overall_f1` and `tokens_per_item`
-            (`compare.cost_points`); points without an F1 are left out.
+        points: dicts with `name`, `mode`, `overall_f1` and `tokens_per_item`, and optionally
+            `tier_shares` (`compare.cost_points`: a cascade of several tiers is labelled with
+            the share each answered); points without an F1 are left out.
 
     Raises:
         UserError: matplotlib is not installed.
@@ -46,8 +48,9 @@ def cost_chart(points: Sequence[Mapping], path: str | os.PathLike[str]) -> None:
         # Fast mode and a classifier generate nothing: draw them at 0.1 tokens on the log axis.
         x = max(p["tokens_per_item"], 0.1)
         ax.scatter([x], [p["overall_f1"]], s=40)
+        tiers = tier_text(p)
         ax.annotate(
-            f"{p['name']} ({p['mode']})",
+            f"{p['name']} ({p['mode']})" + ("" if tiers == "-" else f"\n{tiers}"),
             (x, p["overall_f1"]),
             fontsize=8,
             textcoords="offset points",

@@ -181,10 +181,14 @@ def scores_tables(metrics: dict[str, Any]) -> list[str]:
 
 def cost_section(metrics: dict[str, Any]) -> list[str]:
     """The cost section: generated tokens, seconds and escalations per item, per benchmark and
-    overall (nothing when the rows recorded no cost)."""
+    overall, and the share each tier answered when the run had several (nothing when the rows
+    recorded no cost)."""
+    from reasonguard.evaluate.cost import tier_text
+
     overall = metrics.get("cost") or {}
     if not overall.get("items") or overall.get("tokens_per_item") is None:
         return []
+    tiered = len(overall.get("tier_shares") or {}) > 1
 
     def cells(cost: dict[str, Any]) -> list[str]:
         seconds, share = cost.get("seconds_per_item"), cost.get("escalated_share")
@@ -193,7 +197,7 @@ def cost_section(metrics: dict[str, Any]) -> list[str]:
             "-" if cost.get("tokens_per_item") is None else f"{cost['tokens_per_item']:.1f}",
             "-" if seconds is None else f"{seconds:.3f}",
             "-" if share is None else f"{100 * share:.0f}%",
-        ]
+        ] + ([tier_text(cost)] if tiered else [])
 
     seen, rows = set(), []
     for r in metrics["benchmarks"]:
@@ -202,13 +206,19 @@ def cost_section(metrics: dict[str, Any]) -> list[str]:
             rows.append([r["benchmark"], *cells(r["cost"])])
     rows.append(["All", *cells(overall)])
     header = ["Benchmark", "Items", "Generated tokens / item", "Seconds / item", "Escalated"]
+    header += ["Answered by tier"] if tiered else []
     return [
         "",
         f"## Cost (mode: {overall.get('mode')})",
         "",
         "Generated tokens and wall seconds of generation per item (a batch's time shared by its "
         "items; model loading excluded); escalated: the share of items a cascade sent to "
-        "reasoning.",
+        "reasoning"
+        + (
+            "; answered by tier: the share of items each tier of the cascade answered."
+            if tiered
+            else "."
+        ),
         "",
         markdown_table(header, rows),
     ]

@@ -40,6 +40,9 @@ class Decoding:
             inside `bands`) or `classifier` (an encoder classifier's verdicts); all but
             reasoning are for benchmarks, greedy, one sample.
         bands: the cascade's uncertainty bands (`cascade.Bands.to_dict()`).
+        classifier: a classifier folder in front of the guard: the cascade's first tier
+            (`--classifier`; with mode cascade only).
+        classifier_bands: that tier's bands (`Bands.to_dict()`).
     """
 
     samples: int = 1
@@ -49,15 +52,18 @@ class Decoding:
     seed: int = 0
     mode: str = "reasoning"
     bands: dict[str, Any] | None = None
+    classifier: str | None = None
+    classifier_bands: dict[str, Any] | None = None
 
     def params(self) -> dict[str, Any]:
-        """The settings a run folder records; mode and bands only when used, so folders written
-        before they existed still resume."""
+        """The settings a run folder records; mode, bands and the classifier tier only when
+        used, so folders written before they existed still resume."""
         values = asdict(self)
         if self.mode == "reasoning":
             values.pop("mode")
-        if self.bands is None:
-            values.pop("bands")
+        for key in ("bands", "classifier", "classifier_bands"):
+            if values[key] is None:
+                values.pop(key)
         return values
 
 
@@ -212,6 +218,13 @@ def check_mode_decoding(decoding: Decoding, jobs: Sequence[Job]) -> None:
         raise UserError(f"--mode {decoding.mode} is greedy with one sample")
     if decoding.mode == "cascade" and decoding.bands is None:
         raise UserError("--mode cascade needs calibrated bands (run `reasonguard calibrate`)")
+    if decoding.classifier is not None and decoding.mode != "cascade":
+        raise UserError(
+            f"--classifier is the first tier of --mode cascade, not of --mode {decoding.mode} "
+            "(the classifier alone: --model CLASSIFIER)"
+        )
+    if decoding.classifier is not None and decoding.classifier_bands is None:
+        raise UserError("--classifier needs the classifier tier's calibrated bands")
 
 
 def cost_path(out_dir: str | os.PathLike[str], relpath: str) -> Path:

@@ -10,8 +10,10 @@ Outputs:
   the answers of `predict` (`{"prompt_harmfulness": {"harmful": p, "unharmful": 1 - p}, ...}`,
   None where the output has no such answer or the input no response), read by `evaluate`;
   in fast mode `predict` is the answer block fast mode chose (no reasoning, `num_tokens` 0) and
-  `scores` its label probabilities, and each row says its `mode`; in a cascade each row also says
-  whether it was `escalated` to reasoning, with its `fast_scores`;
+  `scores` its label probabilities, and each row says its `mode` and the `tier` that answered it;
+  in a cascade each row also says whether it was `escalated` to reasoning, with its
+  `fast_scores` (None where a classifier in front answered it: `Decoding.classifier`, whose
+  `classifier_scores` every row of such a cascade carries);
 - training data: `OUT/<split>.jsonl` rows `instruction, input, output, source, samples,
   samples_truncated`, the input of hard-sample mining.
 
@@ -60,7 +62,7 @@ from reasonguard.generation.parallel import run_data_parallel
 from reasonguard.generation.resume import JsonlAppender, RunState, fingerprint
 from reasonguard.generation.windows import check_resume, generate_job
 from reasonguard.infer.backends import Backend, check_sampling, resolve_prompt_format
-from reasonguard.infer.classifier import check_model_mode
+from reasonguard.infer.classifier import check_classifier_tier, check_model_mode
 from reasonguard.infer.loading import load_backend
 from reasonguard.models import resolve_model
 
@@ -135,6 +137,12 @@ def run_jobs(
     check_model_mode(str(model), path, decoding.mode)
     if decoding.mode == "classifier":
         _check_classifier_options(backend, prompt_format, data_parallel)
+    if decoding.classifier is not None:
+        check_classifier_tier(
+            str(model), path, decoding.classifier, "cascade", decoding.classifier_bands
+        )
+        if data_parallel > 1:
+            raise UserError("--data-parallel: a cascade with --classifier runs in one process")
     params = {
         "model": str(model),
         # A classifier reads the item, not a prompt: it has no prompt format.
@@ -163,6 +171,7 @@ def run_jobs(
     state = RunState(out_dir, params)
     counts: dict[str, int] = {}
     loaded: Backend | None = None
+    first: Backend | None = None  # the classifier tier of a three-tier cascade
     try:
         for job in jobs:
             state.claim(job.relpath, fingerprint(record_key(job, r)[1] for r in job.records))
@@ -178,7 +187,15 @@ def run_jobs(
                             max_new_tokens=decoding.max_new_tokens,
                             **backend_options,
                         )
-                    generate_job(loaded, job, out, done, total, decoding, progress, scores)
+                    if decoding.classifier is not None and first is None:
+                        first = load_backend(
+                            decoding.classifier,
+                            device=backend_options.get("device"),
+                            threads=backend_options.get("threads"),
+                        )
+                    generate_job(
+                        loaded, job, out, done, total, decoding, progress, scores, classifier=first
+                    )
                     say(f"{job.name}: {total} rows ({done} were already there) -> {out.path}")
                 else:
                     say(f"{job.name}: all {total} rows already generated -> {out.path}")

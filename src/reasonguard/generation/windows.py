@@ -104,8 +104,11 @@ def generate_job(
     progress: bool,
     scores: bool = False,
     offset: int = 0,
+    classifier: Backend | None = None,
 ) -> None:
     """Generate rows `done`..`total` of `job` into `out`.
+
+    `classifier` is the first tier of a three-tier cascade (`Decoding.classifier`, loaded).
 
     `offset` is the position of `job.records[0]` in the whole input, for a data-parallel shard
     (a multiple of the window size): seeds follow the global position, so a shard's rows equal
@@ -131,7 +134,9 @@ def generate_job(
             records = job.records[start:stop]
             clock = time.perf_counter()
             if decoding.mode != "reasoning":
-                tokens += _fast_window(backend, job, out, start, records, done, decoding, scores)
+                tokens += _fast_window(
+                    backend, job, out, start, records, done, decoding, scores, classifier
+                )
                 bar.update(stop - max(start, done))
                 _window_cost(out, job, time.perf_counter() - clock, stop - max(start, done))
                 continue
@@ -171,23 +176,38 @@ def _fast_window(
     done: int,
     decoding: Decoding,
     scores: bool,
+    classifier: Backend | None = None,
 ) -> int:
-    """Fast mode, a classifier or the cascade over one window of a benchmark job; returns
-    tokens generated.
+    """Fast mode, a classifier or the cascade (of two tiers, or three with `classifier` in
+    front) over one window of a benchmark job; returns tokens generated.
 
     The whole window is computed (as a reasoning window is, so a resumed window equals an
-    uninterrupted one) and its rows from `done` on are written in order.
+    uninterrupted one) and its rows from `done` on are written in order. Each row names the
+    tier that answered it (`tier`, and `mode` as before).
     """
     from reasonguard.cascade.bands import Bands, escalate
 
     tasks = [score_tasks(r) for r in records]
-    fast_mode = "classifier" if decoding.mode == "classifier" else "fast"
-    fast_prompts = [backend.build_fast_prompt(r["input"], instruction_of(r)) for r in records]
-    verdicts = backend.fast_verdicts(fast_prompts, tasks)
+    cascade = decoding.mode == "cascade"
+    first: dict[int, Any] = {}
+    pending = list(range(len(records)))
+    if classifier is not None:
+        prompts = [classifier.build_fast_prompt(r["input"]) for r in records]
+        first = dict(enumerate(classifier.fast_verdicts(prompts, tasks)))
+        passed = Bands.from_dict(decoding.classifier_bands or {})
+        pending = [i for i in pending if escalate(first[i].scores, tasks[i], passed)]
+    fast: dict[int, Any] = {}
+    if pending:
+        prompts = [
+            backend.build_fast_prompt(records[i]["input"], instruction_of(records[i]))
+            for i in pending
+        ]
+        found = backend.fast_verdicts(prompts, [tasks[i] for i in pending])
+        fast = dict(zip(pending, found, strict=True))
     hard: list[int] = []
-    if decoding.mode == "cascade":
+    if cascade:
         bands = Bands.from_dict(decoding.bands or {})
-        hard = [i for i, v in enumerate(verdicts) if escalate(v.scores, tasks[i], bands)]
+        hard = [i for i in pending if escalate(fast[i].scores, tasks[i], bands)]
     reasoned: dict[int, tuple[Generation, dict[str, Any] | None]] = {}
     if hard:
         prompts = [
@@ -203,21 +223,26 @@ def _fast_window(
         found = backend.answer_scores(prompts, texts, [tasks[i] for i in hard]) if scores else None
         for k, i in enumerate(hard):
             reasoned[i] = (generations[k][0], found[k] if found else None)
+    fast_tier = "classifier" if decoding.mode == "classifier" else "fast"
     rows, tokens = [], 0
-    for i, (record, verdict) in enumerate(zip(records, verdicts, strict=True)):
+    for i, record in enumerate(records):
         if start + i < done:
             continue
         if i in reasoned:
             generation, reasoning_scores = reasoned[i]
             row = output_row(job, record, [generation], reasoning_scores)
             tokens += generation.num_tokens
+            tier = "reasoning"
         else:
-            fast = Generation(text=verdict.text, num_tokens=0, hit_token_limit=False)
-            row = output_row(job, record, [fast], verdict.scores)
-        row["mode"] = "reasoning" if i in reasoned else fast_mode
-        if decoding.mode == "cascade":
+            verdict, tier = (fast[i], fast_tier) if i in fast else (first[i], "classifier")
+            answer = Generation(text=verdict.text, num_tokens=0, hit_token_limit=False)
+            row = output_row(job, record, [answer], verdict.scores)
+        row["mode"] = row["tier"] = tier
+        if cascade:
             row["escalated"] = i in reasoned
-            row["fast_scores"] = verdict.scores
+            row["fast_scores"] = fast[i].scores if i in fast else None
+        if classifier is not None:
+            row["classifier_scores"] = first[i].scores
         rows.append(row)
     out.append(rows)
     return tokens
