@@ -46,15 +46,17 @@ def format_status(status: dict[str, Any]) -> str:
     """Human-readable lines for a status.json."""
     import socket
 
-    from reasonguard.train.monitor import format_duration, process_alive
+    from reasonguard.train.monitor import format_duration, process_alive, resume_hint
 
     state = status.get("state", "?")
     live = state not in ("finished", "failed", "interrupted")
     if live and status.get("host") == socket.gethostname():
         pid = status.get("pid")
         if isinstance(pid, int) and not process_alive(pid):
-            state = f"stopped (process {pid} is gone; rerun the same command to resume)"
+            state, live = f"stopped (process {pid} is gone)", False
     step, total = status.get("step"), status.get("total_steps")
+    # A stopped run has no ETA: it says how to go on instead.
+    left = f"ETA {format_duration(status.get('eta_seconds'))}" if live else "stopped"
     lines = [
         f"run          {status.get('run_dir')}  [{status.get('stage', '?')}]",
         f"state        {state}" + (f": {status['message']}" if status.get("message") else ""),
@@ -69,10 +71,11 @@ def format_status(status: dict[str, Any]) -> str:
         ),
         f"eval loss    {_num(status.get('eval_loss'))}  (best {_num(status.get('best_eval_loss'))})",
         f"speed        {_num(status.get('tokens_per_second'), '{:,.0f}')} tokens/s",
-        f"elapsed      {format_duration(status.get('elapsed_seconds'))}   "
-        f"ETA {format_duration(status.get('eta_seconds'))}",
+        f"elapsed      {format_duration(status.get('elapsed_seconds'))}   {left}",
         f"checkpoints  {', '.join(status.get('checkpoints') or []) or 'none yet'}",
     ]
+    if not live and state != "finished":
+        lines.append(f"resume       {resume_hint(status)}")
     gpu = status.get("gpu_memory")
     if gpu:
         # Reserved is what torch's allocator holds of the card (allocated plus its cache).

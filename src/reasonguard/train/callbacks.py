@@ -5,7 +5,8 @@
 - `metrics.jsonl`: one JSON object per log (`train_loss`, `learning_rate`, `grad_norm`,
   `tokens_per_second`, `tokens_seen`, ...) and per evaluation (`eval_loss`, ...); on resume the
   events after the resumed step are dropped, so the file reads as one uninterrupted run;
-- `status.json` for `reasonguard runs status` (step, losses, tokens/s, ETA, checkpoints);
+- `status.json` for `reasonguard runs status` (step, losses, tokens/s, elapsed training time
+  of every session, ETA, checkpoints);
 - a plateau warning when the eval loss has not improved for `early_warning_patience` evaluations;
 - `save_strategy: both`: a checkpoint at every epoch end besides the `save_steps` ones;
 - `save_total_limit`: the newest checkpoints by step number are kept. Trainer's own rotation
@@ -18,7 +19,9 @@ extra fields reach them through `GuardTrainer.log`, and on resume the TensorBoar
 events a killed run wrote after the checkpoint it resumes from.
 
 Its state (the recipe's counters) is saved in every checkpoint's `trainer_state.json` (it is an
-`ExportableState`), which is how a resumed run continues its counts.
+`ExportableState`), which is how a resumed run continues its counts: the training seconds of
+every session (kept current at each step, so a checkpoint carries the time up to its step) and
+the last logged train losses that status.json's train loss averages.
 
 `show_progress` sets what the terminal shows while it trains: Trainer's own tqdm bar (step k/N,
 elapsed, ETA) on a terminal, one plain line per logged step elsewhere (`ProgressLines`).
@@ -55,6 +58,7 @@ class RunMonitor(TrainerCallback, ExportableState):
         self._step_started = 0.0
         self._window_steps = 0
         self._recent: list[float] = []  # the last logged train losses, for status.json
+        self._seconds_before = 0.0  # training seconds of the sessions before this one
         self.extra_names: list[str] = []
 
     def log_extras(self) -> dict[str, Any]:
@@ -77,7 +81,15 @@ class RunMonitor(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, **kwargs):
         r = self.recipe
         self.meter = monitor.Throughput(state.global_step, r.total_steps)
-        r.status.update(state="running", step=state.global_step, total_steps=r.total_steps)
+        # A resumed run goes on from the counts of the sessions before it.
+        self._seconds_before = r.state["train_seconds"]
+        self._recent = list(r.state.get("recent_train_losses") or [])[-RECENT_LOSSES:]
+        r.status.update(
+            state="running",
+            step=state.global_step,
+            total_steps=r.total_steps,
+            elapsed_seconds=round(self._seconds_before, 2),
+        )
         r.write_status()
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -88,6 +100,7 @@ class RunMonitor(TrainerCallback, ExportableState):
         tokens = r.last_step_tokens
         r.state["step"] = state.global_step
         self.meter.update(state.global_step, tokens, time.perf_counter() - self._step_started)
+        r.state["train_seconds"] = self._seconds_before + self.meter.elapsed()
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.recipe.config.save_strategy == "both":
@@ -114,7 +127,9 @@ class RunMonitor(TrainerCallback, ExportableState):
             # One logged loss can come from a step of a single row (an epoch's last); status
             # shows the mean of the last few, and the last one beside it.
             self._recent = [*self._recent, logs["loss"]][-RECENT_LOSSES:]
+            r.state["recent_train_losses"] = list(self._recent)
             r.status.update(
+                elapsed_seconds=round(r.state["train_seconds"], 2),
                 step=step,
                 train_loss=sum(self._recent) / len(self._recent),
                 train_loss_logs_averaged=len(self._recent),

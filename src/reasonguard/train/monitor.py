@@ -32,6 +32,7 @@ from typing import Any
 from reasonguard.errors import UserError
 
 STATUS_FILE = "status.json"
+INFO_FILE = "training_info.json"  # the run record the recipe writes at its end
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 TENSORBOARD_DIR = "logs"
@@ -202,6 +203,43 @@ def read_status(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: unreadable status file: {exc}") from exc
+
+
+def recorded_train_seconds(run_dir: str | os.PathLike[str]) -> float:
+    """The training seconds of every session so far, as the run directory last recorded them
+    (status.json's `elapsed_seconds`, training_info.json's `train_seconds_all_sessions`); 0 for
+    a new run. A session that stopped after its last checkpoint recorded the time it trained
+    past it, which that checkpoint does not hold."""
+    found = [0.0]
+    for name, keys in (
+        (STATUS_FILE, ("elapsed_seconds",)),
+        (INFO_FILE, ("timings", "train_seconds_all_sessions")),
+    ):
+        try:
+            value: Any = json.loads((Path(run_dir) / name).read_text())
+            for key in keys:
+                value = value.get(key) if isinstance(value, dict) else None
+        except (OSError, ValueError):
+            continue
+        if isinstance(value, int | float) and math.isfinite(value):
+            found.append(float(value))
+    return max(found)
+
+
+def resume_hint(status: dict[str, Any]) -> str:
+    """What to do about a stopped run (status.json's fields): the command that resumes it and
+    where it continues from."""
+    stage, run_dir = status.get("stage", "sft"), status.get("run_dir", ".")
+    checkpoints = status.get("checkpoints") or []
+    command = f"reasonguard train {stage} --config {Path(run_dir) / 'config.yaml'}"
+    step, total = status.get("step"), status.get("total_steps")
+    where = f"stopped at step {step}/{total}; " if step is not None and total else ""
+    if not checkpoints:
+        return (
+            f"{where}no checkpoint was written yet, so the same command (or `{command}`) starts "
+            "the run over"
+        )
+    return f"{where}run the same command again (or `{command}`) to resume from {checkpoints[-1]}"
 
 
 def runs_below(folder: str | os.PathLike[str], depth: int = 2) -> list[Path]:

@@ -42,7 +42,7 @@ from reasonguard.train.engine import process_count
 from reasonguard.train.peak_memory import PeakMemory, memory_fields
 
 CONFIG_FILE = "config.yaml"
-INFO_FILE = "training_info.json"
+INFO_FILE = monitor.INFO_FILE
 FINAL_DIR = "final"
 
 # Config keys that do not change the weights a run produces: resuming with another value is fine.
@@ -152,6 +152,9 @@ class Recipe:
         self.resume_from, self.finished_before = self._agreed(self._resume_decision)
         if self.finished_before:
             return
+        # Read before this session rewrites status.json: the training time of the sessions
+        # before, up to where each stopped (a checkpoint only holds it up to its own step).
+        earlier_seconds = monitor.recorded_train_seconds(self.run_dir)
         quiet_libraries()
         self.tokenizer = self.load_tokenizer()
         self.data = self.prepare_data()
@@ -183,6 +186,7 @@ class Recipe:
         self.state = self._fresh_state()
         if self.resume_from is not None:
             self._adopt_state(ckpt.saved_run_state(self.resume_from))
+            self.state["train_seconds"] = max(self.state["train_seconds"], earlier_seconds)
             self.print(f"resuming from {self.resume_from}")
         self.state["resumed_from"] = self.state["resumed_from"] + (
             [str(self.resume_from)] if self.resume_from else []
@@ -427,6 +431,7 @@ class Recipe:
             "label_tokens_seen": 0,
             "micro_batches": 0,
             "last_train_loss": None,
+            "recent_train_losses": [],
             "last_eval_loss": None,
             "last_eval_step": None,
             "best_eval_loss": None,
@@ -451,13 +456,14 @@ class Recipe:
             NonFiniteLossError: the loss or gradient norm became NaN/inf (nothing was updated).
             UserError: out of memory with no smaller micro-batch to try.
         """
-        started = time.perf_counter()
+        started, before = time.perf_counter(), self.state["train_seconds"]
         try:
             self.trainer.train(
                 resume_from_checkpoint=str(self.resume_from) if self.resume_from else None
             )
-        finally:
-            self.state["train_seconds"] += time.perf_counter() - started
+        finally:  # the monitor keeps it current at each step; this adds the session's ends
+            self.timings["train_seconds"] = time.perf_counter() - started  # this session's
+            self.state["train_seconds"] = before + self.timings["train_seconds"]
         s = self.state
         if (
             self.data.eval
@@ -659,6 +665,13 @@ class Recipe:
         monitor.plot_loss_curve(events, self.run_dir / monitor.LOSS_CURVE_FILE, title=self.title())
         monitor.write_json_atomic(self.run_dir / INFO_FILE, self.training_info(outcome, message))
         self.status.update(state=outcome, message=message, checkpoints=self.checkpoint_names())
+        s = getattr(self, "state", {})
+        self.status.update(
+            step=s.get("step", self.status.get("step")),
+            elapsed_seconds=round(s.get("train_seconds", 0.0), 2),
+        )
+        if outcome != "finished":
+            self.status.update(eta_seconds=None)  # a stopped run has no time left to estimate
         if outcome == "finished":
             self.status.update(eta_seconds=0, final_dir=str(self.run_dir / FINAL_DIR))
         monitor.write_status(self.run_dir, self.status)
@@ -778,6 +791,8 @@ def run_recipe(recipe: Recipe) -> TrainResult:
             recipe.cleanup(exc)
         except Exception as cleanup_error:  # never hide the error that stopped training
             print(f"warning: could not record the stopped run: {cleanup_error}", file=sys.stderr)
+        if isinstance(exc, KeyboardInterrupt) and recipe.data is not None:
+            raise KeyboardInterrupt(monitor.resume_hint(recipe.status)) from None
         raise
     recipe.cleanup()
     s = recipe.state
