@@ -158,3 +158,27 @@ def test_mine_on_one_sample_per_prompt_says_why_and_exits_2(cli, tmp_path: Path)
     assert "--samples 4 --temperature 0.7" in err
     assert "agreed" not in stdout + err
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# A reader that stops early (`reasonguard data stats F | head`) ends the command quietly
+
+
+def test_a_closed_pipe_ends_a_command_without_a_traceback(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    path = write_lines(tmp_path / "data.jsonl", [record(i) for i in range(40)])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "reasonguard", "data", "stats", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    child.stdout.close()  # the reader is gone before the command writes its first line
+    err = child.stderr.read().decode()
+    code = child.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert code == 141
