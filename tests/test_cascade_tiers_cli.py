@@ -130,6 +130,16 @@ def test_classify_names_the_tier_of_each_verdict(
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["id"] for r in rows] == [0, 1, 2, 3]
     assert [r["tier"] for r in rows] == expected
+    assert "were calibrated with" not in err
+    # bands calibrated with one classifier folder, another one given: said, not refused
+    other = tmp_path / "other-classifier"
+    shutil.copytree(classifier_dir, other)
+    code, out, err = cli(
+        "classify", "--model", model, "--classifier", other, "--device", "cpu",
+        "--prompt", "Hello", "--max-new-tokens", 4,
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"were calibrated with {classifier_dir}, not {other}" in err
 
 
 def test_calibrate_fits_both_lower_tiers(cli, classifier_dir: Path, bench_dir: Path) -> None:

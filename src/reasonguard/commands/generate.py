@@ -168,8 +168,28 @@ def classifier_tier(args: argparse.Namespace) -> dict | None:
             f"--classifier is the first tier of --mode cascade, not of --mode {mode} (the "
             "classifier alone: --model CLASSIFIER)"
         )
-    bands = check_classifier_tier(args.model, resolve_model(args.model), args.classifier, mode)
+    path = resolve_model(args.model)
+    bands = check_classifier_tier(args.model, path, args.classifier, mode)
+    _warn_other_classifier(path, args.classifier)
     return bands.to_dict()
+
+
+def _warn_other_classifier(model_path: str, classifier: str) -> None:
+    """Warn (stderr) when the classifier bands were calibrated with another classifier folder:
+    bands fit one classifier's probabilities, not another's."""
+    import sys
+    from pathlib import Path
+
+    from reasonguard.cascade.bands import CASCADE_FILE, read_calibration
+
+    named = (read_calibration(model_path) or {}).get("classifier")
+    if isinstance(named, str) and Path(named).resolve() != Path(classifier).resolve():
+        print(
+            f"warning: the classifier bands in {Path(model_path) / CASCADE_FILE} were calibrated "
+            f"with {named}, not {classifier}; rerun `reasonguard calibrate --classifier "
+            f"{classifier}` if it is another classifier",
+            file=sys.stderr,
+        )
 
 
 def cascade_bands(model: str, mode: str) -> dict | None:
