@@ -231,3 +231,40 @@ def test_served_three_tiers_name_the_tier(routed, classifier_dir: Path, tmp_path
     finally:
         server.stop()
     assert "Traceback" not in server.log_text()
+
+
+def test_calibrate_over_a_replay_of_released_predictions(
+    cli, classifier_dir: Path, bench_dir: Path, shared_dir: Path, tmp_path: Path
+) -> None:
+    preds = tmp_path / "released"
+    for name in NAMES:
+        lines = shared_dir / "data/predictions/GuardReasoner-1B" / name / PREDICTIONS_FILE
+        (preds / name).mkdir(parents=True)
+        kept = lines.read_text().splitlines(True)[:ROWS]
+        (preds / name / PREDICTIONS_FILE).write_text("".join(kept))
+    out = tmp_path / "cascade"
+    base = ("calibrate", "--benchmarks", *NAMES, "--benchmark-dir", bench_dir, "--device", "cpu")
+    code, printed, err = cli(
+        *base, "--replay", preds, "--classifier", classifier_dir, "--out", out,
+        "--held-out-share", 0.5,
+    )  # fmt: skip
+    assert code == 0, err
+    record = json.loads((out / CASCADE_FILE).read_text())
+    assert record["tiers"] == ["classifier", "reasoning"] and record["replay"] == str(preds)
+    assert "bands" not in record and set(record["tier_bands"]) == {"classifier"}
+    by_source = record["held_out"]["by_source"]
+    assert sorted(p["items"] for p in by_source.values()) == [2, 2]  # half of each file
+    assert record["seconds_per_item"]["reasoning"] is None
+    assert "2-tier cascade (classifier, then reasoning)" in printed
+    for extra, message in (
+        (("--replay", preds, "--out", out), "--replay needs --classifier"),
+        (("--replay", preds, "--classifier", classifier_dir), "--replay needs --out"),
+        (("--replay", preds, "--model", "tiny-llama"), "--replay replaces --model"),
+        ((), "give --model"),
+    ):
+        code, _, err = cli(*base, *extra)
+        assert code == 2 and message in err, (extra, err)
+    path = preds / NAMES[1] / PREDICTIONS_FILE
+    path.write_text("".join(path.read_text().splitlines(True)[:3]))
+    code, _, err = cli(*base, "--replay", preds, "--classifier", classifier_dir, "--out", out)
+    assert code == 2 and f"{path}: 3 prediction rows but 4 rows" in err

@@ -44,8 +44,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog="example: reasonguard calibrate --model runs/exp19/final --data dev.jsonl "
         "--max-f1-drop 0.5",
     )
-    add_model_arguments(p)
+    add_model_arguments(p, required=False)
     add_classifier_argument(p)
+    p.add_argument(
+        "--replay",
+        metavar="PRED_DIR",
+        help="instead of --model: a folder of a guard's existing predictions "
+        "(<Benchmark>/generated_predictions.jsonl, as `generate` writes them or as released) as "
+        "the top tier, behind --classifier: the bands and the cascade's F1 and share escalated "
+        "measured without running that guard (with --benchmarks and --out; each file split in "
+        "its share)",
+    )
     dev = p.add_mutually_exclusive_group(required=True)
     dev.add_argument(
         "--data",
@@ -94,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
     from reasonguard.cascade.bands import write_calibration
     from reasonguard.cascade.calibrate import calibrate, items_from_benchmarks, items_from_source
+    from reasonguard.cascade.fit import render_summary
     from reasonguard.commands.generate import benchmark_names
     from reasonguard.errors import UserError
 
@@ -103,9 +113,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"--held-out-share must be between 0 and 1 (exclusive), got {args.held_out_share}"
         )
+    _check_replay(args)
     # Only a folder the user named gets the file: a hub id or an offline alias (whose cached
     # copy is shared by everything that uses the alias) needs --out.
-    model_dir = Path(args.model)
+    model_dir = Path(args.model or args.out)
     if args.out is None and not model_dir.is_dir():
         raise UserError(
             f"{args.model} is not a local model folder: give --out DIR for cascade.json"
@@ -130,6 +141,12 @@ def run(args: argparse.Namespace) -> int:
 
     from reasonguard.infer.guard import load_guard
 
+    if args.replay is not None:
+        record = _replay_record(args, items, folder, benchmark_names(args.benchmarks))
+        path = write_calibration(out, {"dev": dev, **record})
+        print(render_summary(record))
+        print(f"wrote {path}", file=sys.stderr)
+        return 0
     if args.classifier is not None:
         from reasonguard.infer.classifier import check_classifier_tier
         from reasonguard.models import resolve_model
@@ -155,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         )
         record = {"model": args.model, "dev": dev, **record}
     else:
-        from reasonguard.cascade.fit import calibrate_tiers, render_summary
+        from reasonguard.cascade.fit import calibrate_tiers
         from reasonguard.cascade.tiers import Tier
 
         classifier = load_guard(args.classifier, device=args.device, threads=args.threads)
@@ -179,6 +196,48 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _check_replay(args: argparse.Namespace) -> None:
+    """--model or --replay, and what --replay needs, before anything is read."""
+    from reasonguard.errors import UserError
+
+    if args.replay is None:
+        if args.model is None:
+            raise UserError("give --model MODEL (or --replay PRED_DIR with --classifier)")
+        return
+    if args.model is not None:
+        raise UserError("--replay replaces --model: the replayed predictions are the top tier")
+    for needed, flag in (
+        (args.classifier, "--classifier DIR (the tier in front of the replayed guard)"),
+        (args.benchmarks, "--benchmarks (the replayed predictions are benchmark rows)"),
+        (args.out, "--out DIR (where cascade.json goes)"),
+    ):
+        if not needed:
+            raise UserError(f"--replay needs {flag}")
+
+
+def _replay_record(args: argparse.Namespace, items: list, folder: str, names: list) -> dict:
+    """The calibration of the cascade --classifier, then the replayed guard of --replay."""
+    import sys
+
+    from reasonguard.cascade.fit import calibrate_tiers
+    from reasonguard.cascade.replay import ReplayGuard
+    from reasonguard.cascade.tiers import Tier
+    from reasonguard.infer.guard import load_guard
+
+    replay = ReplayGuard(args.replay, benchmarks=names, benchmark_dir=folder)
+    classifier = load_guard(args.classifier, device=args.device, threads=args.threads)
+    record = calibrate_tiers(
+        [Tier("classifier", classifier), Tier("reasoning", replay)],
+        items,
+        args.max_f1_drop,
+        held_out_share=args.held_out_share,
+        seed=args.seed,
+        per_source=True,
+        log=lambda text: print(text, file=sys.stderr),
+    )
+    return {"replay": args.replay, "classifier": args.classifier, **record}
 
 
 def summary(record: dict) -> str:

@@ -153,8 +153,7 @@ def classifier_tier(args: argparse.Namespace) -> dict | None:
     """The calibrated bands of `--classifier` (the first tier) as a dict, checked before
     anything loads; None without --classifier.
 
-    Raises:
-        UserError: see `infer.classifier.check_classifier_tier`.
+    Raises: UserError (see `infer.classifier.check_classifier_tier`).
     """
     if not getattr(args, "classifier", None):
         return None
@@ -175,8 +174,7 @@ def classifier_tier(args: argparse.Namespace) -> dict | None:
 
 
 def _warn_other_classifier(model_path: str, classifier: str) -> None:
-    """Warn (stderr) when the classifier bands were calibrated with another classifier folder:
-    bands fit one classifier's probabilities, not another's."""
+    """Warn (stderr) when the classifier bands were fitted to another classifier folder."""
     import sys
     from pathlib import Path
 
