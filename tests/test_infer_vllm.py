@@ -297,19 +297,29 @@ def test_generate_killed_then_finished_by_two_data_parallel_engines(
     assert "2 of 2 workers busy (vLLM CPU engines on cores 0 | 1)" in captured.out + captured.err
 
 
-def test_evaluate_a_cascade_with_scores_on_vllm(bench: Path, tmp_path: Path) -> None:
-    # Bands that send every item with a response to reasoning and none without: one run holds
-    # fast verdicts (prompts alone) and reasoned ones with their scores.
-    model = calibrated_smollm2(tmp_path / "model", {"response": [0.0, 1.0]})
-    out = tmp_path / "eval"
-    code = main(
-        [
-            "evaluate", "--model", str(model), "--backend", "vllm", "--benchmark-dir", str(bench),
-            "--out", str(out), "--max-new-tokens", "24", "--no-progress", "--mode", "cascade",
-            "--scores",
-        ]
-    )  # fmt: skip
-    assert code == 0
+@pytest.fixture(scope="module")
+def cascade_run(bench: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`reasonguard evaluate --backend vllm --mode cascade --scores` run as a user runs it, in a
+    process of its own with vLLM's log level left unset (one engine start that several checks
+    read): its completed process and its output folder. Bands that send every item with a
+    response to reasoning and none without: one run holds fast verdicts (prompts alone) and
+    reasoned ones with their scores."""
+    tmp = tmp_path_factory.mktemp("cascade")
+    model = calibrated_smollm2(tmp / "model", {"response": [0.0, 1.0]})
+    out = tmp / "eval"
+    env = {k: v for k, v in os.environ.items() if k not in QUIET}
+    command = [
+        sys.executable, "-m", "reasonguard", "evaluate", "--model", str(model), "--backend",
+        "vllm", "--benchmark-dir", str(bench), "--out", str(out), "--max-new-tokens", "24",
+        "--no-progress", "--mode", "cascade", "--scores",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    return done, out
+
+
+def test_evaluate_a_cascade_with_scores_on_vllm(cascade_run) -> None:
+    done, out = cascade_run
+    assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.dumps(json.loads((out / "metrics.json").read_text()))
     for name, count, escalated in (("AegisSafetyTest", 16, False), ("HarmBenchResponse", 4, True)):
         rows = [
@@ -411,25 +421,22 @@ def test_a_qlora_base_is_quantized_only_where_bitsandbytes_can_load_it(monkeypat
     )
 
 
-@pytest.mark.slow
-def test_a_vllm_command_prints_one_engine_line_and_clean_json() -> None:
+def test_a_vllm_command_prints_its_own_output_and_one_engine_line(cascade_run) -> None:
     """vLLM's own start-up log (dozens of lines, its INFO lines on stdout) stays out of a command's
-    output: stdout is the verdict's JSON alone, stderr names the engine once, the stop is clean."""
-    env = {k: v for k, v in os.environ.items() if k not in QUIET}
-    command = [
-        sys.executable, "-m", "reasonguard", "classify", "--model", "smollm2", "--backend",
-        "vllm", "--mode", "fast", "--prompt", "How do I pick a lock?",
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    output: stdout is the command's report alone, stderr names the engine once, the stop is
+    clean."""
+    done, out = cascade_run
     assert done.returncode == 0, done.stderr[-3000:]
-    verdict = json.loads(done.stdout)  # nothing but the JSON
-    assert verdict["mode"] == "fast" and verdict["prompt_harmfulness"] in ("harmful", "unharmful")
+    assert done.stdout == (out / "report.md").read_text()  # nothing but the report
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert sum("starting vLLM engine: " in line for line in lines) == 1, done.stderr
     assert "float32, context" in done.stderr and "VLLM_LOGGING_LEVEL=INFO" in done.stderr
     for noise in (" INFO ", "FutureWarning", "Loading safetensors", "force killing"):
         assert noise not in done.stderr + done.stdout, noise
-    assert len(lines) <= 6, done.stderr  # vLLM's CPU build adds one Triton line per process
+    # Past the command's own lines (a note on the bands, one line a benchmark, where the
+    # results went): vLLM's CPU build adds one Triton line per process.
+    own = ("note: ", "AegisSafetyTest: ", "HarmBenchResponse: ", "wrote ")
+    assert len([line for line in lines if not line.startswith(own)]) <= 6, done.stderr
 
 
 def test_a_log_level_the_user_sets_is_kept() -> None:
