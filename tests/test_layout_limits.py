@@ -33,13 +33,11 @@ MODULE_EXCEPTIONS: dict[str, str] = {}
 
 # Modules over the limit that are still to be split along their seams. Not an exception: each
 # leaves this list when it is split, and nothing new may join it.
-NOT_YET_SPLIT = {
-    "train/recipe.py",
-}
+NOT_YET_SPLIT: set[str] = set()
 
 # Classes allowed more lines, as "module.py:Class", with why.
 CLASS_EXCEPTIONS: dict[str, str] = {}
-CLASSES_NOT_YET_SPLIT = {"train/recipe.py:Recipe"}
+CLASSES_NOT_YET_SPLIT: set[str] = set()
 
 
 def modules() -> dict[str, Path]:

@@ -149,7 +149,7 @@ class Pipeline:
     # -------------------------------------------------------------- stages
 
     def stages(self) -> list[Stage]:
-        from reasonguard.train.sft import _finished
+        from reasonguard.train.recipe import run_finished
 
         stages = []
         if not self.config.main_model:
@@ -158,7 +158,7 @@ class Pipeline:
             stages.append(
                 Stage(
                     title,
-                    _finished(run_dir),
+                    run_finished(run_dir),
                     f"{self.main_sft.model_name_or_path} on {', '.join(self.splits)} -> {run_dir}"
                     f" ({self.launch.describe()})",
                     lambda title=title: self._train(title, "sft", self.main_sft),
@@ -171,7 +171,7 @@ class Pipeline:
             stages.append(
                 Stage(
                     title,
-                    _finished(run_dir),
+                    run_finished(run_dir),
                     f"on {', '.join(sft.splits or [])} -> {run_dir} ({self.launch.describe()})",
                     lambda title=title, sft=sft: self._train(title, "sft", sft),
                     trains=True,
@@ -205,7 +205,7 @@ class Pipeline:
         stages.append(
             Stage(
                 "HS-DPO",
-                _finished(Path(dpo.output_dir)),
+                run_finished(Path(dpo.output_dir)),
                 f"{dpo.finetuning} from {dpo.model_name_or_path} -> {dpo.output_dir}"
                 f" ({self.launch.describe()})",
                 lambda: self._train("HS-DPO", "dpo", self.dpo_config()),

@@ -3,7 +3,7 @@
 - `sft.py` and the `dpo/` package: the two stages (their data, their loss, their Trainer
   subclass); `dpo/` holds the stage, its preference pairs, its weighted loss and the chunked
   log-probs it is computed from;
-- `recipe.py`: one run of any stage: run directory, resume, decisions, Trainer arguments,
+- `recipe/`: one run of any stage: run directory, resume, decisions, Trainer arguments,
   final model and `training_info.json`;
 - `engine.py`: `GuardTrainer`, the Trainer fed one optimizer step of rows at a time (packing,
   token-normalised loss over the step, equal passes per rank, NaN guard, out-of-memory retry);
@@ -11,7 +11,7 @@
   attention in packed rows on CPU;
 - `callbacks.py`, `monitor.py`, `checkpoint.py`: live status / metrics / TensorBoard, checkpoints
   and resume;
-- `config.py`, `data.py`, `modeling.py`: configs, data, model loading.
+- `config/`, `data.py`, `modeling.py`: configs, data, model loading.
 
 What a run will cost before it starts is `reasonguard.plan`; starting several processes is
 `reasonguard.launch`.

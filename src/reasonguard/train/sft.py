@@ -67,7 +67,7 @@ from reasonguard.train.labelled_head import (
     liger_cross_entropy_sum,
     run_head,
 )
-from reasonguard.train.recipe import FINAL_DIR, INFO_FILE, Recipe, TrainResult, _finished
+from reasonguard.train.recipe import FINAL_DIR, INFO_FILE, Recipe, TrainResult
 
 __all__ = [
     "FINAL_DIR",
@@ -75,7 +75,6 @@ __all__ = [
     "SFTRecipe",
     "SFTTrainer",
     "TrainResult",
-    "_finished",
     "run_sft",
 ]
 

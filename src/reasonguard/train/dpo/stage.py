@@ -205,7 +205,7 @@ class DPORecipe(Recipe):
     def sharding_problems(self) -> list[str]:
         from reasonguard.models import resolve_model
         from reasonguard.train.modeling import is_adapter_dir
-        from reasonguard.train.recipe import _true_env
+        from reasonguard.train.recipe.arguments import true_env
 
         problems = super().sharding_problems()
         c = self.config
@@ -213,7 +213,7 @@ class DPORecipe(Recipe):
         if (
             merges
             and c.finetuning != "full"
-            and (_true_env("ACCELERATE_USE_FSDP") or _true_env("ACCELERATE_USE_DEEPSPEED"))
+            and (true_env("ACCELERATE_USE_FSDP") or true_env("ACCELERATE_USE_DEEPSPEED"))
         ):
             problems.append(
                 "init_adapter: merge folds the adapter into the whole model on save, which a "
