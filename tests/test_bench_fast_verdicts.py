@@ -3,7 +3,9 @@ of each backend measured, with numbers where numbers belong (no timing value is 
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,14 +68,15 @@ def check_rows(result: dict, backends: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_fast_verdicts_bench_hf_quick(tmp_path: Path, shared_dir: Path) -> None:
-    check_rows(run_bench(tmp_path, shared_dir, "tiny-llama", ["hf"]), ["hf"])
-
-
-@pytest.mark.slow
 @pytest.mark.vllm
 def test_fast_verdicts_bench_hf_and_vllm_quick(tmp_path: Path, shared_dir: Path) -> None:
-    pytest.importorskip("vllm")
-    result = run_bench(tmp_path, shared_dir, "smollm2", ["hf", "vllm"])
-    check_rows(result, ["hf", "vllm"])
-    assert result["backends"]["vllm"]["streams"]["kept"]["tokens_computed_per_check"] is None
+    # One run measures both backends (its HF rows are those an HF-only run writes); where vLLM
+    # is not installed, the HF rows alone. `make setup` installs vLLM's CPU build: under CI a
+    # missing vLLM fails here.
+    if os.environ.get("CI"):
+        import vllm  # noqa: F401
+    backends = ["hf", "vllm"] if importlib.util.find_spec("vllm") else ["hf"]
+    result = run_bench(tmp_path, shared_dir, "smollm2", backends)
+    check_rows(result, backends)
+    if "vllm" in backends:
+        assert result["backends"]["vllm"]["streams"]["kept"]["tokens_computed_per_check"] is None
