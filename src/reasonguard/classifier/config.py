@@ -93,6 +93,12 @@ class ClassifierConfig:
     """Micro-batches per optimizer step."""
     learning_rate: float = 5e-5
     """Peak learning rate (the heads and the encoder alike)."""
+    class_balance: bool = False
+    """Weigh each task's positive labels (harmful, refusal) by the ratio of negative to positive
+    labels of that task in the training items (the `pos_weight` of binary cross-entropy), so a
+    rare class counts as much as the common one: guard data is often skewed (about 7% of
+    ToxicChat's prompts are toxic), and a head trained on it unweighted learns the prior. The
+    weights are recorded in training_info.json. Off: every label counts once."""
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "linear"
     """Learning-rate schedule after warmup."""
     warmup_steps: int | float = 0.1

@@ -109,6 +109,17 @@ def prepare_classifier_data(
     return ClassifierData(train, held, config.max_length, stats)
 
 
+def positive_weights(counts: dict[str, dict[str, int]]) -> dict[str, float]:
+    """`class_balance`: per task, negative labels over positive ones in the training items (1.0
+    where a task has no labels or only one class, so nothing is divided by zero)."""
+    weights = {}
+    for task in TASKS:
+        labelled, positive = counts[task]["labelled"], counts[task]["positive"]
+        balanced = 0 < positive < labelled
+        weights[task] = (labelled - positive) / positive if balanced else 1.0
+    return weights
+
+
 def label_counts(items: list[Any]) -> dict[str, dict[str, int]]:
     """Per task: items labelled, of which positive (target >= 0.5), of which soft targets."""
     counts = {}
@@ -142,7 +153,12 @@ class ClassifierTrainer(GuardTrainer):
         batch = self.to_device(collate(rows, self.recipe.tokenizer.pad_token_id))
         targets, mask = batch.pop("targets"), batch.pop("label_mask")
         logits = model(**batch).float()
-        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        weights = self.recipe.positive_weights
+        if weights is not None:
+            weights = weights.to(logits.device)
+        loss = F.binary_cross_entropy_with_logits(
+            logits, targets, reduction="none", pos_weight=weights
+        )
         if not train:  # each head's accuracy on the held-out items
             right = ((logits > 0) == (targets >= 0.5)) & mask
             for k in range(len(TASKS)):
@@ -207,9 +223,18 @@ class ClassifierRecipe(Recipe):
             raise UserError(f"the tokenizer of {c.model_name_or_path} has no padding token")
         return tokenizer
 
+    positive_weights: Any = None  # `class_balance`: one pos_weight per task, else None
+
     def prepare_data(self) -> ClassifierData:
         limit = position_limit(self.tokenizer, self.encoder_config)
-        return prepare_classifier_data(self.config, self.tokenizer, limit)
+        data = prepare_classifier_data(self.config, self.tokenizer, limit)
+        if self.config.class_balance:
+            import torch
+
+            weights = positive_weights(data.stats["labels"])
+            data.stats["positive_weights"] = weights
+            self.positive_weights = torch.tensor([weights[task] for task in TASKS])
+        return data
 
     def decide(self) -> dict[str, Any]:
         return {}  # nothing is `auto` here but bf16, decided by `use_bf16`
@@ -308,10 +333,15 @@ class ClassifierRecipe(Recipe):
         return f"classifier {c.model_name_or_path} ({c.source})"
 
     def loss_description(self) -> str:
-        return (
+        described = (
             "binary cross-entropy per task against the target (a label, or the teacher's "
             "probability), masked where the item has no label, averaged over the step's labels"
         )
+        if self.config.class_balance:
+            weights = self.data.stats["positive_weights"]
+            given = ", ".join(f"{task} {w:.3g}" for task, w in weights.items())
+            described += f"; positive labels weighted by negatives / positives ({given})"
+        return described
 
 
 def run_classifier(config: ClassifierConfig) -> TrainResult:
