@@ -62,12 +62,25 @@ QUICK = {"train_rows": 40, "epochs": 1, "max_length": 48, "held_out_rows": 30, "
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmark-dir", default="data/benchmarks", help="the benchmark files")
-    p.add_argument("--predictions", default="data/predictions/GuardReasoner-1B", help="released")
-    p.add_argument("--work-dir", default="runs/bench-classifier-transfer", help="(replaced)")
+    p.add_argument(
+        "--predictions",
+        default="data/predictions/GuardReasoner-1B",
+        help="GuardReasoner-1B's released predictions",
+    )
+    p.add_argument(
+        "--work-dir",
+        default="runs/bench-classifier-transfer",
+        help="the run folder (deleted and rebuilt)",
+    )
     p.add_argument("--train-rows", type=int, default=700, help="rows per training source")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-length", type=int, default=256, help="tokens per item")
     p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument(
+        "--class-balance",
+        action="store_true",
+        help="train with class_balance: true (each task's rare class weighed up)",
+    )
     p.add_argument("--pick-seed", type=int, default=0, help="which training rows are picked")
     p.add_argument("--held-out-rows", type=int, help="only the first N rows of each held-out file")
     p.add_argument("--latency-items", type=int, default=200, help="items timed one at a time")
@@ -123,6 +136,7 @@ def train(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "per_device_train_batch_size": 16,
         "gradient_accumulation_steps": 4,
         "learning_rate": args.learning_rate,
+        "class_balance": args.class_balance,
         "warmup_steps": 0.1,
         "eval_strategy": "epoch",
         "save_strategy": "no",
