@@ -3,7 +3,7 @@
 Steps (after `reasonguard demo`, whose trained guard it reuses; without one it trains it first):
 
 1. train the classifier (all-MiniLM-L6-v2, the `minilm` alias) on the demo's training part of
-   the sample set: seconds;
+   the sample set (20 optimizer steps);
 2. calibrate the cascade classifier -> fast mode -> reasoning on the demo's held-out part
    (`reasonguard calibrate --classifier`: all three tiers on every item, the bands chosen on a
    seeded part, reported on the rest), writing `cascade.json` beside the guard;
@@ -170,7 +170,7 @@ def run_tiers_demo(
 
 
 NOTE = (
-    "What you are looking at: a 22M-parameter encoder trained for seconds in front of the "
+    "What you are looking at: a 22M-parameter encoder trained for 20 optimizer steps in front of the "
     "demo's 135M-parameter guard, calibrated on a handful of rows. The tables show the cascade "
     "working (each tier answering only outside its uncertainty band, each verdict naming its "
     "tier); they say nothing about the quality of a real cascade."
