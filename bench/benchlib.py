@@ -205,6 +205,9 @@ def run_limited(
             stdout=handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # Run in the background (nohup, `&`), this process may hold SIGINT as ignored, and
+            # its children would inherit that and never stop cleanly at their limit.
+            preexec_fn=_default_sigint,
         )
         timed_out = False
         try:
@@ -226,6 +229,10 @@ def run_limited(
         "seconds": round(time.perf_counter() - started, 2),
         "timed_out": timed_out,
     }
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -57,7 +57,14 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory) -> Interrupted:
     run_dir = Path(config.output_dir)
     command = [sys.executable, "-m", "reasonguard", "train", "sft", "--config", str(path)]
     proc = subprocess.Popen(
-        command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        command,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A suite started in the background (`make test &`) passes SIGINT on as ignored, and a
+        # Python started so never raises KeyboardInterrupt: the run gets a terminal's Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 300
